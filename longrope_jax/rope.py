@@ -1,0 +1,298 @@
+"""RoPE scaling methods as data.
+
+Every method is a point in LongRoPE's search space (Ding et al., 2024, arXiv 2402.13753): one
+rescale factor lambda_i per rotary frequency, a count n_hat of initial positions that keep the
+original angles, and an attention scale applied to cos and sin. A `RopeScaling` is a pytree of
+arrays, so one compiled model serves every method and `jax.vmap` over a stacked `RopeScaling`
+evaluates a whole population.
+
+Shapes: B batch, T length, N heads, H head dim, F = H // 2 rotary frequencies.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# The paper's n_hat choices (LongRoPE, section 3.2).
+N_HAT_CHOICES = (0, 1, 2, 4, 8, 12, 16, 20, 24, 28, 32, 64, 128, 256)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+  """Per-frequency rescale factors, un-interpolated prefix length and attention scale.
+
+  factors: f32[F]  lambda_i; for position n >= n_hat the angle is n * inv_freq_i / lambda_i.
+  n_hat:   i32[]   positions n < n_hat keep the original angle n * inv_freq_i.
+  attn_scale: f32[] multiplies cos and sin (q.k logits scale by attn_scale ** 2), as HF does.
+
+  Leading batch axes are allowed (a stacked population: factors f32[P, F], n_hat i32[P], ...).
+  """
+
+  factors: jax.Array
+  n_hat: jax.Array
+  attn_scale: jax.Array
+
+  @property
+  def num_freqs(self) -> int:
+    return self.factors.shape[-1]
+
+
+def inv_frequencies(head_dim: int, theta: float) -> np.ndarray:
+  """Original RoPE inverse frequencies theta ** (-2i / H), i = 0..F-1 (float64 numpy)."""
+  _check_head_dim(head_dim)
+  return 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+
+
+def make(factors, n_hat=0, attn_scale=1.0, *, head_dim: int | None = None) -> RopeScaling:
+  """Builds a validated `RopeScaling` from concrete values (eagerly: never call under jit)."""
+  factors = np.asarray(factors, dtype=np.float64)
+  if factors.ndim != 1:
+    raise ValueError(f"factors must be one-dimensional (one per frequency), got shape {factors.shape}.")
+  if head_dim is not None and factors.shape[0] != head_dim // 2:
+    raise ValueError(
+        f"factors has length {factors.shape[0]} but head_dim={head_dim} needs head_dim // 2 = "
+        f"{head_dim // 2}: pass one factor per rotary frequency.")
+  if not np.all(np.isfinite(factors)) or np.any(factors < 1.0):
+    bad = int(np.argmin(factors))
+    raise ValueError(
+        f"factors must all be >= 1 (interpolation only); factors[{bad}] = {factors[bad]}. "
+        "Clip the factors to [1, lambda_max].")
+  if int(n_hat) != n_hat or n_hat < 0:
+    raise ValueError(f"n_hat must be a non-negative integer, got {n_hat}.")
+  if not math.isfinite(attn_scale) or attn_scale <= 0:
+    raise ValueError(f"attn_scale must be a positive number, got {attn_scale}.")
+  return RopeScaling(
+      factors=jnp.asarray(factors, jnp.float32),
+      n_hat=jnp.asarray(int(n_hat), jnp.int32),
+      attn_scale=jnp.asarray(attn_scale, jnp.float32))
+
+
+# ----------------------------------------------------------------------------- constructors
+METHODS: dict[str, Callable[..., RopeScaling]] = {}
+
+
+def register(name: str):
+  """Registers a constructor under `name` in `METHODS`."""
+
+  def wrap(fn):
+    if name in METHODS:
+      raise ValueError(f"RoPE method {name!r} is already registered.")
+    METHODS[name] = fn
+    return fn
+
+  return wrap
+
+
+def get(name: str, **kwargs) -> RopeScaling:
+  """Builds method `name` with keyword arguments; unknown names raise a ValueError."""
+  if name not in METHODS:
+    raise ValueError(f"Unknown RoPE method {name!r}; choose one of {sorted(METHODS)}.")
+  return METHODS[name](**kwargs)
+
+
+@register("none")
+def none(*, head_dim: int, **unused) -> RopeScaling:
+  """Vanilla RoPE: every factor 1."""
+  _check_head_dim(head_dim)
+  return make(np.ones(head_dim // 2), head_dim=head_dim)
+
+
+@register("linear")
+def linear(*, head_dim: int, scale: float, **unused) -> RopeScaling:
+  """Position interpolation (Chen et al., 2023): lambda_i = s for every frequency."""
+  _check_scale(scale)
+  return make(np.full(head_dim // 2, float(scale)), head_dim=head_dim)
+
+
+def ntk_factors(head_dim: int, scale: float) -> np.ndarray:
+  """NTK-aware factors: base' = base * s ** (H / (H - 2))  <=>  lambda_i = s ** (2i / (H - 2))."""
+  i = np.arange(head_dim // 2, dtype=np.float64)
+  return float(scale) ** (2.0 * i / (head_dim - 2))
+
+
+@register("ntk")
+def ntk(*, head_dim: int, scale: float, **unused) -> RopeScaling:
+  """NTK-aware scaled RoPE (bloc97, 2023): a larger base, highest frequency untouched."""
+  _check_head_dim(head_dim)
+  _check_scale(scale)
+  return make(ntk_factors(head_dim, scale), head_dim=head_dim)
+
+
+def dynamic_scale(length: int, original_length: int, scale: float = 1.0) -> float:
+  """Effective NTK scale at the current length, as HF's dynamic rope: s*L/L0 - (s - 1), >= 1."""
+  if length <= 0 or original_length <= 0:
+    raise ValueError(f"length and original_length must be positive, got {length}, {original_length}.")
+  _check_scale(scale)
+  length = max(length, original_length)
+  return max(1.0, scale * length / original_length - (scale - 1.0))
+
+
+@register("dynamic_ntk")
+def dynamic_ntk(*, head_dim: int, length: int, original_length: int, scale: float = 1.0,
+                **unused) -> RopeScaling:
+  """Dynamic NTK (emozilla, 2023): NTK-aware with the scale set by the current `length`."""
+  return ntk(head_dim=head_dim, scale=dynamic_scale(length, original_length, scale))
+
+
+def yarn_attention_scale(scale: float, mscale: float = 1.0) -> float:
+  """YaRN's attention temperature: 0.1 * mscale * ln(s) + 1 (1 for s <= 1)."""
+  return 1.0 if scale <= 1.0 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def yarn_ramp(head_dim: int, theta: float, original_length: int, beta_fast: float,
+              beta_slow: float, truncate: bool = True) -> np.ndarray:
+  """YaRN's per-frequency ramp in [0, 1]: 0 extrapolates (keeps), 1 interpolates (divides by s).
+
+  Frequency i makes r_i = L0 * inv_freq_i / (2 pi) rotations over the original window; dims with
+  more than beta_fast rotations are kept, fewer than beta_slow are interpolated, linear between.
+  """
+
+  def correction_dim(rotations):
+    return head_dim * math.log(original_length / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+  low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+  if truncate:
+    low, high = math.floor(low), math.ceil(high)
+  low, high = max(low, 0), min(high, head_dim - 1)
+  if low == high:
+    high += 0.001
+  i = np.arange(head_dim // 2, dtype=np.float64)
+  return np.clip((i - low) / (high - low), 0.0, 1.0)
+
+
+@register("yarn")
+def yarn(*, head_dim: int, scale: float, theta: float, original_length: int,
+         beta_fast: float = 32.0, beta_slow: float = 1.0, mscale: float = 1.0,
+         attn_scale: float | None = None, truncate: bool = True, **unused) -> RopeScaling:
+  """YaRN (Peng et al., 2023): NTK-by-parts ramp plus attention temperature 0.1 ln s + 1.
+
+  Inverse frequencies are blended, as in the paper and HF: inv_freq_i * (ramp_i / s + 1 - ramp_i).
+  """
+  _check_head_dim(head_dim)
+  _check_scale(scale)
+  ramp = yarn_ramp(head_dim, theta, original_length, beta_fast, beta_slow, truncate)
+  factors = 1.0 / (ramp / scale + (1.0 - ramp))
+  if attn_scale is None:
+    attn_scale = yarn_attention_scale(scale, mscale)
+  return make(factors, 0, attn_scale, head_dim=head_dim)
+
+
+@register("llama3")
+def llama3(*, head_dim: int, scale: float, theta: float, original_length: int,
+           low_freq_factor: float = 1.0, high_freq_factor: float = 4.0, **unused) -> RopeScaling:
+  """Llama-3.1 scaling: keep wavelengths < L0 / high_freq_factor, divide those > L0 /
+  low_freq_factor by s, and interpolate inverse frequencies smoothly in between."""
+  _check_head_dim(head_dim)
+  _check_scale(scale)
+  if not 0 < low_freq_factor < high_freq_factor:
+    raise ValueError(
+        f"llama3 needs 0 < low_freq_factor < high_freq_factor, got {low_freq_factor}, "
+        f"{high_freq_factor}.")
+  inv_freq = inv_frequencies(head_dim, theta)
+  wavelen = 2 * math.pi / inv_freq
+  smooth = (original_length / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+  smooth = np.clip(smooth, 0.0, 1.0)
+  # smooth = 1 keeps the frequency (short wavelengths), 0 divides it by s (long wavelengths).
+  new_inv_freq = (1.0 - smooth) * inv_freq / scale + smooth * inv_freq
+  return make(inv_freq / new_inv_freq, head_dim=head_dim)
+
+
+def longrope_attention_scale(scale: float, original_length: int) -> float:
+  """LongRoPE / Phi-3 attention scale: sqrt(1 + ln s / ln L0) (1 for s <= 1)."""
+  if scale <= 1.0:
+    return 1.0
+  return math.sqrt(1.0 + math.log(scale) / math.log(original_length))
+
+
+@register("longrope")
+def longrope(*, factors, n_hat: int = 0, scale: float | None = None,
+             original_length: int | None = None, attn_scale: float | None = None,
+             head_dim: int | None = None, **unused) -> RopeScaling:
+  """LongRoPE: searched per-frequency factors and n_hat un-interpolated initial positions.
+
+  The attention scale defaults to sqrt(1 + ln s / ln L0), which needs `scale` and
+  `original_length`; pass `attn_scale` to set it directly.
+  """
+  if attn_scale is None:
+    if scale is None or original_length is None:
+      raise ValueError("longrope needs scale and original_length to derive attn_scale, "
+                       "or attn_scale explicitly.")
+    _check_scale(scale)
+    attn_scale = longrope_attention_scale(scale, original_length)
+  return make(factors, n_hat, attn_scale, head_dim=head_dim)
+
+
+def method_kwargs(*, head_dim: int, theta: float, original_length: int, length: int) -> dict:
+  """The keyword arguments every registered constructor accepts for an extension to `length`."""
+  return dict(head_dim=head_dim, theta=theta, original_length=original_length, length=length,
+              scale=max(1.0, length / original_length))
+
+
+# ----------------------------------------------------------------------------- application
+def rope_angles(positions: jax.Array, rope: RopeScaling, *, theta: float) -> jax.Array:
+  """Rotation angles f32[..., T, F] for integer positions i32[..., T].
+
+  Positions below rope.n_hat use the original frequencies; the rest use inv_freq / factors.
+  """
+  num_freqs = rope.factors.shape[-1]
+  inv_freq = jnp.asarray(inv_frequencies(2 * num_freqs, theta), jnp.float32)
+  pos = positions.astype(jnp.float32)[..., None]
+  scaled = pos * (inv_freq / rope.factors)
+  original = pos * inv_freq
+  keep = (positions < rope.n_hat)[..., None]
+  return jnp.where(keep, original, scaled)
+
+
+def rope_cos_sin(positions: jax.Array, rope: RopeScaling, *, theta: float):
+  """cos and sin f32[B, T, H] in rotate-half layout, already multiplied by rope.attn_scale."""
+  angles = rope_angles(positions, rope, theta=theta)
+  angles = jnp.concatenate([angles, angles], axis=-1)
+  return jnp.cos(angles) * rope.attn_scale, jnp.sin(angles) * rope.attn_scale
+
+
+def apply_rope(x_BTNH: jax.Array, positions_BT: jax.Array, rope: RopeScaling, *,
+               theta: float) -> jax.Array:
+  """Rotates queries or keys x[B, T, N, H] (HF / GPT-NeoX rotate-half layout)."""
+  cos_BTH, sin_BTH = rope_cos_sin(positions_BT, rope, theta=theta)
+  cos_BT1H, sin_BT1H = cos_BTH[:, :, None, :], sin_BTH[:, :, None, :]
+  x = x_BTNH.astype(jnp.float32)
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  rotated = jnp.concatenate([-x2, x1], axis=-1)
+  return (x * cos_BT1H + rotated * sin_BT1H).astype(x_BTNH.dtype)
+
+
+def stack(ropes: list[RopeScaling]) -> RopeScaling:
+  """Stacks scalings into one population pytree (leading axis P) for `jax.vmap`."""
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *ropes)
+
+
+def unstack(rope: RopeScaling) -> list[RopeScaling]:
+  """Splits a stacked population back into individual scalings."""
+  size = rope.factors.shape[0]
+  return [jax.tree.map(lambda x, i=i: x[i], rope) for i in range(size)]
+
+
+def critical_dimension(head_dim: int, theta: float, original_length: int) -> int:
+  """First frequency index whose period exceeds the original window (it never saw a full turn)."""
+  wavelen = 2 * math.pi / inv_frequencies(head_dim, theta)
+  beyond = np.nonzero(wavelen > original_length)[0]
+  return int(beyond[0]) if beyond.size else head_dim // 2
+
+
+# ----------------------------------------------------------------------------- validation
+def _check_head_dim(head_dim: int) -> None:
+  if not isinstance(head_dim, (int, np.integer)) or head_dim <= 0 or head_dim % 2:
+    raise ValueError(f"head_dim must be a positive even integer, got {head_dim!r}.")
+
+
+def _check_scale(scale: float) -> None:
+  if not isinstance(scale, (int, float, np.floating, np.integer)) or not math.isfinite(scale) \
+      or scale < 1.0:
+    raise ValueError(f"scale must be a finite number >= 1 (L' / L), got {scale!r}.")

@@ -1,0 +1,30 @@
+"""longrope-jax: LongRoPE context-window extension for RoPE language models, in JAX/Flax."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="longrope_jax",
+    version="0.1.0",
+    description="LongRoPE (and every other RoPE scaling method) for JAX/Flax language models",
+    python_requires=">=3.11",
+    packages=find_packages(include=["longrope_jax", "longrope_jax.*"]),
+    install_requires=[
+        "jax>=0.10.2,<=0.10.2",
+        "jaxlib>=0.10.2,<=0.10.2",
+        "flax>=0.12.8,<=0.12.8",
+        "optax>=0.2.5",
+        "orbax-checkpoint>=0.11",
+        "evosax>=0.3.0",
+        "ml-collections>=1.0",
+        "matplotlib>=3.8",
+        "tqdm>=4.66",
+        "numpy>=1.26",
+        "chex>=0.1.90",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"],
+        "tfds": ["tensorflow-datasets>=4.9.7", "array-record>=0.5", "importlib_resources>=6"],
+        "hf": ["safetensors>=0.4", "tokenizers>=0.19"],
+        "compare": ["torch==2.13.0", "transformers>=4.56"],
+    },
+)
