@@ -6,17 +6,26 @@ a KV cache (empty slots hold a position that is never <= any query) and ring lay
 positions).
 
 Shapes: B batch, T queries, S keys, N query heads, K kv heads, G = N // K, H head dim.
+Blockwise: I query blocks of Q queries, J key blocks of C keys (T = I * Q, S = J * C after padding).
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import functools
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 # Position stored in empty KV-cache slots: larger than any real position, so always masked.
 EMPTY_POSITION = 2**30
+
+# What a (query block, key block) pair needs: nothing, attention without a mask, or a mask.
+SKIP, FULL, MASKED = 0, 1, 2
+
+# Running max before any visible key: finite, so exp(m_old - m_new) never sees -inf - -inf.
+_M_INIT = -1e30
 
 
 def causal_mask(q_pos_BT: jax.Array, k_pos_BS: jax.Array, window: int | None = None) -> jax.Array:
@@ -45,8 +54,271 @@ def dense_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, q_p
   return out_BTKGH.reshape(B, T, N, H).astype(q_BTNH.dtype)
 
 
+# ----------------------------------------------------------------------------- validation
+def validate_attention_shapes(q_BTNH, k_BSKH, v_BSKH, q_pos_BT, k_pos_BS) -> None:
+  """Raises a ValueError naming the argument whose shape does not fit the others."""
+  if q_BTNH.ndim != 4 or k_BSKH.ndim != 4:
+    raise ValueError(f"q and k must be [B, T, N, H] and [B, S, K, H], got {q_BTNH.shape} and "
+                     f"{k_BSKH.shape}.")
+  B, T, N, H = q_BTNH.shape
+  _, S, K, _ = k_BSKH.shape
+  if k_BSKH.shape != (B, S, K, H) or v_BSKH.shape != k_BSKH.shape:
+    raise ValueError(f"k and v must both be [B={B}, S, K, H={H}], got {k_BSKH.shape} and "
+                     f"{v_BSKH.shape}.")
+  if N % K:
+    raise ValueError(f"query heads ({N}) must be a multiple of kv heads ({K}).")
+  if q_pos_BT.shape != (B, T) or k_pos_BS.shape != (B, S):
+    raise ValueError(f"positions must be q_pos [B, T] = {(B, T)} and k_pos [B, S] = {(B, S)}, "
+                     f"got {q_pos_BT.shape} and {k_pos_BS.shape}.")
+
+
+def validate_blocks(block_q: int, block_k: int, window: int | None = None) -> None:
+  """Block sizes must be positive integers; a window, positive or None."""
+  for name, value in (('block_q', block_q), ('block_k', block_k)):
+    if not isinstance(value, int) or value <= 0:
+      raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+  if window is not None and (not isinstance(window, int) or window <= 0):
+    raise ValueError(f"window must be a positive integer or None, got {window!r}.")
+
+
+# ----------------------------------------------------------------------------- block schedule
+def block_modes(q_pos_IBQ: jax.Array, k_pos_JBC: jax.Array, window: int | None) -> jax.Array:
+  """i32[I, J]: SKIP when no query of block i can see a key of block j, FULL when every query
+  sees every key, MASKED otherwise. Conservative over the batch (bounds from min / max)."""
+  q_min_I, q_max_I = q_pos_IBQ.min(axis=(1, 2)), q_pos_IBQ.max(axis=(1, 2))
+  k_min_J, k_max_J = k_pos_JBC.min(axis=(1, 2)), k_pos_JBC.max(axis=(1, 2))
+  some_IJ = k_min_J[None, :] <= q_max_I[:, None]
+  every_IJ = k_max_J[None, :] <= q_min_I[:, None]
+  if window is not None:
+    some_IJ &= q_min_I[:, None] - k_max_J[None, :] < window
+    every_IJ &= q_max_I[:, None] - k_min_J[None, :] < window
+  return jnp.where(some_IJ, jnp.where(every_IJ, FULL, MASKED), SKIP).astype(jnp.int32)
+
+
+def _loop_bounds(mode_IJ: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """First and one-past-last j with mode_IJ[i, j] != SKIP, per row i (lo = hi when none)."""
+  J = mode_IJ.shape[1]
+  live_IJ = mode_IJ != SKIP
+  any_I = live_IJ.any(axis=1)
+  lo_I = jnp.where(any_I, jnp.argmax(live_IJ, axis=1), 0)
+  hi_I = jnp.where(any_I, J - jnp.argmax(live_IJ[:, ::-1], axis=1), 0)
+  return lo_I.astype(jnp.int32), hi_I.astype(jnp.int32)
+
+
+class Blocks(NamedTuple):
+  """Attention inputs cut into blocks; q is already multiplied by 1 / sqrt(H)."""
+
+  q_IBKGQH: jax.Array
+  k_JBKCH: jax.Array
+  v_JBKCH: jax.Array
+  q_pos_IBQ: jax.Array
+  k_pos_JBC: jax.Array
+
+
+def to_blocks(q_BTNH, k_BSKH, v_BSKH, q_pos_BT, k_pos_BS, block_q: int, block_k: int) -> Blocks:
+  """Pads T and S to whole blocks (padded queries repeat the last position, padded keys are
+  EMPTY_POSITION) and moves block and head axes first."""
+  B, T, N, H = q_BTNH.shape
+  _, S, K, _ = k_BSKH.shape
+  Q, C = min(block_q, T), min(block_k, S)
+  I, J = -(-T // Q), -(-S // C)
+  pad_q, pad_k = I * Q - T, J * C - S
+  q_BTNH = jnp.pad(q_BTNH * jnp.asarray(H ** -0.5, q_BTNH.dtype),
+                   ((0, 0), (0, pad_q), (0, 0), (0, 0)))
+  q_pos_BT = jnp.pad(q_pos_BT, ((0, 0), (0, pad_q)), mode='edge')
+  k_BSKH = jnp.pad(k_BSKH, ((0, 0), (0, pad_k), (0, 0), (0, 0)))
+  v_BSKH = jnp.pad(v_BSKH, ((0, 0), (0, pad_k), (0, 0), (0, 0)))
+  k_pos_BS = jnp.pad(k_pos_BS, ((0, 0), (0, pad_k)), constant_values=EMPTY_POSITION)
+  return Blocks(
+      q_IBKGQH=q_BTNH.reshape(B, I, Q, K, N // K, H).transpose(1, 0, 3, 4, 2, 5),
+      k_JBKCH=k_BSKH.reshape(B, J, C, K, H).transpose(1, 0, 3, 2, 4),
+      v_JBKCH=v_BSKH.reshape(B, J, C, K, H).transpose(1, 0, 3, 2, 4),
+      q_pos_IBQ=q_pos_BT.reshape(B, I, Q).transpose(1, 0, 2),
+      k_pos_JBC=k_pos_BS.reshape(B, J, C).transpose(1, 0, 2))
+
+
+def from_blocks(out_IBKGQH: jax.Array, length: int) -> jax.Array:
+  """Inverse of the query layout of `to_blocks`: [I, B, K, G, Q, H] -> [B, T, N, H]."""
+  I, B, K, G, Q, H = out_IBKGQH.shape
+  out_BTNH = out_IBKGQH.transpose(1, 0, 4, 2, 3, 5).reshape(B, I * Q, K * G, H)
+  return out_BTNH[:, :length]
+
+
+# ----------------------------------------------------------------------------- forward
+class SoftmaxState(NamedTuple):
+  """Online-softmax accumulators per query: running max m, sum l, unnormalized output acc."""
+
+  m_IBKGQ: jax.Array
+  l_IBKGQ: jax.Array
+  acc_IBKGQH: jax.Array
+
+
+def init_state(q_IBKGQH: jax.Array) -> SoftmaxState:
+  shape = q_IBKGQH.shape
+  return SoftmaxState(jnp.full(shape[:-1], _M_INIT, jnp.float32),
+                      jnp.zeros(shape[:-1], jnp.float32), jnp.zeros(shape, jnp.float32))
+
+
+def finalize(state: SoftmaxState) -> tuple[jax.Array, jax.Array]:
+  """Normalized output f32[I, B, K, G, Q, H] and log-sum-exp (+inf where no key was visible)."""
+  seen = state.l_IBKGQ > 0
+  l_safe = jnp.where(seen, state.l_IBKGQ, 1.0)
+  out = state.acc_IBKGQH / l_safe[..., None]
+  lse = jnp.where(seen, state.m_IBKGQ + jnp.log(l_safe), jnp.inf)
+  return out, lse
+
+
+def _scores(q_BKGQH, k_BKCH, q_pos_BQ, k_pos_BC, window, masked: bool):
+  s_BKGQC = jnp.einsum('BKGQH,BKCH->BKGQC', q_BKGQH, k_BKCH, preferred_element_type=jnp.float32)
+  if not masked:
+    return s_BKGQC, None
+  mask_B11QC = causal_mask(q_pos_BQ, k_pos_BC, window)[:, None, None]
+  return jnp.where(mask_B11QC, s_BKGQC, -jnp.inf), mask_B11QC
+
+
+def forward_blocks(blocks: Blocks, state: SoftmaxState, window: int | None) -> SoftmaxState:
+  """Folds every visible key block into the online softmax of every query block.
+
+  Each query block loops only over key blocks in [first, last] visible (a triangle or a band
+  for ordered positions); blocks inside that range that are invisible are skipped by a switch.
+  """
+  mode_IJ = block_modes(blocks.q_pos_IBQ, blocks.k_pos_JBC, window)
+  lo_I, hi_I = _loop_bounds(mode_IJ)
+  k_JBKCH, v_JBKCH, k_pos_JBC = blocks.k_JBKCH, blocks.v_JBKCH, blocks.k_pos_JBC
+
+  def row(_, xs):
+    q_BKGQH, q_pos_BQ, mode_J, lo, hi, m_BKGQ, l_BKGQ, acc_BKGQH = xs
+
+    def update(masked, j, carry):
+      m_BKGQ, l_BKGQ, acc_BKGQH = carry
+      v_BKCH = v_JBKCH[j]
+      s_BKGQC, _ = _scores(q_BKGQH, k_JBKCH[j], q_pos_BQ, k_pos_JBC[j], window, masked)
+      m_new = jnp.maximum(m_BKGQ, s_BKGQC.max(axis=-1))
+      p_BKGQC = jnp.exp(s_BKGQC - m_new[..., None])
+      corr_BKGQ = jnp.exp(m_BKGQ - m_new)
+      l_new = l_BKGQ * corr_BKGQ + p_BKGQC.sum(axis=-1)
+      pv_BKGQH = jnp.einsum('BKGQC,BKCH->BKGQH', p_BKGQC.astype(v_BKCH.dtype), v_BKCH,
+                            preferred_element_type=jnp.float32)
+      return m_new, l_new, acc_BKGQH * corr_BKGQ[..., None] + pv_BKGQH
+
+    branches = (lambda j, carry: carry, functools.partial(update, False),
+                functools.partial(update, True))
+    carry = lax.fori_loop(lo, hi, lambda j, carry: lax.switch(mode_J[j], branches, j, carry),
+                          (m_BKGQ, l_BKGQ, acc_BKGQH))
+    return None, carry
+
+  _, new = lax.scan(row, None, (blocks.q_IBKGQH, blocks.q_pos_IBQ, mode_IJ, lo_I, hi_I, *state))
+  return SoftmaxState(*new)
+
+
+# ----------------------------------------------------------------------------- backward
+def backward_blocks(blocks: Blocks, lse_IBKGQ: jax.Array, delta_IBKGQ: jax.Array,
+                    do_IBKGQH: jax.Array, window: int | None):
+  """Flash-attention-2 backward (Dao, 2023): recomputes p = exp(s - lse) block by block.
+
+  delta = rowsum(dout * out). Returns f32 (dq for the scaled q, dk, dv) in block layout.
+  """
+  mode_IJ = block_modes(blocks.q_pos_IBQ, blocks.k_pos_JBC, window)
+  lo_J, hi_J = _loop_bounds(mode_IJ.T)
+  q_IBKGQH, q_pos_IBQ = blocks.q_IBKGQH, blocks.q_pos_IBQ
+
+  def column(dq_IBKGQH, xs):
+    k_BKCH, v_BKCH, k_pos_BC, mode_I, lo, hi = xs
+
+    def update(masked, i, carry):
+      dq_IBKGQH, dk_BKCH, dv_BKCH = carry
+      q_BKGQH, do_BKGQH = q_IBKGQH[i], do_IBKGQH[i]
+      s_BKGQC, mask_B11QC = _scores(q_BKGQH, k_BKCH, q_pos_IBQ[i], k_pos_BC, window, masked)
+      p_BKGQC = jnp.exp(s_BKGQC - lse_IBKGQ[i][..., None])
+      if masked:
+        p_BKGQC = jnp.where(mask_B11QC, p_BKGQC, 0.0)
+      dv_BKCH += jnp.einsum('BKGQC,BKGQH->BKCH', p_BKGQC.astype(do_BKGQH.dtype), do_BKGQH,
+                            preferred_element_type=jnp.float32)
+      dp_BKGQC = jnp.einsum('BKGQH,BKCH->BKGQC', do_BKGQH, v_BKCH,
+                            preferred_element_type=jnp.float32)
+      ds_BKGQC = (p_BKGQC * (dp_BKGQC - delta_IBKGQ[i][..., None])).astype(q_BKGQH.dtype)
+      dq_BKGQH = jnp.einsum('BKGQC,BKCH->BKGQH', ds_BKGQC, k_BKCH,
+                            preferred_element_type=jnp.float32)
+      dq_IBKGQH = dq_IBKGQH.at[i].add(dq_BKGQH)
+      dk_BKCH += jnp.einsum('BKGQC,BKGQH->BKCH', ds_BKGQC, q_BKGQH,
+                            preferred_element_type=jnp.float32)
+      return dq_IBKGQH, dk_BKCH, dv_BKCH
+
+    branches = (lambda i, carry: carry, functools.partial(update, False),
+                functools.partial(update, True))
+    zeros_BKCH = jnp.zeros(k_BKCH.shape, jnp.float32)
+    dq_IBKGQH, dk_BKCH, dv_BKCH = lax.fori_loop(
+        lo, hi, lambda i, carry: lax.switch(mode_I[i], branches, i, carry),
+        (dq_IBKGQH, zeros_BKCH, zeros_BKCH))
+    return dq_IBKGQH, (dk_BKCH, dv_BKCH)
+
+  dq_IBKGQH, (dk_JBKCH, dv_JBKCH) = lax.scan(
+      column, jnp.zeros(q_IBKGQH.shape, jnp.float32),
+      (blocks.k_JBKCH, blocks.v_JBKCH, blocks.k_pos_JBC, mode_IJ.T, lo_J, hi_J))
+  return dq_IBKGQH, dk_JBKCH, dv_JBKCH
+
+
+# ----------------------------------------------------------------------------- blockwise
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _blockwise(blocks: Blocks, window: int | None) -> jax.Array:
+  out_IBKGQH, _ = finalize(forward_blocks(blocks, init_state(blocks.q_IBKGQH), window))
+  return out_IBKGQH.astype(blocks.q_IBKGQH.dtype)
+
+
+def _blockwise_fwd(blocks, window):
+  out_IBKGQH, lse_IBKGQ = finalize(forward_blocks(blocks, init_state(blocks.q_IBKGQH), window))
+  out_IBKGQH = out_IBKGQH.astype(blocks.q_IBKGQH.dtype)
+  return out_IBKGQH, (blocks, out_IBKGQH, lse_IBKGQ)
+
+
+def _blockwise_bwd(window, residuals, do_IBKGQH):
+  blocks, out_IBKGQH, lse_IBKGQ = residuals
+  delta_IBKGQ = jnp.einsum('IBKGQH,IBKGQH->IBKGQ', do_IBKGQH.astype(jnp.float32),
+                           out_IBKGQH.astype(jnp.float32))
+  dq, dk, dv = backward_blocks(blocks, lse_IBKGQ, delta_IBKGQ, do_IBKGQH, window)
+  return (Blocks(dq.astype(blocks.q_IBKGQH.dtype), dk.astype(blocks.k_JBKCH.dtype),
+                 dv.astype(blocks.v_JBKCH.dtype), None, None),)
+
+
+_blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)
+
+
+def blockwise_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array,
+                        q_pos_BT: jax.Array, k_pos_BS: jax.Array, *, window: int | None = None,
+                        block_q: int = 512, block_k: int = 512, **unused) -> jax.Array:
+  """Memory-efficient causal GQA: online softmax over key blocks (Rabe & Staats, 2021; Dao et
+  al., 2022), invisible blocks skipped, peak memory O(T * block). Same result as dense."""
+  validate_attention_shapes(q_BTNH, k_BSKH, v_BSKH, q_pos_BT, k_pos_BS)
+  validate_blocks(block_q, block_k, window)
+  blocks = to_blocks(q_BTNH, k_BSKH, v_BSKH, q_pos_BT.astype(jnp.int32),
+                     k_pos_BS.astype(jnp.int32), block_q, block_k)
+  return from_blocks(_blockwise(blocks, window), q_BTNH.shape[1])
+
+
+# ----------------------------------------------------------------------------- registry
+def fused_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, q_pos_BT: jax.Array,
+                    k_pos_BS: jax.Array, *, window: int | None = None, **unused) -> jax.Array:
+  """`jax.nn.dot_product_attention` with the position mask: cuDNN flash attention on a GPU for
+  bf16 / f16 inputs, XLA elsewhere. Materializes a bool[B, 1, T, S] mask."""
+  on_gpu = jax.default_backend() == 'gpu' and q_BTNH.dtype in (jnp.bfloat16, jnp.float16)
+  mask_B1TS = causal_mask(q_pos_BT, k_pos_BS, window)[:, None]
+  return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask_B1TS,
+                                      implementation='cudnn' if on_gpu else 'xla')
+
+
+def ring(q_BTNH, k_BSKH, v_BSKH, q_pos_BT, k_pos_BS, **kwargs) -> jax.Array:
+  """Ring attention over the 'seq' axis of the current mesh (`jax.set_mesh`)."""
+  from longrope_jax import ring_attention  # builds on this module, so imported when first used
+  return ring_attention.ring_attention(q_BTNH, k_BSKH, v_BSKH, q_pos_BT, k_pos_BS, **kwargs)
+
+
 # name -> fn(q, k, v, q_pos, k_pos, *, window, block_q, block_k) -> out[B, T, N, H]
-IMPLEMENTATIONS: dict[str, Callable[..., jax.Array]] = {'dense': dense_attention}
+IMPLEMENTATIONS: dict[str, Callable[..., jax.Array]] = {
+    'dense': dense_attention,
+    'blockwise': blockwise_attention,
+    'ring': ring,
+    'fused': fused_attention,
+}
 
 
 def attend(q_BTNH, k_BSKH, v_BSKH, q_pos_BT, k_pos_BS, *, impl: str = 'dense',

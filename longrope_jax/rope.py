@@ -107,12 +107,15 @@ def none(*, head_dim: int, **unused) -> RopeScaling:
 @register("linear")
 def linear(*, head_dim: int, scale: float, **unused) -> RopeScaling:
   """Position interpolation (Chen et al., 2023): lambda_i = s for every frequency."""
+  _check_head_dim(head_dim)
   _check_scale(scale)
   return make(np.full(head_dim // 2, float(scale)), head_dim=head_dim)
 
 
 def ntk_factors(head_dim: int, scale: float) -> np.ndarray:
   """NTK-aware factors: base' = base * s ** (H / (H - 2))  <=>  lambda_i = s ** (2i / (H - 2))."""
+  if head_dim < 4:
+    raise ValueError(f"NTK-aware scaling needs head_dim >= 4 (it divides by H - 2), got {head_dim}.")
   i = np.arange(head_dim // 2, dtype=np.float64)
   return float(scale) ** (2.0 * i / (head_dim - 2))
 
@@ -125,20 +128,25 @@ def ntk(*, head_dim: int, scale: float, **unused) -> RopeScaling:
   return make(ntk_factors(head_dim, scale), head_dim=head_dim)
 
 
-def dynamic_scale(length: int, original_length: int, scale: float = 1.0) -> float:
-  """Effective NTK scale at the current length, as HF's dynamic rope: s*L/L0 - (s - 1), >= 1."""
-  if length <= 0 or original_length <= 0:
-    raise ValueError(f"length and original_length must be positive, got {length}, {original_length}.")
-  _check_scale(scale)
+def dynamic_scale(length: int, original_length: int, dynamic_factor: float = 1.0) -> float:
+  """Effective NTK scale at the current length L, as HF's dynamic rope with factor f:
+  f * max(L, L0) / L0 - (f - 1) (so 1 up to L0, and L / L0 when f = 1; YaRN paper eq. 23)."""
+  _check_length("length", length)
+  _check_length("original_length", original_length)
+  _check_scale(dynamic_factor, "dynamic_factor")
   length = max(length, original_length)
-  return max(1.0, scale * length / original_length - (scale - 1.0))
+  return max(1.0, dynamic_factor * length / original_length - (dynamic_factor - 1.0))
 
 
 @register("dynamic_ntk")
-def dynamic_ntk(*, head_dim: int, length: int, original_length: int, scale: float = 1.0,
+def dynamic_ntk(*, head_dim: int, length: int, original_length: int, dynamic_factor: float = 1.0,
                 **unused) -> RopeScaling:
-  """Dynamic NTK (emozilla, 2023): NTK-aware with the scale set by the current `length`."""
-  return ntk(head_dim=head_dim, scale=dynamic_scale(length, original_length, scale))
+  """Dynamic NTK (emozilla, 2023): NTK-aware with the scale set by the current `length`.
+
+  `dynamic_factor` is HF's rope_scaling['factor'] for type 'dynamic'; `scale` (L' / L, as
+  `method_kwargs` passes it) is ignored: the length alone sets the scale.
+  """
+  return ntk(head_dim=head_dim, scale=dynamic_scale(length, original_length, dynamic_factor))
 
 
 def yarn_attention_scale(scale: float, mscale: float = 1.0) -> float:
@@ -177,6 +185,8 @@ def yarn(*, head_dim: int, scale: float, theta: float, original_length: int,
   """
   _check_head_dim(head_dim)
   _check_scale(scale)
+  _check_theta(theta)
+  _check_length("original_length", original_length)
   ramp = yarn_ramp(head_dim, theta, original_length, beta_fast, beta_slow, truncate)
   factors = 1.0 / (ramp / scale + (1.0 - ramp))
   if attn_scale is None:
@@ -191,6 +201,8 @@ def llama3(*, head_dim: int, scale: float, theta: float, original_length: int,
   low_freq_factor by s, and interpolate inverse frequencies smoothly in between."""
   _check_head_dim(head_dim)
   _check_scale(scale)
+  _check_theta(theta)
+  _check_length("original_length", original_length)
   if not 0 < low_freq_factor < high_freq_factor:
     raise ValueError(
         f"llama3 needs 0 < low_freq_factor < high_freq_factor, got {low_freq_factor}, "
@@ -225,6 +237,7 @@ def longrope(*, factors, n_hat: int = 0, scale: float | None = None,
       raise ValueError("longrope needs scale and original_length to derive attn_scale, "
                        "or attn_scale explicitly.")
     _check_scale(scale)
+    _check_length("original_length", original_length, minimum=2)
     attn_scale = longrope_attention_scale(scale, original_length)
   return make(factors, n_hat, attn_scale, head_dim=head_dim)
 
@@ -241,6 +254,10 @@ def rope_angles(positions: jax.Array, rope: RopeScaling, *, theta: float) -> jax
 
   Positions below rope.n_hat use the original frequencies; the rest use inv_freq / factors.
   """
+  if rope.factors.ndim != 1:
+    raise ValueError(
+        f"rope.factors has shape {rope.factors.shape}; a stacked population needs jax.vmap over "
+        "the RopeScaling (one candidate per call).")
   num_freqs = rope.factors.shape[-1]
   inv_freq = jnp.asarray(inv_frequencies(2 * num_freqs, theta), jnp.float32)
   pos = positions.astype(jnp.float32)[..., None]
@@ -260,6 +277,10 @@ def rope_cos_sin(positions: jax.Array, rope: RopeScaling, *, theta: float):
 def apply_rope(x_BTNH: jax.Array, positions_BT: jax.Array, rope: RopeScaling, *,
                theta: float) -> jax.Array:
   """Rotates queries or keys x[B, T, N, H] (HF / GPT-NeoX rotate-half layout)."""
+  if x_BTNH.shape[-1] != 2 * rope.factors.shape[-1]:
+    raise ValueError(
+        f"head_dim {x_BTNH.shape[-1]} of x does not match rope with {rope.factors.shape[-1]} "
+        f"factors (head_dim // 2 needed): build the RopeScaling with head_dim={x_BTNH.shape[-1]}.")
   cos_BTH, sin_BTH = rope_cos_sin(positions_BT, rope, theta=theta)
   cos_BT1H, sin_BT1H = cos_BTH[:, :, None, :], sin_BTH[:, :, None, :]
   x = x_BTNH.astype(jnp.float32)
@@ -292,7 +313,20 @@ def _check_head_dim(head_dim: int) -> None:
     raise ValueError(f"head_dim must be a positive even integer, got {head_dim!r}.")
 
 
-def _check_scale(scale: float) -> None:
+def _check_scale(scale: float, name: str = "scale") -> None:
   if not isinstance(scale, (int, float, np.floating, np.integer)) or not math.isfinite(scale) \
       or scale < 1.0:
-    raise ValueError(f"scale must be a finite number >= 1 (L' / L), got {scale!r}.")
+    hint = " (L' / L)" if name == "scale" else ""
+    raise ValueError(f"{name} must be a finite number >= 1{hint}, got {scale!r}.")
+
+
+def _check_theta(theta: float) -> None:
+  if not isinstance(theta, (int, float, np.floating, np.integer)) or not math.isfinite(theta) \
+      or theta <= 1.0:
+    raise ValueError(f"theta (the RoPE base) must be a finite number > 1, got {theta!r}.")
+
+
+def _check_length(name: str, length: int, minimum: int = 1) -> None:
+  if not isinstance(length, (int, float, np.floating, np.integer)) or not math.isfinite(length) \
+      or length < minimum:
+    raise ValueError(f"{name} must be a number of tokens >= {minimum}, got {length!r}.")

@@ -1,0 +1,18 @@
+"""Runs every stage in config.stages (pretrain, search, evaluate, report, ...).
+
+  python -m experiments.run --config configs/demo.py --workdir runs/demo
+"""
+
+from absl import app
+
+from experiments import common
+from longrope_jax import pipeline
+
+
+def main(argv):
+  del argv
+  pipeline.run(common.CONFIG.value, common.WORKDIR.value, stages=None)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,232 @@
+"""Corpora, tokenizers, packed training batches and eval windows.
+
+The embedded default corpus is the running interpreter's standard-library source: real code with
+long-range structure, present in every Python install, nothing to download. Documents are kept
+whole and split into train / validation / test by a hash of their path, so the split does not
+depend on the order files are listed in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import pathlib
+import sysconfig
+from typing import Iterable, Iterator, Protocol
+
+import numpy as np
+
+SPLITS = ('train', 'validation', 'test')
+
+
+# ----------------------------------------------------------------------------- tokenizers
+class Tokenizer(Protocol):
+  vocab_size: int
+  bos_id: int
+  eos_id: int
+
+  def encode(self, text: str | bytes) -> np.ndarray: ...
+
+  def decode(self, ids: Iterable[int]) -> str: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class ByteTokenizer:
+  """UTF-8 bytes are ids 0..255; BOS = 256, EOS = 257."""
+
+  vocab_size: int = 258
+  bos_id: int = 256
+  eos_id: int = 257
+
+  def encode(self, text: str | bytes) -> np.ndarray:
+    data = text.encode('utf-8') if isinstance(text, str) else bytes(text)
+    return np.frombuffer(data, dtype=np.uint8).astype(np.int32)
+
+  def decode(self, ids: Iterable[int]) -> str:
+    return bytes(int(i) for i in ids if 0 <= int(i) < 256).decode('utf-8', errors='replace')
+
+
+class JsonTokenizer:
+  """A Hugging Face `tokenizer.json` loaded with the `tokenizers` library (extra `hf`)."""
+
+  def __init__(self, path: str | pathlib.Path, bos_token: str | None = None,
+               eos_token: str | None = None):
+    path = pathlib.Path(path)
+    if not path.is_file():
+      raise FileNotFoundError(f"tokenizer file {path} does not exist; pass the path of a "
+                              "tokenizer.json (data.tokenizer).")
+    try:
+      import tokenizers
+    except ImportError as e:
+      raise ImportError("JsonTokenizer needs the `tokenizers` package: pip install -e .[hf]") from e
+    self._tok = tokenizers.Tokenizer.from_file(str(path))
+    self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+    self.bos_id = self._find(bos_token, ('<s>', '<|begin_of_text|>', '<|endoftext|>'))
+    self.eos_id = self._find(eos_token, ('</s>', '<|end_of_text|>', '<|endoftext|>'))
+
+  def _find(self, explicit, candidates) -> int:
+    for token in ((explicit,) if explicit else candidates):
+      token_id = self._tok.token_to_id(token)
+      if token_id is not None:
+        return token_id
+    if explicit:
+      raise ValueError(f"token {explicit!r} is not in the tokenizer vocabulary.")
+    return 0
+
+  def encode(self, text: str | bytes) -> np.ndarray:
+    if isinstance(text, bytes):
+      text = text.decode('utf-8', errors='replace')
+    return np.asarray(self._tok.encode(text, add_special_tokens=False).ids, dtype=np.int32)
+
+  def decode(self, ids: Iterable[int]) -> str:
+    return self._tok.decode([int(i) for i in ids])
+
+
+def get_tokenizer(spec: str | None) -> Tokenizer:
+  """'bytes' (or None) for the byte tokenizer, else the path of a tokenizer.json."""
+  if spec in (None, '', 'bytes'):
+    return ByteTokenizer()
+  return JsonTokenizer(spec)
+
+
+# ----------------------------------------------------------------------------- corpora
+@dataclasses.dataclass(frozen=True)
+class Document:
+  name: str
+  text: bytes
+
+
+def split_of(name: str, validation: float = 0.05, test: float = 0.05) -> str:
+  """Deterministic split of a document by the md5 of its name."""
+  u = int.from_bytes(hashlib.md5(name.encode()).digest()[:8], 'little') / 2.0**64
+  if u < test:
+    return 'test'
+  if u < test + validation:
+    return 'validation'
+  return 'train'
+
+
+def stdlib_root() -> pathlib.Path:
+  return pathlib.Path(sysconfig.get_paths()['stdlib'])
+
+
+def stdlib_documents() -> list[Document]:
+  """Every `.py` file of the running interpreter's standard library (site-packages excluded)."""
+  root = stdlib_root()
+  files = sorted(p for p in root.rglob('*.py')
+                 if 'site-packages' not in p.parts and 'dist-packages' not in p.parts)
+  return [Document(str(p.relative_to(root)), p.read_bytes()) for p in files]
+
+
+def file_documents(path: str | pathlib.Path, pattern: str = '*') -> list[Document]:
+  """Documents from a text file (one document) or every file matching `pattern` in a folder."""
+  path = pathlib.Path(path).expanduser()
+  if not path.exists():
+    raise FileNotFoundError(f"corpus path {path} does not exist (data.path); point it at a text "
+                            "file or a folder of text files.")
+  if path.is_file():
+    return [Document(path.name, path.read_bytes())]
+  files = sorted(p for p in path.rglob(pattern) if p.is_file())
+  return [Document(str(p.relative_to(path)), p.read_bytes()) for p in files]
+
+
+def tfds_documents(name: str, split: str, data_dir: str | None = None,
+                   text_key: str = 'text') -> list[Document]:
+  """Documents of a TFDS dataset prepared as array_record, read with `tfds.data_source`
+  (no TensorFlow needed; extra `tfds`)."""
+  try:
+    import tensorflow_datasets as tfds
+  except ImportError as e:
+    raise ImportError("TFDS corpora need the `tfds` extra: pip install -e .[tfds]") from e
+  source = tfds.data_source(name, split=split, data_dir=data_dir)
+  docs = []
+  for i in range(len(source)):
+    example = source[i]
+    if text_key not in example:
+      raise ValueError(f"TFDS dataset {name!r} has no feature {text_key!r} "
+                       f"(features: {sorted(example)}); set data.text_key.")
+    text = example[text_key]
+    docs.append(Document(f'{name}/{split}/{i}', text if isinstance(text, bytes) else
+                         str(text).encode()))
+  return docs
+
+
+def load_split(source: str, split: str, *, path: str | None = None, tfds_name: str | None = None,
+               data_dir: str | None = None, text_key: str = 'text') -> list[Document]:
+  """Documents of one split of a corpus: source 'stdlib', 'files' or 'tfds'."""
+  if split not in SPLITS:
+    raise ValueError(f"split must be one of {SPLITS}, got {split!r}.")
+  if source == 'stdlib':
+    docs = [d for d in stdlib_documents() if split_of(d.name) == split]
+  elif source == 'files':
+    if not path:
+      raise ValueError("data.source='files' needs data.path (a text file or a folder).")
+    docs = [d for d in file_documents(path) if split_of(d.name) == split]
+  elif source == 'tfds':
+    if not tfds_name:
+      raise ValueError("data.source='tfds' needs data.tfds_name (a prepared dataset name).")
+    docs = tfds_documents(tfds_name, split, data_dir, text_key)
+  else:
+    raise ValueError(f"data.source must be 'stdlib', 'files' or 'tfds', got {source!r}.")
+  docs = [d for d in docs if d.text]
+  if not docs:
+    raise ValueError(f"the {split!r} split of corpus {source!r} "
+                     f"{'at ' + str(path) + ' ' if path else ''}is empty: no non-empty document.")
+  return docs
+
+
+def encode_documents(docs: list[Document], tokenizer: Tokenizer) -> list[np.ndarray]:
+  """Token ids of each document, BOS first and EOS last."""
+  return [np.concatenate([[tokenizer.bos_id], tokenizer.encode(d.text), [tokenizer.eos_id]])
+          .astype(np.int32) for d in docs]
+
+
+# ----------------------------------------------------------------------------- training batches
+class PackedBatches:
+  """Random crops of length T + 1 from all documents packed into one stream.
+
+  `batch(step)` is a pure function of (seed, step), so a resumed run sees exactly the batches an
+  uninterrupted one would.
+  """
+
+  def __init__(self, token_docs: list[np.ndarray], batch_size: int, length: int, seed: int = 0):
+    self.stream = np.concatenate(token_docs).astype(np.int32)
+    if self.stream.size < length + 2:
+      raise ValueError(f"the training corpus has {self.stream.size} tokens, fewer than one "
+                       f"sequence of length {length} + 1; use a larger corpus or shorter length.")
+    self.batch_size, self.length, self.seed = batch_size, length, seed
+
+  def batch(self, step: int) -> np.ndarray:
+    """tokens i32[batch_size, length + 1] (inputs are [:, :-1], targets [:, 1:])."""
+    rng = np.random.default_rng([self.seed, step])
+    starts = rng.integers(0, self.stream.size - self.length - 1, size=self.batch_size)
+    return self.stream[starts[:, None] + np.arange(self.length + 1)[None]]
+
+  def __iter__(self) -> Iterator[np.ndarray]:
+    step = 0
+    while True:
+      yield self.batch(step)
+      step += 1
+
+
+# ----------------------------------------------------------------------------- eval windows
+def length_report(token_docs: list[np.ndarray], lengths: Iterable[int]) -> str:
+  counts = [f"{L}: {sum(len(d) >= L for d in token_docs)}" for L in sorted(set(lengths))]
+  return 'documents at least that long -> ' + ', '.join(counts)
+
+
+def eval_windows(token_docs: list[np.ndarray], length: int, num: int, seed: int = 0) -> np.ndarray:
+  """The first `length` tokens of `num` documents at least `length` long: i32[num, length].
+
+  The paper's truncated setting. Documents are chosen by `seed` among those long enough, so the
+  same windows come back for the same corpus, length, count and seed.
+  """
+  long_enough = [i for i, d in enumerate(token_docs) if len(d) >= length]
+  if len(long_enough) < num:
+    raise ValueError(
+        f"only {len(long_enough)} documents have at least {length} tokens but {num} eval windows "
+        f"were asked for; lower the number of windows or the length "
+        f"({length_report(token_docs, [length // 4, length // 2, length, 2 * length])}).")
+  rng = np.random.default_rng(seed)
+  chosen = sorted(rng.choice(long_enough, size=num, replace=False).tolist())
+  return np.stack([token_docs[i][:length] for i in chosen]).astype(np.int32)

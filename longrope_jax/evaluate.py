@@ -1,0 +1,132 @@
+"""Perplexity vs. context length for every scaling method (batched, jitted, one compile per shape).
+
+Every method at a length is a `RopeScaling` argument of the same compiled function, so adding a
+method costs forward passes, never a compilation.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Iterable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from longrope_jax import data as data_lib
+from longrope_jax import model as model_lib
+from longrope_jax import rope as rope_lib
+from longrope_jax.rope import RopeScaling
+
+LN2 = math.log(2.0)
+DEFAULT_METHODS = ('none', 'linear', 'ntk', 'dynamic_ntk', 'yarn', 'llama3')
+
+# A rope source is a fixed RopeScaling, or a function of the evaluation length returning one
+# (or None to skip that length).
+RopeSource = RopeScaling | Callable[[int], RopeScaling | None]
+
+
+def batch_size_for(length: int, batch_tokens: int) -> int:
+  """Windows per forward so a micro-batch holds about `batch_tokens` tokens (at least 1)."""
+  return max(1, batch_tokens // length)
+
+
+_NLL_FNS: dict = {}
+
+
+def nll_sum_fn(config: model_lib.ModelConfig) -> Callable:
+  """Jitted (params, windows i32[B, L], rope) -> summed next-token NLL f32[B] (cached per config)."""
+  if config not in _NLL_FNS:
+    _NLL_FNS[config] = jax.jit(
+        lambda params, windows_BL, rope: model_lib.token_nll(config, params, windows_BL,
+                                                             rope).sum(axis=-1))
+  return _NLL_FNS[config]
+
+
+def mean_nll(config: model_lib.ModelConfig, params: Any, windows_NL: np.ndarray,
+             rope: RopeScaling, *, batch_tokens: int = 16384) -> float:
+  """Mean next-token NLL (nats) over windows[N, L], in micro-batches of equal shape."""
+  N, L = windows_NL.shape
+  batch = min(N, batch_size_for(L, batch_tokens))
+  fn = nll_sum_fn(config)
+  total = 0.0
+  for start in range(0, N, batch):
+    chunk = windows_NL[start:start + batch]
+    real = chunk.shape[0]
+    if real < batch:  # pad to the compiled shape; padded rows are dropped below
+      chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - real, axis=0)])
+    total += float(jnp.sum(fn(params, jnp.asarray(chunk), rope)[:real]))
+  return total / (N * (L - 1))
+
+
+def method_rope(name: str, *, config: model_lib.ModelConfig, length: int,
+                **overrides) -> RopeScaling:
+  """Registered method `name` extending config.max_len to `length` (scale s = length / L0)."""
+  kwargs = rope_lib.method_kwargs(head_dim=config.head_dim, theta=config.rope_theta,
+                                  original_length=config.max_len, length=length)
+  kwargs.update(overrides)
+  return rope_lib.get(name, **kwargs)
+
+
+def perplexity_vs_length(config: model_lib.ModelConfig, params: Any,
+                         token_docs: list[np.ndarray], lengths: Iterable[int], *,
+                         methods: Iterable[str] = DEFAULT_METHODS,
+                         extra: Mapping[str, RopeSource] | None = None,
+                         num_windows: int = 16, seed: int = 0, batch_tokens: int = 16384,
+                         progress: bool = True, done: Mapping[tuple[str, int], float] | None = None,
+                         on_result: Callable[[str, int, float | None], None] | None = None) -> dict:
+  """NLL of each method at each length on the same windows (the first L tokens of documents).
+
+  `done` maps (method, length) to NLLs already computed (a resumed run skips them); `on_result`
+  is called with each new (method, length, nll) so a caller can persist it.
+  Returns {'lengths': [...], 'original_length': L0, 'num_windows': n, 'methods': {name: {'nll': [...],
+  'bits_per_token': [...], 'perplexity': [...]}}}; a method skipped at a length holds None.
+  """
+  lengths = sorted(set(int(L) for L in lengths))
+  methods = list(methods)
+  sources: dict[str, RopeSource] = {
+      m: (lambda L, m=m: method_rope(m, config=config, length=L)) for m in methods}
+  sources.update(extra or {})
+  windows = {L: data_lib.eval_windows(token_docs, L, num_windows, seed) for L in lengths}
+  results = {name: dict(nll=[], bits_per_token=[], perplexity=[]) for name in sources}
+  bar = tqdm(total=len(lengths) * len(sources), desc='perplexity', disable=not progress,
+             dynamic_ncols=True)
+  for L in lengths:
+    for name, source in sources.items():
+      if done is not None and (name, L) in done:
+        nll = done[(name, L)]
+      else:
+        rope = source(L) if callable(source) else source
+        nll = None if rope is None else mean_nll(config, params, windows[L], rope,
+                                                 batch_tokens=batch_tokens)
+        if on_result is not None:
+          on_result(name, L, nll)
+      results[name]['nll'].append(nll)
+      results[name]['bits_per_token'].append(None if nll is None else nll / LN2)
+      results[name]['perplexity'].append(None if nll is None else math.exp(nll))
+      bar.set_postfix(L=L, method=name, ppl='-' if nll is None else f'{math.exp(nll):.3f}')
+      bar.update(1)
+  bar.close()
+  return dict(lengths=lengths, original_length=config.max_len,
+              num_windows=num_windows, methods=results)
+
+
+def markdown_table(results: dict, metric: str = 'perplexity', digits: int = 3) -> str:
+  """One row per method, one column per length (as a multiple of the original window)."""
+  lengths, L0 = results['lengths'], results['original_length']
+  header = '| method | ' + ' | '.join(f'{L} ({L / L0:g}x)' for L in lengths) + ' |'
+  rows = [header, '|' + '---|' * (len(lengths) + 1)]
+  for name, values in results['methods'].items():
+    best = [min((results['methods'][m][metric][j] for m in results['methods']
+                 if results['methods'][m][metric][j] is not None), default=None)
+            for j in range(len(lengths))]
+    cells = []
+    for j, v in enumerate(values[metric]):
+      if v is None:
+        cells.append('-')
+      else:
+        text = f'{v:.{digits}f}'
+        cells.append(f'**{text}**' if best[j] is not None and v == best[j] else text)
+    rows.append(f'| {name} | ' + ' | '.join(cells) + ' |')
+  return '\n'.join(rows)

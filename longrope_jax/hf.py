@@ -1,0 +1,641 @@
+"""Hugging Face interop: local Llama / Mistral / Phi-3 checkpoints in, LongRoPE factors out.
+
+Reads `config.json` and safetensors weights (one `model.safetensors` or a sharded
+`model.safetensors.index.json`) without torch: tensors are memory-mapped from the raw
+safetensors layout (bf16 as `ml_dtypes.bfloat16`), converted one at a time and placed with an
+optional sharding, so a 7B model loads onto a mesh without a full host copy.
+
+HF layout -> ours (Linear weights are [out, in]; q/k are already in rotate-half layout):
+  q_proj.weight [N*H, D] -> attn/q [D, N, H]      o_proj.weight [D, N*H] -> attn/o [N, H, D]
+  k_proj, v_proj [K*H, D] -> attn/k, attn/v [D, K, H]
+  gate_proj, up_proj [F, D] -> mlp/gate, mlp/up [D, F]   down_proj [D, F] -> mlp/down [F, D]
+  Phi-3 fuses qkv_proj [(N + 2K) * H, D] and gate_up_proj [2F, D] (gate rows first).
+
+RoPE settings (`rope_scaling`, or `rope_parameters` in transformers >= 5) map onto
+`rope.RopeScaling` as transformers' `modeling_rope_utils` computes them at a given length.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import shutil
+import tempfile
+from typing import Any, Callable, Iterable
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import traverse_util
+
+from longrope_jax import rope as rope_lib
+from longrope_jax.model import ModelConfig
+
+CONFIG_FILE = 'config.json'
+WEIGHTS_FILE = 'model.safetensors'
+INDEX_FILE = 'model.safetensors.index.json'
+TOKENIZER_FILE = 'tokenizer.json'
+
+ARCHITECTURES = {'LlamaForCausalLM': 'llama', 'MistralForCausalLM': 'mistral',
+                 'Phi3ForCausalLM': 'phi3'}
+ROPE_TYPES = ('default', 'linear', 'dynamic', 'yarn', 'longrope', 'llama3')
+# Phi3Config's default when config.json has no top-level original_max_position_embeddings.
+PHI3_DEFAULT_ORIGINAL_LENGTH = 4096
+
+_SAFETENSORS_DTYPES = {'F32': np.dtype('<f4'), 'F64': np.dtype('<f8'), 'F16': np.dtype('<f2'),
+                       'BF16': np.dtype(ml_dtypes.bfloat16)}
+# Checkpoint dtype -> ModelConfig.param_dtype when none is asked for (f16 has no slot: bf16).
+_DEFAULT_PARAM_DTYPE = {'F32': 'float32', 'F64': 'float32', 'F16': 'bfloat16',
+                        'BF16': 'bfloat16'}
+_NUMPY_DTYPES = {'float32': np.dtype(np.float32), 'bfloat16': np.dtype(ml_dtypes.bfloat16)}
+# Tensors some checkpoints carry that the model recomputes.
+_IGNORED_SUFFIXES = ('rotary_emb.inv_freq',)
+
+Path = str | os.PathLike
+ParamPath = tuple[str, ...]
+ShardingSpec = (Callable[[ParamPath], jax.sharding.Sharding] | jax.sharding.Sharding | dict |
+                None)
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+  """A loaded checkpoint: our `ModelConfig`, Flax params, the raw HF config and its folder."""
+
+  config: ModelConfig
+  params: dict
+  hf_config: dict
+  path: pathlib.Path
+
+  @property
+  def tokenizer_path(self) -> pathlib.Path | None:
+    path = self.path / TOKENIZER_FILE
+    return path if path.is_file() else None
+
+  def rope_for_length(self, length: int) -> rope_lib.RopeScaling:
+    """The RoPE scaling transformers uses for this checkpoint at sequence `length`."""
+    return rope_for_length(self.hf_config, length)
+
+
+# ----------------------------------------------------------------------------- config
+def read_config(path: Path) -> dict:
+  """The parsed `config.json` of a checkpoint folder (or of a path to the file itself)."""
+  path = pathlib.Path(path)
+  file = path if path.is_file() else path / CONFIG_FILE
+  if not file.is_file():
+    raise FileNotFoundError(f"No {CONFIG_FILE} at {file}: pass a Hugging Face checkpoint folder.")
+  try:
+    hf_config = json.loads(file.read_text())
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{file} is not valid JSON: {e}") from e
+  if not isinstance(hf_config, dict):
+    raise ValueError(f"{file} must hold a JSON object, got {type(hf_config).__name__}.")
+  return hf_config
+
+
+def architecture(hf_config: dict) -> str:
+  """The checkpoint's architecture name, checked against `ARCHITECTURES`."""
+  names = hf_config.get('architectures') or []
+  if not names:
+    by_type = {t: a for a, t in ARCHITECTURES.items()}
+    if hf_config.get('model_type') in by_type:
+      return by_type[hf_config['model_type']]
+  name = names[0] if names else None
+  if name not in ARCHITECTURES:
+    raise ValueError(
+        f"Unsupported architecture {name!r} (model_type {hf_config.get('model_type')!r}) in "
+        f"{CONFIG_FILE}; supported: {sorted(ARCHITECTURES)}.")
+  return name
+
+
+def _require(mapping: dict, key: str, where: str = CONFIG_FILE) -> Any:
+  if mapping.get(key) is None:
+    raise ValueError(f"{where} is missing the required field {key!r}.")
+  return mapping[key]
+
+
+def head_dim(hf_config: dict) -> int:
+  """Per-head dimension: `head_dim` when set, else hidden_size // num_attention_heads."""
+  return int(hf_config.get('head_dim') or
+             _require(hf_config, 'hidden_size') // _require(hf_config, 'num_attention_heads'))
+
+
+def rope_parameters(hf_config: dict) -> dict:
+  """The checkpoint's RoPE settings, normalized the way transformers reads them.
+
+  Returns the HF block (factor, short_factor, ...) plus `rope_type` (legacy `type` and "su"
+  resolved), `rope_theta`, `partial_rotary_factor`, `max_position_embeddings` and
+  `original_max_position_embeddings` (the pretraining window L0).
+  """
+  arch = architecture(hf_config)
+  # transformers >= 5 prefers a legacy `rope_scaling` block over `rope_parameters`.
+  raw = hf_config.get('rope_scaling') or hf_config.get('rope_parameters') or {}
+  if not isinstance(raw, dict):
+    raise ValueError(f"rope_scaling / rope_parameters must be a JSON object, got {raw!r}.")
+  if any(isinstance(v, dict) for v in raw.values()):
+    raise NotImplementedError("Per-layer-type RoPE settings (nested rope_parameters) are not "
+                              "supported; Llama, Mistral and Phi-3 use one block.")
+  params = dict(raw)
+  rope_type = params.get('rope_type') or params.get('type') or 'default'
+  if rope_type == 'su' or (arch == 'Phi3ForCausalLM' and rope_type == 'yarn'):
+    rope_type = 'longrope'  # as Phi3Config does
+  if rope_type not in ROPE_TYPES:
+    raise NotImplementedError(f"RoPE type {rope_type!r} is not supported; choose one of "
+                              f"{ROPE_TYPES}.")
+  max_len = int(_require(hf_config, 'max_position_embeddings'))
+  # A top-level original_max_position_embeddings wins (Phi-3 style), as in transformers.
+  top_original = hf_config.get('original_max_position_embeddings')
+  if top_original is None and arch == 'Phi3ForCausalLM' and rope_type == 'longrope':
+    top_original = PHI3_DEFAULT_ORIGINAL_LENGTH
+  original = top_original or params.get('original_max_position_embeddings') or max_len
+  params.pop('type', None)
+  params.update(
+      rope_type=rope_type,
+      rope_theta=float(params.get('rope_theta') or hf_config.get('rope_theta') or 10000.0),
+      partial_rotary_factor=float(params.get('partial_rotary_factor') or
+                                  hf_config.get('partial_rotary_factor') or 1.0),
+      max_position_embeddings=max_len,
+      original_max_position_embeddings=int(original))
+  return params
+
+
+def model_config(hf_config: dict, *, param_dtype: str = 'float32', dtype: str | None = None,
+                 **overrides) -> ModelConfig:
+  """Our `ModelConfig` for an HF config; `max_len` is the original (pretraining) window."""
+  arch = architecture(hf_config)
+  act = hf_config.get('hidden_act', 'silu')
+  if act not in ('silu', 'swish'):
+    raise NotImplementedError(f"hidden_act {act!r} is not supported (model.py uses SwiGLU).")
+  for key in ('attention_bias', 'mlp_bias'):
+    if hf_config.get(key):
+      raise NotImplementedError(f"{key}=true is not supported: model.py has no bias terms.")
+  rope = rope_parameters(hf_config)
+  if rope['partial_rotary_factor'] != 1.0:
+    raise NotImplementedError(
+        f"partial_rotary_factor={rope['partial_rotary_factor']} is not supported: model.py "
+        "rotates the whole head (Phi-3 mini/medium use 1.0; Phi-4-mini's 0.75 is not covered).")
+  num_heads = int(_require(hf_config, 'num_attention_heads'))
+  scaled = rope['rope_type'] != 'default'
+  window = hf_config.get('sliding_window') if arch != 'LlamaForCausalLM' else None
+  fields = dict(
+      vocab_size=int(_require(hf_config, 'vocab_size')),
+      dim=int(_require(hf_config, 'hidden_size')),
+      num_layers=int(_require(hf_config, 'num_hidden_layers')),
+      num_heads=num_heads,
+      num_kv_heads=int(hf_config.get('num_key_value_heads') or num_heads),
+      head_dim=head_dim(hf_config),
+      mlp_dim=int(_require(hf_config, 'intermediate_size')),
+      max_len=(rope['original_max_position_embeddings'] if scaled
+               else rope['max_position_embeddings']),
+      rope_theta=rope['rope_theta'],
+      norm_eps=float(hf_config.get('rms_norm_eps', 1e-6)),
+      tie_embeddings=bool(hf_config.get('tie_word_embeddings', False)),
+      sliding_window=int(window) if window else None,
+      param_dtype=param_dtype,
+      dtype=dtype or param_dtype)
+  fields.update(overrides)
+  return ModelConfig(**fields)
+
+
+# ----------------------------------------------------------------------------- RoPE
+def rope_for_length(source: dict | Path | Checkpoint, length: int) -> rope_lib.RopeScaling:
+  """The `RopeScaling` transformers applies to a sequence of `length` tokens (positions 0..L-1).
+
+  `source` is an HF config dict, a checkpoint folder, or a `Checkpoint`. Matches
+  `modeling_rope_utils`: dynamic NTK is recomputed at `length` (against max_position_embeddings);
+  LongRoPE / Phi-3 uses short_factor while length <= original_max_position_embeddings and
+  long_factor beyond, with attention scale attention_factor or sqrt(1 + ln s / ln L0),
+  s = factor or max_position_embeddings / L0, at every length.
+  """
+  if isinstance(source, Checkpoint):
+    hf_config = source.hf_config
+  elif isinstance(source, dict):
+    hf_config = source
+  else:
+    hf_config = read_config(source)
+  if int(length) != length or length <= 0:
+    raise ValueError(f"length must be a positive integer, got {length!r}.")
+  p = rope_parameters(hf_config)
+  H, theta = head_dim(hf_config), p['rope_theta']
+  if p['partial_rotary_factor'] != 1.0:
+    raise NotImplementedError(f"partial_rotary_factor={p['partial_rotary_factor']} is not "
+                              "supported: model.py rotates the whole head.")
+  max_len, original = p['max_position_embeddings'], p['original_max_position_embeddings']
+  kind, where = p['rope_type'], f"rope_scaling ({p['rope_type']})"
+  if kind == 'default':
+    return rope_lib.none(head_dim=H)
+  if kind == 'linear':
+    return rope_lib.linear(head_dim=H, scale=float(_require(p, 'factor', where)))
+  if kind == 'dynamic':
+    return rope_lib.dynamic_ntk(head_dim=H, length=int(length), original_length=max_len,
+                                scale=float(_require(p, 'factor', where)))
+  if kind == 'yarn':
+    factor = float(p.get('factor') or max_len / original)
+    attn_scale = p.get('attention_factor')
+    if attn_scale is None:
+      mscale, mscale_all_dim = p.get('mscale'), p.get('mscale_all_dim')
+      if mscale and mscale_all_dim:
+        attn_scale = (rope_lib.yarn_attention_scale(factor, mscale) /
+                      rope_lib.yarn_attention_scale(factor, mscale_all_dim))
+      else:
+        attn_scale = rope_lib.yarn_attention_scale(factor)
+    return rope_lib.yarn(head_dim=H, scale=factor, theta=theta, original_length=original,
+                         beta_fast=float(p.get('beta_fast') or 32),
+                         beta_slow=float(p.get('beta_slow') or 1), attn_scale=float(attn_scale),
+                         truncate=bool(p.get('truncate', True)))
+  if kind == 'llama3':
+    return rope_lib.llama3(head_dim=H, scale=float(_require(p, 'factor', where)), theta=theta,
+                           original_length=original,
+                           low_freq_factor=float(_require(p, 'low_freq_factor', where)),
+                           high_freq_factor=float(_require(p, 'high_freq_factor', where)))
+  # longrope
+  key = 'long_factor' if length > original else 'short_factor'
+  factors = np.asarray(_require(p, key, where), dtype=np.float64)
+  if factors.shape != (H // 2,):
+    raise ValueError(f"rope_scaling.{key} has {factors.size} entries; head_dim {H} needs "
+                     f"{H // 2}.")
+  if np.any(factors < 1.0):
+    bad = int(np.argmin(factors))
+    raise ValueError(
+        f"rope_scaling.{key}[{bad}] = {factors[bad]} < 1: RopeScaling represents interpolation "
+        "only (factors >= 1), so this checkpoint's RoPE cannot be reproduced exactly.")
+  factor = float(p.get('factor') or max_len / original)
+  attn_scale = p.get('attention_factor')
+  if attn_scale is None:
+    attn_scale = rope_lib.longrope_attention_scale(factor, original)
+  return rope_lib.longrope(factors=factors, n_hat=0, attn_scale=float(attn_scale), head_dim=H)
+
+
+# ----------------------------------------------------------------------------- layout
+@dataclasses.dataclass(frozen=True)
+class _Tensor:
+  """One HF tensor: its shape and how it maps to (and from) our params."""
+
+  name: str
+  shape: tuple[int, ...]
+  paths: tuple[ParamPath, ...]
+  to_ours: Callable[[np.ndarray], tuple[np.ndarray, ...]]
+  to_hf: Callable[..., np.ndarray]
+
+
+def _proj_in(heads: int, H: int):
+  """[heads*H, D] <-> [D, heads, H] (q, k, v projections)."""
+  return (lambda w: (w.T.reshape(w.shape[1], heads, H),),
+          lambda x: x.reshape(x.shape[0], heads * H).T)
+
+
+def _layout(config: ModelConfig, arch: str) -> list[_Tensor]:
+  """Every HF tensor of `arch` for `config`, in a fixed order."""
+  D, N, K, H, F, V = (config.dim, config.num_heads, config.num_kv_heads, config.head_dim,
+                      config.mlp_dim, config.vocab_size)
+  same = (lambda w: (w,), lambda x: x)
+  transposed = (lambda w: (w.T,), lambda x: x.T)
+  out_proj = (lambda w: (w.T.reshape(N, H, D),), lambda x: x.reshape(N * H, D).T)
+  tensors = [_Tensor('model.embed_tokens.weight', (V, D), (('embed', 'embedding'),), *same)]
+  for i in range(config.num_layers):
+    pre, ours = f'model.layers.{i}.', f'layer_{i}'
+    attn = lambda name: (ours, 'attn', name)
+    mlp = lambda name: (ours, 'mlp', name)
+    if arch == 'Phi3ForCausalLM':
+      splits = np.cumsum([N * H, K * H])
+      tensors.append(_Tensor(
+          pre + 'self_attn.qkv_proj.weight', ((N + 2 * K) * H, D),
+          (attn('q'), attn('k'), attn('v')),
+          lambda w, s=splits: tuple(_proj_in(n, H)[0](part)[0] for n, part in
+                                    zip((N, K, K), np.split(w, s, axis=0))),
+          lambda q, k, v: np.concatenate([_proj_in(n, H)[1](x) for n, x in
+                                          zip((N, K, K), (q, k, v))], axis=0)))
+      tensors.append(_Tensor(
+          pre + 'mlp.gate_up_proj.weight', (2 * F, D), (mlp('gate'), mlp('up')),
+          lambda w: tuple(part.T for part in np.split(w, 2, axis=0)),
+          lambda gate, up: np.concatenate([gate.T, up.T], axis=0)))
+    else:
+      for name, heads in (('q', N), ('k', K), ('v', K)):
+        tensors.append(_Tensor(pre + f'self_attn.{name}_proj.weight', (heads * H, D),
+                               (attn(name),), *_proj_in(heads, H)))
+      for name in ('gate', 'up'):
+        tensors.append(_Tensor(pre + f'mlp.{name}_proj.weight', (F, D), (mlp(name),),
+                               *transposed))
+    tensors += [
+        _Tensor(pre + 'self_attn.o_proj.weight', (D, N * H), (attn('o'),), *out_proj),
+        _Tensor(pre + 'mlp.down_proj.weight', (D, F), (mlp('down'),), *transposed),
+        _Tensor(pre + 'input_layernorm.weight', (D,), ((ours, 'attn_norm', 'scale'),), *same),
+        _Tensor(pre + 'post_attention_layernorm.weight', (D,), ((ours, 'mlp_norm', 'scale'),),
+                *same),
+    ]
+  tensors.append(_Tensor('model.norm.weight', (D,), (('final_norm', 'scale'),), *same))
+  if not config.tie_embeddings:
+    tensors.append(_Tensor('lm_head.weight', (V, D), (('lm_head',),), *transposed))
+  return tensors
+
+
+# ----------------------------------------------------------------------------- safetensors
+@dataclasses.dataclass(frozen=True)
+class _TensorInfo:
+  file: pathlib.Path
+  dtype: str
+  shape: tuple[int, ...]
+  start: int  # absolute byte offset in the file
+  end: int
+
+
+def _read_header(file: pathlib.Path) -> dict[str, _TensorInfo]:
+  """The tensor table of a safetensors file (8-byte little-endian length + JSON header)."""
+  size = file.stat().st_size
+  with open(file, 'rb') as f:
+    prefix = f.read(8)
+    length = int.from_bytes(prefix, 'little') if len(prefix) == 8 else -1
+    if length < 0 or 8 + length > size:
+      raise ValueError(f"{file} is not a safetensors file (bad header length).")
+    try:
+      header = json.loads(f.read(length))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+      raise ValueError(f"{file} is not a safetensors file (header is not JSON: {e}).") from e
+  infos = {}
+  for name, entry in header.items():
+    if name == '__metadata__':
+      continue
+    start, end = entry['data_offsets']
+    infos[name] = _TensorInfo(file, entry['dtype'], tuple(entry['shape']), 8 + length + start,
+                              8 + length + end)
+    if infos[name].end > size:
+      raise ValueError(f"{file}: tensor {name!r} runs past the end of the file (truncated?).")
+  return infos
+
+
+def _read_tensor(name: str, info: _TensorInfo) -> np.ndarray:
+  """A read-only memory map of one tensor in its stored dtype."""
+  dtype = _SAFETENSORS_DTYPES[info.dtype]
+  count = math.prod(info.shape)
+  if info.end - info.start != count * dtype.itemsize:
+    raise ValueError(f"{info.file}: tensor {name!r} holds {info.end - info.start} bytes; "
+                     f"{info.dtype}{list(info.shape)} needs {count * dtype.itemsize}.")
+  if count == 0:
+    return np.zeros(info.shape, dtype)
+  data = np.memmap(info.file, dtype=np.uint8, mode='r', offset=info.start,
+                   shape=(info.end - info.start,))
+  return data.view(dtype).reshape(info.shape)
+
+
+def weight_files(path: Path) -> list[pathlib.Path]:
+  """The safetensors files of a checkpoint folder, in load order."""
+  path = pathlib.Path(path)
+  index = path / INDEX_FILE
+  if index.is_file():
+    try:
+      weight_map = json.loads(index.read_text())['weight_map']
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+      raise ValueError(f"{index} has no valid 'weight_map': {e}") from e
+    files = [path / name for name in sorted(set(weight_map.values()))]
+    for file in files:
+      if not file.is_file():
+        raise FileNotFoundError(f"{index} lists {file.name}, which is missing from {path}.")
+    return files
+  if (path / WEIGHTS_FILE).is_file():
+    return [path / WEIGHTS_FILE]
+  raise FileNotFoundError(
+      f"No {WEIGHTS_FILE} or {INDEX_FILE} in {path} (PyTorch .bin weights are not read: "
+      "convert them to safetensors).")
+
+
+def _index_tensors(path: pathlib.Path, tensors: list[_Tensor]) -> dict[str, _TensorInfo]:
+  """Reads every header and checks names, shapes and dtypes before any tensor is loaded."""
+  infos: dict[str, _TensorInfo] = {}
+  for file in weight_files(path):
+    infos.update(_read_header(file))
+  index = path / INDEX_FILE
+  weight_map = json.loads(index.read_text())['weight_map'] if index.is_file() else {}
+  for t in tensors:
+    if t.name not in infos:
+      where = (f"{INDEX_FILE} puts it in {weight_map[t.name]}" if t.name in weight_map else
+               f"not in {INDEX_FILE}" if weight_map else f"not in {WEIGHTS_FILE}")
+      raise ValueError(f"Missing tensor {t.name!r} in {path} ({where}).")
+    info = infos[t.name]
+    if info.shape != t.shape:
+      raise ValueError(
+          f"Tensor {t.name!r} in {info.file.name} has shape {list(info.shape)} but "
+          f"{CONFIG_FILE} implies {list(t.shape)}.")
+    if info.dtype not in _SAFETENSORS_DTYPES:
+      raise ValueError(f"Tensor {t.name!r} in {info.file.name} has dtype {info.dtype}; only "
+                       f"{sorted(_SAFETENSORS_DTYPES)} are supported (no quantized weights).")
+  # A tied checkpoint may still store lm_head.weight (a copy of the embedding): ignored.
+  wanted = {t.name for t in tensors} | {'lm_head.weight'}
+  unused = [n for n in infos if n not in wanted and not n.endswith(_IGNORED_SUFFIXES)]
+  if unused:
+    raise ValueError(
+        f"{len(unused)} tensors in {path} have no place in the model, e.g. {unused[0]!r} in "
+        f"{infos[unused[0]].file.name} (biases and extra modules are not supported).")
+  return infos
+
+
+def _sharding_for(sharding: ShardingSpec, path: ParamPath):
+  if sharding is None or isinstance(sharding, jax.sharding.Sharding):
+    return sharding
+  if callable(sharding):
+    return sharding(path)
+  flat = traverse_util.flatten_dict(sharding)
+  if path not in flat:
+    raise ValueError(f"The sharding tree has no entry for param {'/'.join(path)}.")
+  return flat[path]
+
+
+def _place(host: np.ndarray, sharding) -> jax.Array:
+  if sharding is None:
+    return jnp.asarray(host)
+  return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def checkpoint_dtype(path: Path) -> str:
+  """The safetensors dtype (F32, BF16, F16, ...) of a checkpoint's embedding table."""
+  for file in weight_files(path):
+    infos = _read_header(pathlib.Path(file))
+    if 'model.embed_tokens.weight' in infos:
+      return infos['model.embed_tokens.weight'].dtype
+  raise ValueError(f"Missing tensor 'model.embed_tokens.weight' in {path}.")
+
+
+def load_params(path: Path, config: ModelConfig, hf_config: dict, *,
+                sharding: ShardingSpec = None) -> dict:
+  """Flax params of `config` from the checkpoint folder `path`, one file and tensor at a time.
+
+  `sharding` places each param: a `jax.sharding.Sharding` for all, a function of the param
+  path (e.g. ('layer_0', 'attn', 'q')) returning one, or a tree of shardings shaped like the
+  params. Tensors are cast to `config.param_dtype` on the host (bf16 stays bf16).
+  """
+  path = pathlib.Path(path)
+  tensors = _layout(config, architecture(hf_config))
+  infos = _index_tensors(path, tensors)
+  dtype = _NUMPY_DTYPES[config.param_dtype]
+  by_file: dict[pathlib.Path, list[_Tensor]] = {}
+  for t in tensors:
+    by_file.setdefault(infos[t.name].file, []).append(t)
+  flat = {}
+  for file in sorted(by_file):
+    for t in by_file[file]:
+      stored = _read_tensor(t.name, infos[t.name])
+      for param_path, value in zip(t.paths, t.to_ours(stored)):
+        host = np.ascontiguousarray(value, dtype=dtype)
+        flat[param_path] = _place(host, _sharding_for(sharding, param_path))
+      del stored
+  return traverse_util.unflatten_dict(flat)
+
+
+def load(path: Path, *, sharding: ShardingSpec = None, param_dtype: str | None = None,
+         dtype: str | None = None, **overrides) -> Checkpoint:
+  """Reads a local HF checkpoint folder into a `Checkpoint` (config, params, raw HF config).
+
+  `param_dtype` defaults to the stored dtype (bf16 stays bf16; f16 becomes bf16); `dtype`
+  (compute) defaults to `param_dtype`; `overrides` set other `ModelConfig` fields
+  (attention='blockwise', ...).
+  """
+  path = pathlib.Path(path)
+  hf_config = read_config(path)
+  if param_dtype is None:
+    param_dtype = _DEFAULT_PARAM_DTYPE.get(checkpoint_dtype(path), 'float32')
+  config = model_config(hf_config, param_dtype=param_dtype, dtype=dtype, **overrides)
+  rope_for_length(hf_config, 1)  # surface RoPE setting errors before reading any weight
+  params = load_params(path, config, hf_config, sharding=sharding)
+  return Checkpoint(config=config, params=params, hf_config=hf_config, path=path)
+
+
+def load_tokenizer(path: Path):
+  """The `tokenizers.Tokenizer` of a checkpoint folder's tokenizer.json."""
+  file = pathlib.Path(path) / TOKENIZER_FILE
+  if not file.is_file():
+    raise FileNotFoundError(f"No {TOKENIZER_FILE} in {path}.")
+  import tokenizers
+  return tokenizers.Tokenizer.from_file(str(file))
+
+
+# ----------------------------------------------------------------------------- export
+def hf_config_for(config: ModelConfig, *, arch: str | None = None,
+                  base: dict | None = None) -> dict:
+  """An HF config.json dict for `config`: `base` (e.g. the imported one) with our fields set.
+
+  Without `base` the RoPE block is plain ('default') with max_position_embeddings = max_len.
+  """
+  arch = arch or (architecture(base) if base else
+                  'MistralForCausalLM' if config.sliding_window else 'LlamaForCausalLM')
+  if arch not in ARCHITECTURES:
+    raise ValueError(f"Unsupported architecture {arch!r}; choose one of {sorted(ARCHITECTURES)}.")
+  if arch == 'LlamaForCausalLM' and config.sliding_window:
+    raise ValueError("LlamaForCausalLM has no sliding window; export as MistralForCausalLM.")
+  out = dict(base or {})
+  out.update(
+      architectures=[arch], model_type=ARCHITECTURES[arch], hidden_size=config.dim,
+      intermediate_size=config.mlp_dim, num_hidden_layers=config.num_layers,
+      num_attention_heads=config.num_heads, num_key_value_heads=config.num_kv_heads,
+      head_dim=config.head_dim, vocab_size=config.vocab_size, rms_norm_eps=config.norm_eps,
+      tie_word_embeddings=config.tie_embeddings, hidden_act='silu', dtype=config.param_dtype,
+      torch_dtype=config.param_dtype)
+  if arch != 'Phi3ForCausalLM':
+    out.update(attention_bias=False, mlp_bias=False)
+  if arch != 'LlamaForCausalLM':
+    out['sliding_window'] = config.sliding_window
+  if base is None:
+    out.update(max_position_embeddings=config.max_len, rope_theta=config.rope_theta,
+               rope_parameters={'rope_type': 'default', 'rope_theta': config.rope_theta})
+  return out
+
+
+def _write_json_atomic(data: dict, file: pathlib.Path) -> None:
+  with tempfile.NamedTemporaryFile('w', dir=file.parent, suffix='.tmp', delete=False) as f:
+    json.dump(data, f, indent=2)
+    f.write('\n')
+  os.replace(f.name, file)
+
+
+def save_params(params: dict, config: ModelConfig, out_dir: Path, *,
+                hf_config: dict | None = None, arch: str | None = None) -> pathlib.Path:
+  """Writes Flax params as an HF checkpoint (model.safetensors + config.json); returns out_dir.
+
+  `hf_config` (e.g. `Checkpoint.hf_config`) keeps its other fields (token ids, RoPE block);
+  `arch` picks the layout (default: the base's, else Mistral with a sliding window, else Llama).
+  """
+  from safetensors.numpy import save_file
+  out_dir = pathlib.Path(out_dir)
+  hf = hf_config_for(config, arch=arch, base=hf_config)
+  flat = traverse_util.flatten_dict(params)
+  tensors = {}
+  for t in _layout(config, architecture(hf)):
+    ours = []
+    for path in t.paths:
+      if path not in flat:
+        raise ValueError(f"params have no {'/'.join(path)} (needed for {t.name}).")
+      ours.append(np.asarray(jax.device_get(flat[path])))
+    value = np.ascontiguousarray(t.to_hf(*ours))
+    if value.shape != t.shape:
+      raise ValueError(f"{t.name} would have shape {list(value.shape)}; config implies "
+                       f"{list(t.shape)} (check params against the ModelConfig).")
+    tensors[t.name] = value
+  out_dir.mkdir(parents=True, exist_ok=True)
+  tmp = out_dir / (WEIGHTS_FILE + '.tmp')
+  save_file(tensors, str(tmp), metadata={'format': 'pt'})
+  os.replace(tmp, out_dir / WEIGHTS_FILE)
+  _write_json_atomic(hf, out_dir / CONFIG_FILE)
+  return out_dir
+
+
+def longrope_block(short_factor: Iterable[float], long_factor: Iterable[float],
+                   original_max_position_embeddings: int, max_position_embeddings: int, *,
+                   head_dim: int | None = None, attention_factor: float | None = None) -> dict:
+  """An HF `rope_scaling` block for LongRoPE factors (validated: >= 1, one per frequency)."""
+  original, max_len = int(original_max_position_embeddings), int(max_position_embeddings)
+  if original <= 0 or max_len < original:
+    raise ValueError(f"Need 0 < original_max_position_embeddings ({original}) <= "
+                     f"max_position_embeddings ({max_len}).")
+  block = {'rope_type': 'longrope', 'type': 'longrope'}
+  for key, values in (('short_factor', short_factor), ('long_factor', long_factor)):
+    values = np.asarray(values, dtype=np.float64)
+    try:
+      rope_lib.make(values, head_dim=head_dim)
+    except ValueError as e:
+      raise ValueError(f"{key}: {e}") from e
+    block[key] = [float(v) for v in values]
+  block.update(original_max_position_embeddings=original, factor=max_len / original)
+  if attention_factor is not None:
+    block['attention_factor'] = float(attention_factor)
+  return block
+
+
+def export_rope_scaling(config_dir_in: Path, out_dir: Path, short_factor: Iterable[float],
+                        long_factor: Iterable[float], original_max_position_embeddings: int,
+                        max_position_embeddings: int, *, attention_factor: float | None = None,
+                        others: str = 'link') -> pathlib.Path:
+  """Writes config_dir_in's config.json into out_dir with a LongRoPE `rope_scaling` block.
+
+  The block ({rope_type, type: 'longrope', short_factor, long_factor,
+  original_max_position_embeddings, factor}) is written as `rope_scaling` (read first by
+  transformers 5, and by 4.x) and as `rope_parameters` (with rope_theta); the top-level
+  max_position_embeddings / original_max_position_embeddings are set to match. LongRoPE's n_hat
+  has no HF field and is not exported. `others` ('link', 'copy' or 'none') brings the folder's
+  other files (weights, tokenizer) along so out_dir loads on its own. Returns out_dir.
+  """
+  if others not in ('link', 'copy', 'none'):
+    raise ValueError(f"others must be 'link', 'copy' or 'none', got {others!r}.")
+  src, out_dir = pathlib.Path(config_dir_in), pathlib.Path(out_dir)
+  hf = read_config(src)
+  architecture(hf)
+  block = longrope_block(short_factor, long_factor, original_max_position_embeddings,
+                         max_position_embeddings, head_dim=head_dim(hf),
+                         attention_factor=attention_factor)
+  theta = rope_parameters(hf)['rope_theta']
+  hf = {k: v for k, v in hf.items() if k not in ('rope_scaling', 'rope_parameters')}
+  hf.update(rope_scaling=block, rope_parameters={**block, 'rope_theta': theta}, rope_theta=theta,
+            max_position_embeddings=int(max_position_embeddings),
+            original_max_position_embeddings=int(original_max_position_embeddings))
+  out_dir.mkdir(parents=True, exist_ok=True)
+  if others != 'none' and src.resolve() != out_dir.resolve():
+    for item in src.iterdir():
+      target = out_dir / item.name
+      if item.name == CONFIG_FILE or not item.is_file() or target.exists():
+        continue
+      if others == 'link':
+        target.symlink_to(item.resolve())
+      else:
+        shutil.copy2(item, target)
+  _write_json_atomic(hf, out_dir / CONFIG_FILE)
+  return out_dir

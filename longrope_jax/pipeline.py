@@ -1,0 +1,177 @@
+"""Experiment stages driven by an ml_collections config, each resumable from its workdir.
+
+The entry points in `experiments/` only parse flags and call `run`. Workdir layout:
+config.json, metrics.jsonl, ckpt/, eval/, search/, results.json, report.md, plots/*.png.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import pathlib
+import time
+from typing import Any, Callable
+
+import jax
+import ml_collections
+
+from longrope_jax import checkpoint as ckpt_lib
+from longrope_jax import data as data_lib
+from longrope_jax import evaluate as eval_lib
+from longrope_jax import model as model_lib
+from longrope_jax import plots
+from longrope_jax import rope as rope_lib
+from longrope_jax import train as train_lib
+
+
+class Run:
+  """A config and a workdir, with the data and model built once and shared by the stages."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str | pathlib.Path):
+    self.config = config
+    self.workdir = ckpt_lib.abspath(workdir)
+    self.workdir.mkdir(parents=True, exist_ok=True)
+    self.results_path = self.workdir / 'results.json'
+
+  # -------------------------------------------------------------------------- shared pieces
+  @functools.cached_property
+  def tokenizer(self) -> data_lib.Tokenizer:
+    return data_lib.get_tokenizer(self.config.data.tokenizer)
+
+  @functools.cached_property
+  def model_config(self) -> model_lib.ModelConfig:
+    c = self.config.model
+    base = model_lib.get_config(c.variant)
+    overrides = dict(attention=c.attention, dtype=c.dtype)
+    if base.vocab_size < self.tokenizer.vocab_size:
+      raise ValueError(f"model.variant {c.variant!r} has vocab_size {base.vocab_size} but the "
+                       f"tokenizer has {self.tokenizer.vocab_size} ids; choose a matching variant.")
+    return base.replace(**overrides)
+
+  @functools.lru_cache(maxsize=None)
+  def documents(self, split: str) -> list:
+    d = self.config.data
+    docs = data_lib.load_split(d.source, split, path=d.path or None, tfds_name=d.tfds_name or None,
+                               data_dir=d.data_dir or None, text_key=d.text_key)
+    return data_lib.encode_documents(docs, self.tokenizer)
+
+  @property
+  def original_length(self) -> int:
+    return self.model_config.max_len
+
+  def params(self) -> Any:
+    return train_lib.load_params(self.model_config, self.workdir)
+
+  def results(self) -> dict:
+    return json.loads(self.results_path.read_text()) if self.results_path.exists() else {}
+
+  def save_result(self, key: str, value: Any) -> None:
+    results = self.results()
+    results[key] = value
+    ckpt_lib.write_json(self.results_path, results)
+
+  def write_config(self) -> None:
+    path = self.workdir / 'config.json'
+    new = json.loads(self.config.to_json_best_effort())
+    if path.exists():
+      old = json.loads(path.read_text())
+      changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+      if changed:
+        print(f"note: config sections {changed} differ from the run already in {self.workdir}; "
+              "finished stages are reused, so use a fresh --workdir for a different experiment.")
+    ckpt_lib.write_json(path, new)
+
+
+# ----------------------------------------------------------------------------- stages
+def pretrain(run: Run) -> None:
+  """Pretrains the base model at its original window (resumes from workdir/ckpt)."""
+  c = run.config.pretrain
+  mc = run.model_config
+  optim = train_lib.OptimConfig(steps=c.steps, lr=c.lr, warmup=c.warmup,
+                                final_lr_ratio=c.final_lr_ratio, weight_decay=c.weight_decay,
+                                clip=c.clip)
+  batches = data_lib.PackedBatches(run.documents('train'), c.batch_size, mc.max_len,
+                                   seed=run.config.seed)
+  val = data_lib.eval_windows(run.documents('validation'), mc.max_len, c.eval_windows,
+                              seed=run.config.seed)
+  t0 = time.time()
+  train_lib.train(mc.replace(attention='dense'), optim, batches, rope_lib.none(head_dim=mc.head_dim),
+                  run.workdir, seed=run.config.seed, eval_windows=val, eval_every=c.eval_every,
+                  ckpt_every=c.ckpt_every, desc='pretrain')
+  records = ckpt_lib.read_jsonl(run.workdir / 'metrics.jsonl')
+  plots.training_curve(records, run.workdir / 'plots' / 'pretrain.png')
+  summary = dict(steps=c.steps, params=mc.num_params(), tokens=c.steps * c.batch_size * mc.max_len)
+  prior = run.results().get('pretrain', {})
+  summary['seconds'] = prior.get('seconds', 0.0) + (time.time() - t0)
+  last_val = [r for r in records if 'val_bits_per_token' in r]
+  if last_val:
+    summary['val_bits_per_token'] = last_val[-1]['val_bits_per_token']
+  run.save_result('pretrain', summary)
+
+
+def evaluate(run: Run, extra: dict | None = None, key: str = 'perplexity') -> dict:
+  """Perplexity of every method at every length on held-out documents (resumable per cell)."""
+  c = run.config.evaluate
+  mc = run.model_config
+  lengths = [int(m * mc.max_len) for m in c.multiples]
+  cache_path = run.workdir / 'eval' / f'{key}.jsonl'
+  done = {(r['method'], r['length']): r['nll'] for r in ckpt_lib.read_jsonl(cache_path)}
+  params = run.params()
+  results = eval_lib.perplexity_vs_length(
+      mc, params, run.documents(c.split), lengths, methods=c.methods, extra=extra,
+      num_windows=c.num_windows, seed=run.config.seed, batch_tokens=c.batch_tokens, done=done,
+      on_result=lambda m, L, nll: ckpt_lib.append_jsonl(cache_path, dict(method=m, length=L,
+                                                                          nll=nll)))
+  results['split'] = c.split
+  run.save_result(key, results)
+  plots.perplexity_vs_length(results, run.workdir / 'plots' / f'{key}.png',
+                             title=f'Held-out perplexity vs length ({c.split} split)')
+  return results
+
+
+def report(run: Run) -> str:
+  """Writes report.md from results.json (tables and plots)."""
+  results = run.results()
+  mc = run.model_config
+  lines = ['# longrope-jax run report', '',
+           f'Model: `{run.config.model.variant}` ({mc.num_params():,} parameters, '
+           f'{mc.num_layers} layers, dim {mc.dim}, head_dim {mc.head_dim}), training length '
+           f'L0 = {mc.max_len} tokens; corpus `{run.config.data.source}`, tokenizer '
+           f'`{run.config.data.tokenizer}`.', '']
+  if 'pretrain' in results:
+    p = results['pretrain']
+    lines += ['## Pretraining', '',
+              f"{p['steps']} steps, {p['tokens']:,} tokens, {p['seconds'] / 60:.1f} min; "
+              f"validation bits per token at L0: **{p.get('val_bits_per_token', float('nan')):.3f}**.",
+              '', '![pretraining](plots/pretrain.png)', '']
+  if 'perplexity' in results:
+    r = results['perplexity']
+    lines += ['## Perplexity vs length (held-out)', '',
+              f"Per-token perplexity on the first L tokens of {r['num_windows']} "
+              f"`{r['split']}` documents per length; best per column in bold.", '',
+              eval_lib.markdown_table(r), '', '![perplexity](plots/perplexity.png)', '']
+  text = '\n'.join(lines)
+  ckpt_lib.write_text(run.workdir / 'report.md', text)
+  return text
+
+
+STAGES: dict[str, Callable[[Run], Any]] = {
+    'pretrain': pretrain,
+    'evaluate': evaluate,
+    'report': report,
+}
+
+
+def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
+        stages: tuple[str, ...] | None = None) -> Run:
+  """Runs `stages` (default: config.stages) in order; every stage resumes from the workdir."""
+  stages = tuple(stages or config.stages)
+  unknown = [s for s in stages if s not in STAGES]
+  if unknown:
+    raise ValueError(f"unknown stages {unknown} in config.stages; choose from {list(STAGES)}.")
+  r = Run(config, workdir)
+  r.write_config()
+  for stage in stages:
+    print(f'== {stage} ==', flush=True)
+    STAGES[stage](r)
+  return r

@@ -1,0 +1,165 @@
+"""Pretraining and fine-tuning with optax (AdamW, warmup + cosine, clipping), resumable.
+
+One loop serves pretraining at the original window (rope = `rope.none`) and the fine-tuning stage
+of progressive extension (rope = searched factors at the extended length): the scaling is data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import pathlib
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from longrope_jax import checkpoint as ckpt_lib
+from longrope_jax import model as model_lib
+from longrope_jax.data import PackedBatches
+from longrope_jax.rope import RopeScaling
+
+LN2 = math.log(2.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  """Optimizer and schedule: AdamW with linear warmup then cosine decay to `final_lr_ratio`."""
+
+  steps: int
+  lr: float = 3e-3
+  warmup: int = 50
+  final_lr_ratio: float = 0.1
+  weight_decay: float = 0.1
+  clip: float = 1.0
+  b2: float = 0.95
+
+  def __post_init__(self):
+    if self.steps <= 0:
+      raise ValueError(f"steps must be positive, got {self.steps}.")
+    if not 0 <= self.warmup <= self.steps:
+      raise ValueError(f"warmup must be in [0, steps={self.steps}], got {self.warmup}.")
+    if self.lr <= 0:
+      raise ValueError(f"lr must be positive, got {self.lr}.")
+
+
+def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
+  schedule = optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=cfg.lr, warmup_steps=cfg.warmup,
+      decay_steps=cfg.steps, end_value=cfg.lr * cfg.final_lr_ratio)
+  return optax.chain(optax.clip_by_global_norm(cfg.clip),
+                     optax.adamw(schedule, b2=cfg.b2, weight_decay=cfg.weight_decay))
+
+
+def init_state(config: model_lib.ModelConfig, optimizer: optax.GradientTransformation,
+               key: jax.Array | None = None, params: Any = None) -> dict:
+  """{'params', 'opt_state', 'step'}: new random params unless `params` is given."""
+  if params is None:
+    params = model_lib.init_params(config, key)
+  return dict(params=params, opt_state=optimizer.init(params), step=jnp.zeros((), jnp.int32))
+
+
+def make_train_step(config: model_lib.ModelConfig,
+                    optimizer: optax.GradientTransformation) -> Callable:
+  """(state, tokens i32[B, T+1], rope) -> (state, metrics); jitted, state donated."""
+
+  def loss_fn(params, tokens_BT, rope):
+    return model_lib.token_nll(config, params, tokens_BT, rope).mean()
+
+  @jax.jit
+  def step(state, tokens_BT, rope):
+    loss, grads = jax.value_and_grad(loss_fn)(state['params'], tokens_BT, rope)
+    updates, opt_state = optimizer.update(grads, state['opt_state'], state['params'])
+    params = optax.apply_updates(state['params'], updates)
+    metrics = dict(loss=loss, grad_norm=optax.global_norm(grads))
+    return dict(params=params, opt_state=opt_state, step=state['step'] + 1), metrics
+
+  return step
+
+
+def make_eval_nll(config: model_lib.ModelConfig) -> Callable:
+  """(params, windows i32[N, L], rope) -> mean NLL per token (nats), jitted."""
+
+  @jax.jit
+  def eval_nll(params, windows_NL, rope):
+    return model_lib.token_nll(config, params, windows_NL, rope).mean()
+
+  return eval_nll
+
+
+def train(config: model_lib.ModelConfig, optim: OptimConfig, batches: PackedBatches,
+          rope: RopeScaling, workdir: str | pathlib.Path, *, seed: int = 0,
+          init_params: Any = None, eval_windows: np.ndarray | None = None,
+          eval_every: int = 100, ckpt_every: int = 100, log_every: int = 10,
+          desc: str = 'train', metrics_name: str = 'metrics.jsonl',
+          ckpt_name: str = 'ckpt') -> dict:
+  """Trains until `optim.steps`, resuming from `workdir/ckpt_name` if a checkpoint is there.
+
+  Appends {step, loss, bits_per_token, lr, ...} to workdir/metrics_name and returns the state.
+  `init_params` (fine-tuning) is used only when no checkpoint exists yet.
+  """
+  workdir = ckpt_lib.abspath(workdir)
+  optimizer = make_optimizer(optim)
+  state = init_state(config, optimizer, jax.random.key(seed), init_params)
+  mngr = ckpt_lib.manager(workdir / ckpt_name)
+  metrics_path = workdir / metrics_name
+  start = 0
+  if mngr.latest_step() is not None:
+    state = ckpt_lib.restore(mngr, state)
+    start = int(state['step'])
+    ckpt_lib.truncate_jsonl(metrics_path, lambda r: r.get('step', 0) <= start)
+  if start >= optim.steps:
+    return state
+
+  step_fn = make_train_step(config, optimizer)
+  eval_nll = make_eval_nll(config) if eval_windows is not None else None
+  schedule = optax.warmup_cosine_decay_schedule(0.0, optim.lr, optim.warmup, optim.steps,
+                                                optim.lr * optim.final_lr_ratio)
+  bar = tqdm(total=optim.steps, initial=start, desc=desc, dynamic_ncols=True)
+  tokens_per_step = batches.batch_size * batches.length
+  t0, window_losses = time.time(), []
+  for step in range(start, optim.steps):
+    state, metrics = step_fn(state, jnp.asarray(batches.batch(step)), rope)
+    window_losses.append(metrics['loss'])
+    done = step + 1
+    if done % log_every == 0 or done == optim.steps:
+      loss = float(np.mean(jax.device_get(window_losses)))
+      dt = time.time() - t0
+      record = dict(step=done, loss=loss, bits_per_token=loss / LN2, lr=float(schedule(step)),
+                    grad_norm=float(metrics['grad_norm']),
+                    tokens_per_sec=len(window_losses) * tokens_per_step / dt)
+      if eval_nll is not None and (done % eval_every == 0 or done == optim.steps):
+        val = float(eval_nll(state['params'], jnp.asarray(eval_windows), rope))
+        record.update(val_loss=val, val_bits_per_token=val / LN2)
+      ckpt_lib.append_jsonl(metrics_path, record)
+      bar.set_postfix(loss=f'{loss:.3f}', bpt=f'{loss / LN2:.3f}',
+                      **({'val_bpt': f"{record['val_bits_per_token']:.3f}"}
+                         if 'val_bits_per_token' in record else {}))
+      t0, window_losses = time.time(), []
+    bar.update(1)
+    if done % ckpt_every == 0 or done == optim.steps:
+      ckpt_lib.save(mngr, done, state)
+  bar.close()
+  return state
+
+
+def load_params(config: model_lib.ModelConfig, workdir: str | pathlib.Path,
+                ckpt_name: str = 'ckpt') -> Any:
+  """Parameters of the latest checkpoint in workdir/ckpt_name."""
+  mngr = ckpt_lib.manager(ckpt_lib.abspath(workdir) / ckpt_name)
+  if mngr.latest_step() is None:
+    raise FileNotFoundError(f"no checkpoint under {ckpt_lib.abspath(workdir) / ckpt_name}; "
+                            "run the pretrain stage first.")
+  restored = mngr.restore(mngr.latest_step(), args=ckpt_lib.ocp.args.Composite(
+      state=ckpt_lib.ocp.args.StandardRestore()))
+  params = restored['state']['params']
+  expected = jax.eval_shape(lambda: model_lib.init_params(config, jax.random.key(0)))
+  if jax.tree.structure(params) != jax.tree.structure(expected) or any(
+      a.shape != b.shape for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(expected))):
+    raise ValueError(f"the checkpoint under {mngr.directory} does not match the model config "
+                     "(different variant or sizes); use the config it was trained with.")
+  return jax.tree.map(jnp.asarray, params)
