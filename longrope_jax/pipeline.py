@@ -21,6 +21,7 @@ from longrope_jax import evaluate as eval_lib
 from longrope_jax import model as model_lib
 from longrope_jax import plots
 from longrope_jax import rope as rope_lib
+from longrope_jax import search as search_lib
 from longrope_jax import train as train_lib
 
 
@@ -117,6 +118,9 @@ def evaluate(run: Run, extra: dict | None = None, key: str = 'perplexity') -> di
   cache_path = run.workdir / 'eval' / f'{key}.jsonl'
   done = {(r['method'], r['length']): r['nll'] for r in ckpt_lib.read_jsonl(cache_path)}
   params = run.params()
+  extra = dict(extra or {})
+  if 'search' in run.results() and 'longrope' not in extra:
+    extra['longrope'] = longrope_source(run)
   results = eval_lib.perplexity_vs_length(
       mc, params, run.documents(c.split), lengths, methods=c.methods, extra=extra,
       num_windows=c.num_windows, seed=run.config.seed, batch_tokens=c.batch_tokens, done=done,
@@ -127,6 +131,32 @@ def evaluate(run: Run, extra: dict | None = None, key: str = 'perplexity') -> di
   plots.perplexity_vs_length(results, run.workdir / 'plots' / f'{key}.png',
                              title=f'Held-out perplexity vs length ({c.split} split)')
   return results
+
+
+def search(run: Run) -> dict:
+  """Searches LongRoPE factors at search.multiple x L0 on `search.split` documents (resumable:
+  workdir/search/ckpt holds the state of every generation)."""
+  c = run.config.search
+  mc = run.model_config
+  length = int(c.multiple * mc.max_len)
+  windows = data_lib.eval_windows(run.documents(c.split), length, c.num_windows,
+                                  seed=run.config.seed)
+  result = search_lib.search(mc, run.params(), windows, target_length=length,
+                             settings=search_lib.SearchConfig.from_config(c),
+                             workdir=run.workdir / 'search', seed=run.config.seed)
+  summary = dict(result.to_json(), split=c.split, num_windows=c.num_windows)
+  if run.results().get('search', {}).get('factors') not in (None, summary['factors']):
+    for cache in (run.workdir / 'eval').glob('*.jsonl'):  # stale longrope evaluations
+      ckpt_lib.truncate_jsonl(cache, lambda r: r.get('method') != 'longrope')
+  run.save_result('search', summary)
+  return summary
+
+
+def longrope_source(run: Run) -> Callable[[int], rope_lib.RopeScaling | None]:
+  """The searched factors at every length beyond L0 (None at L <= L0, where no scaling is
+  needed)."""
+  rope = search_lib.rope_from_json(run.results()['search'])
+  return lambda length: rope if length > run.original_length else None
 
 
 def report(run: Run) -> str:
@@ -150,6 +180,9 @@ def report(run: Run) -> str:
               f"Per-token perplexity on the first L tokens of {r['num_windows']} "
               f"`{r['split']}` documents per length; best per column in bold.", '',
               eval_lib.markdown_table(r), '', '![perplexity](plots/perplexity.png)', '']
+  if 'search' in results:
+    lines += [f"## LongRoPE search ({results['search']['split']} split)", '',
+              search_lib.markdown_summary(results['search']), '']
   text = '\n'.join(lines)
   ckpt_lib.write_text(run.workdir / 'report.md', text)
   return text
@@ -157,6 +190,7 @@ def report(run: Run) -> str:
 
 STAGES: dict[str, Callable[[Run], Any]] = {
     'pretrain': pretrain,
+    'search': search,
     'evaluate': evaluate,
     'report': report,
 }

@@ -115,7 +115,8 @@ def linear(*, head_dim: int, scale: float, **unused) -> RopeScaling:
 def ntk_factors(head_dim: int, scale: float) -> np.ndarray:
   """NTK-aware factors: base' = base * s ** (H / (H - 2))  <=>  lambda_i = s ** (2i / (H - 2))."""
   if head_dim < 4:
-    raise ValueError(f"NTK-aware scaling needs head_dim >= 4 (it divides by H - 2), got {head_dim}.")
+    raise ValueError(
+        f"NTK-aware scaling needs head_dim >= 4 (it divides by H - 2), got head_dim={head_dim}.")
   i = np.arange(head_dim // 2, dtype=np.float64)
   return float(scale) ** (2.0 * i / (head_dim - 2))
 
@@ -159,7 +160,9 @@ def yarn_ramp(head_dim: int, theta: float, original_length: int, beta_fast: floa
   """YaRN's per-frequency ramp in [0, 1]: 0 extrapolates (keeps), 1 interpolates (divides by s).
 
   Frequency i makes r_i = L0 * inv_freq_i / (2 pi) rotations over the original window; dims with
-  more than beta_fast rotations are kept, fewer than beta_slow are interpolated, linear between.
+  more than beta_fast rotations are kept, fewer than beta_slow are interpolated. In between the
+  ramp is linear in the index i (the YaRN reference code and HF, whose trained checkpoints this
+  must load); the paper's eq. 18 writes it linear in r instead.
   """
 
   def correction_dim(rotations):

@@ -1,0 +1,74 @@
+"""Data: tokenizers, the stdlib corpus split, packing, eval windows and their errors."""
+
+import numpy as np
+import pytest
+
+from longrope_jax import data as data_lib
+
+
+def test_byte_tokenizer_round_trip():
+  tok = data_lib.ByteTokenizer()
+  ids = tok.encode('def f(x):\n  return "é"')
+  assert ids.dtype == np.int32 and ids.max() < 256
+  assert tok.decode(ids) == 'def f(x):\n  return "é"'
+  assert tok.decode([tok.bos_id, *ids, tok.eos_id]) == 'def f(x):\n  return "é"'
+
+
+def test_split_is_deterministic_and_disjoint():
+  docs = data_lib.stdlib_documents()
+  assert len(docs) > 500
+  splits = {s: {d.name for d in data_lib.load_split('stdlib', s)} for s in data_lib.SPLITS}
+  assert not splits['train'] & splits['test'] and not splits['train'] & splits['validation']
+  assert not splits['validation'] & splits['test']
+  assert sum(map(len, splits.values())) == sum(1 for d in docs if d.text)
+  assert len(splits['test']) > 40 and len(splits['validation']) > 40
+  assert data_lib.split_of('json/decoder.py') == data_lib.split_of('json/decoder.py')
+
+
+def test_packed_batches_are_a_function_of_seed_and_step():
+  docs = [np.arange(100, dtype=np.int32), np.arange(50, dtype=np.int32) + 1000]
+  b = data_lib.PackedBatches(docs, batch_size=3, length=8, seed=1)
+  x = b.batch(5)
+  assert x.shape == (3, 9)
+  np.testing.assert_array_equal(x, data_lib.PackedBatches(docs, 3, 8, seed=1).batch(5))
+  assert not np.array_equal(x, b.batch(6))
+  # Every row is a contiguous slice of the packed stream.
+  stream = np.concatenate(docs)
+  for row in x:
+    start = np.nonzero(stream == row[0])[0]
+    assert any(np.array_equal(stream[s:s + 9], row) for s in start)
+
+
+def test_eval_windows_are_document_prefixes_and_reproducible():
+  rng = np.random.default_rng(0)
+  docs = [rng.integers(0, 256, size=n).astype(np.int32) for n in (10, 40, 80, 200, 300)]
+  w = data_lib.eval_windows(docs, 64, 3, seed=2)
+  assert w.shape == (3, 64)
+  prefixes = [d[:64] for d in docs if len(d) >= 64]
+  for row in w:
+    assert any(np.array_equal(row, p) for p in prefixes)
+  np.testing.assert_array_equal(w, data_lib.eval_windows(docs, 64, 3, seed=2))
+
+
+def test_errors_are_clear(tmp_path):
+  docs = [np.zeros(n, np.int32) for n in (10, 40, 80)]
+  with pytest.raises(ValueError, match=r'only 1 documents have at least 64 tokens.*32: 2, 64: 1'):
+    data_lib.eval_windows(docs, 64, 2)
+  with pytest.raises(FileNotFoundError, match='data.path'):
+    data_lib.load_split('files', 'train', path=str(tmp_path / 'missing'))
+  (tmp_path / 'empty').mkdir()
+  with pytest.raises(ValueError, match='empty'):
+    data_lib.load_split('files', 'train', path=str(tmp_path / 'empty'))
+  with pytest.raises(ValueError, match='data.source'):
+    data_lib.load_split('hub', 'train')
+  with pytest.raises(ValueError, match='fewer than one'):
+    data_lib.PackedBatches([np.zeros(5, np.int32)], 2, 16)
+
+
+def test_text_files_corpus(tmp_path):
+  for i in range(40):
+    (tmp_path / f'doc{i}.txt').write_text(f'document {i}\n' * (i + 1))
+  docs = sum((data_lib.load_split('files', s, path=str(tmp_path)) for s in data_lib.SPLITS), [])
+  assert len(docs) == 40
+  single = data_lib.file_documents(tmp_path / 'doc3.txt')
+  assert single[0].text == b'document 3\n' * 4

@@ -1,0 +1,123 @@
+"""Model: config validation, one compile for every scaling method, KV-cache decode == forward."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from longrope_jax import model as model_lib
+from longrope_jax import rope as rope_lib
+
+CFG = model_lib.get_config('test')
+
+
+@pytest.fixture(scope='module')
+def params():
+  return model_lib.init_params(CFG, jax.random.key(0))
+
+
+def _tokens(B, T, seed=0):
+  return jax.random.randint(jax.random.key(seed), (B, T), 0, CFG.vocab_size)
+
+
+def test_variants_validate():
+  for name, cfg in model_lib.VARIANTS.items():
+    assert cfg.num_heads % cfg.num_kv_heads == 0, name
+  assert model_lib.VARIANTS['llama2_7b'].num_params() == pytest.approx(6.74e9, rel=0.01)
+  assert model_lib.VARIANTS['mistral_7b'].num_params() == pytest.approx(7.24e9, rel=0.01)
+
+
+@pytest.mark.parametrize('field,value,match', [
+    ('num_kv_heads', 3, 'num_kv_heads'), ('head_dim', 15, 'head_dim'), ('dim', 0, 'dim'),
+    ('dtype', 'float16', 'dtype'), ('attention', 'flash', 'attention'),
+    ('sliding_window', 0, 'sliding_window')])
+def test_config_errors_name_the_field(field, value, match):
+  with pytest.raises(ValueError, match=match):
+    CFG.replace(**{field: value})
+  with pytest.raises(ValueError, match='Unknown model variant'):
+    model_lib.get_config('llama9')
+
+
+def test_one_compile_serves_every_method(params):
+  T = 32
+  tokens, positions = _tokens(2, T), jnp.broadcast_to(jnp.arange(T), (2, T))
+
+  @jax.jit
+  @chex.assert_max_traces(n=1)
+  def fwd(rope):
+    return model_lib.forward(CFG, params, tokens, positions, rope)
+
+  outs = []
+  for name in rope_lib.METHODS:
+    if name == 'longrope':
+      r = rope_lib.longrope(factors=np.linspace(1, 4, CFG.head_dim // 2), n_hat=4, scale=4.0,
+                            original_length=CFG.max_len)
+    else:
+      r = rope_lib.get(name, **rope_lib.method_kwargs(head_dim=CFG.head_dim, theta=CFG.rope_theta,
+                                                      original_length=CFG.max_len, length=4 * T))
+    outs.append(fwd(r))
+  chex.clear_trace_counter()
+  assert all(np.all(np.isfinite(o)) for o in outs)
+  # Methods differ, so their logits must too (the scaling is really used).
+  assert not np.allclose(outs[0], outs[1])
+
+
+def test_vmap_over_population_equals_loop(params):
+  tokens = _tokens(1, 24)
+  pop = [rope_lib.linear(head_dim=CFG.head_dim, scale=s) for s in (1.0, 2.0, 3.0)]
+  stacked = rope_lib.stack(pop)
+  nll = jax.vmap(lambda r: model_lib.token_nll(CFG, params, tokens, r))(stacked)
+  for i, r in enumerate(pop):
+    np.testing.assert_allclose(nll[i], model_lib.token_nll(CFG, params, tokens, r), atol=1e-5)
+
+
+def test_positions_shift_invariance_with_vanilla_rope(params):
+  # With n_hat = 0, RoPE attention depends only on relative positions: a global shift of the
+  # positions leaves logits unchanged.
+  T = 16
+  tokens = _tokens(1, T)
+  r = rope_lib.linear(head_dim=CFG.head_dim, scale=2.0)
+  pos = jnp.arange(T)[None]
+  a = model_lib.forward(CFG, params, tokens, pos, r)
+  b = model_lib.forward(CFG, params, tokens, pos + 37, r)
+  np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+@pytest.mark.parametrize('window', [None, 5])
+def test_kv_cache_decode_equals_full_forward(params, window):
+  cfg = CFG.replace(sliding_window=window)
+  B, T, P = 2, 20, 8
+  tokens = _tokens(B, T, seed=3)
+  positions = jnp.broadcast_to(jnp.arange(T), (B, T))
+  r = rope_lib.longrope(factors=np.linspace(1, 3, cfg.head_dim // 2), n_hat=4, scale=3.0,
+                        original_length=cfg.max_len)
+  full = model_lib.forward(cfg, params, tokens, positions, r)
+  cache = model_lib.init_cache(cfg, B, T)
+  logits, cache = model_lib.forward_with_cache(cfg, params, tokens[:, :P], positions[:, :P], r,
+                                               cache)
+  steps = [logits]
+  for t in range(P, T):
+    logits, cache = model_lib.forward_with_cache(cfg, params, tokens[:, t:t + 1],
+                                                 positions[:, t:t + 1], r, cache)
+    steps.append(logits)
+  np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, atol=1e-4, rtol=1e-4)
+  assert int(cache[0]['end']) == T
+
+
+def test_bfloat16_compute_is_close_to_float32(params):
+  tokens = _tokens(1, 16)
+  pos = jnp.arange(16)[None]
+  r = rope_lib.none(head_dim=CFG.head_dim)
+  f32 = model_lib.forward(CFG, params, tokens, pos, r)
+  bf16 = model_lib.forward(CFG.replace(dtype='bfloat16'), params, tokens, pos, r)
+  assert bf16.dtype == jnp.float32
+  assert float(jnp.max(jnp.abs(f32 - bf16))) < 0.1
+
+
+def test_untied_head_has_its_own_weights():
+  cfg = CFG.replace(tie_embeddings=False)
+  p = model_lib.init_params(cfg, jax.random.key(1))
+  assert p['lm_head'].shape == (cfg.dim, cfg.vocab_size)
+  n = sum(x.size for x in jax.tree.leaves(p))
+  assert n == cfg.num_params()
