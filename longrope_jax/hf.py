@@ -231,7 +231,7 @@ def rope_for_length(source: dict | Path | Checkpoint, length: int) -> rope_lib.R
     return rope_lib.linear(head_dim=H, scale=float(_require(p, 'factor', where)))
   if kind == 'dynamic':
     return rope_lib.dynamic_ntk(head_dim=H, length=int(length), original_length=max_len,
-                                scale=float(_require(p, 'factor', where)))
+                                dynamic_factor=float(_require(p, 'factor', where)))
   if kind == 'yarn':
     factor = float(p.get('factor') or max_len / original)
     attn_scale = p.get('attention_factor')
@@ -281,10 +281,14 @@ class _Tensor:
   to_hf: Callable[..., np.ndarray]
 
 
-def _proj_in(heads: int, H: int):
-  """[heads*H, D] <-> [D, heads, H] (q, k, v projections)."""
-  return (lambda w: (w.T.reshape(w.shape[1], heads, H),),
-          lambda x: x.reshape(x.shape[0], heads * H).T)
+def _split_heads(w_XD: np.ndarray, heads: int) -> np.ndarray:
+  """[heads * H, D] (an HF q/k/v weight) -> [D, heads, H]."""
+  return w_XD.T.reshape(w_XD.shape[1], heads, -1)
+
+
+def _merge_heads(w_DXH: np.ndarray) -> np.ndarray:
+  """[D, heads, H] -> [heads * H, D]."""
+  return w_DXH.reshape(w_DXH.shape[0], -1).T
 
 
 def _layout(config: ModelConfig, arch: str) -> list[_Tensor]:
@@ -293,34 +297,33 @@ def _layout(config: ModelConfig, arch: str) -> list[_Tensor]:
                       config.mlp_dim, config.vocab_size)
   same = (lambda w: (w,), lambda x: x)
   transposed = (lambda w: (w.T,), lambda x: x.T)
-  out_proj = (lambda w: (w.T.reshape(N, H, D),), lambda x: x.reshape(N * H, D).T)
   tensors = [_Tensor('model.embed_tokens.weight', (V, D), (('embed', 'embedding'),), *same)]
   for i in range(config.num_layers):
     pre, ours = f'model.layers.{i}.', f'layer_{i}'
-    attn = lambda name: (ours, 'attn', name)
-    mlp = lambda name: (ours, 'mlp', name)
+    attn = lambda name, ours=ours: (ours, 'attn', name)
+    mlp = lambda name, ours=ours: (ours, 'mlp', name)
     if arch == 'Phi3ForCausalLM':
-      splits = np.cumsum([N * H, K * H])
-      tensors.append(_Tensor(
-          pre + 'self_attn.qkv_proj.weight', ((N + 2 * K) * H, D),
-          (attn('q'), attn('k'), attn('v')),
-          lambda w, s=splits: tuple(_proj_in(n, H)[0](part)[0] for n, part in
-                                    zip((N, K, K), np.split(w, s, axis=0))),
-          lambda q, k, v: np.concatenate([_proj_in(n, H)[1](x) for n, x in
-                                          zip((N, K, K), (q, k, v))], axis=0)))
-      tensors.append(_Tensor(
-          pre + 'mlp.gate_up_proj.weight', (2 * F, D), (mlp('gate'), mlp('up')),
-          lambda w: tuple(part.T for part in np.split(w, 2, axis=0)),
-          lambda gate, up: np.concatenate([gate.T, up.T], axis=0)))
+      tensors += [
+          _Tensor(pre + 'self_attn.qkv_proj.weight', ((N + 2 * K) * H, D),
+                  (attn('q'), attn('k'), attn('v')),
+                  lambda w: tuple(_split_heads(part, heads) for part, heads in
+                                  zip(np.split(w, [N * H, (N + K) * H]), (N, K, K))),
+                  lambda q, k, v: np.concatenate([_merge_heads(x) for x in (q, k, v)])),
+          _Tensor(pre + 'mlp.gate_up_proj.weight', (2 * F, D), (mlp('gate'), mlp('up')),
+                  lambda w: (w[:F].T, w[F:].T),
+                  lambda gate, up: np.concatenate([gate.T, up.T])),
+      ]
     else:
       for name, heads in (('q', N), ('k', K), ('v', K)):
         tensors.append(_Tensor(pre + f'self_attn.{name}_proj.weight', (heads * H, D),
-                               (attn(name),), *_proj_in(heads, H)))
+                               (attn(name),), lambda w, heads=heads: (_split_heads(w, heads),),
+                               _merge_heads))
       for name in ('gate', 'up'):
         tensors.append(_Tensor(pre + f'mlp.{name}_proj.weight', (F, D), (mlp(name),),
                                *transposed))
     tensors += [
-        _Tensor(pre + 'self_attn.o_proj.weight', (D, N * H), (attn('o'),), *out_proj),
+        _Tensor(pre + 'self_attn.o_proj.weight', (D, N * H), (attn('o'),),
+                lambda w: (w.T.reshape(N, H, D),), lambda x: x.reshape(N * H, D).T),
         _Tensor(pre + 'mlp.down_proj.weight', (D, F), (mlp('down'),), *transposed),
         _Tensor(pre + 'input_layernorm.weight', (D,), ((ours, 'attn_norm', 'scale'),), *same),
         _Tensor(pre + 'post_attention_layernorm.weight', (D,), ((ours, 'mlp_norm', 'scale'),),
@@ -431,15 +434,20 @@ def _index_tensors(path: pathlib.Path, tensors: list[_Tensor]) -> dict[str, _Ten
   return infos
 
 
-def _sharding_for(sharding: ShardingSpec, path: ParamPath):
+def _sharding_lookup(sharding: ShardingSpec) -> Callable[[ParamPath], Any]:
+  """A function param path -> Sharding (or None: default device) from any ShardingSpec."""
   if sharding is None or isinstance(sharding, jax.sharding.Sharding):
-    return sharding
+    return lambda path: sharding
   if callable(sharding):
-    return sharding(path)
+    return sharding
   flat = traverse_util.flatten_dict(sharding)
-  if path not in flat:
-    raise ValueError(f"The sharding tree has no entry for param {'/'.join(path)}.")
-  return flat[path]
+
+  def lookup(path):
+    if path not in flat:
+      raise ValueError(f"The sharding tree has no entry for param {'/'.join(path)}.")
+    return flat[path]
+
+  return lookup
 
 
 def _place(host: np.ndarray, sharding) -> jax.Array:
@@ -469,6 +477,7 @@ def load_params(path: Path, config: ModelConfig, hf_config: dict, *,
   tensors = _layout(config, architecture(hf_config))
   infos = _index_tensors(path, tensors)
   dtype = _NUMPY_DTYPES[config.param_dtype]
+  sharding_for = _sharding_lookup(sharding)
   by_file: dict[pathlib.Path, list[_Tensor]] = {}
   for t in tensors:
     by_file.setdefault(infos[t.name].file, []).append(t)
@@ -478,7 +487,7 @@ def load_params(path: Path, config: ModelConfig, hf_config: dict, *,
       stored = _read_tensor(t.name, infos[t.name])
       for param_path, value in zip(t.paths, t.to_ours(stored)):
         host = np.ascontiguousarray(value, dtype=dtype)
-        flat[param_path] = _place(host, _sharding_for(sharding, param_path))
+        flat[param_path] = _place(host, sharding_for(param_path))
       del stored
   return traverse_util.unflatten_dict(flat)
 
@@ -496,7 +505,10 @@ def load(path: Path, *, sharding: ShardingSpec = None, param_dtype: str | None =
   if param_dtype is None:
     param_dtype = _DEFAULT_PARAM_DTYPE.get(checkpoint_dtype(path), 'float32')
   config = model_config(hf_config, param_dtype=param_dtype, dtype=dtype, **overrides)
-  rope_for_length(hf_config, 1)  # surface RoPE setting errors before reading any weight
+  rope = rope_parameters(hf_config)  # RoPE errors surface before any weight is read
+  longest = max(rope['max_position_embeddings'], rope['original_max_position_embeddings'])
+  for length in (1, longest + 1):
+    rope_for_length(hf_config, length)
   params = load_params(path, config, hf_config, sharding=sharding)
   return Checkpoint(config=config, params=params, hf_config=hf_config, path=path)
 
@@ -557,10 +569,13 @@ def save_params(params: dict, config: ModelConfig, out_dir: Path, *,
   """
   from safetensors.numpy import save_file
   out_dir = pathlib.Path(out_dir)
-  hf = hf_config_for(config, arch=arch, base=hf_config)
+  if (out_dir / INDEX_FILE).exists():
+    raise ValueError(f"{out_dir} holds a sharded checkpoint ({INDEX_FILE}); save into an empty "
+                     "folder.")
+  out_config = hf_config_for(config, arch=arch, base=hf_config)
   flat = traverse_util.flatten_dict(params)
   tensors = {}
-  for t in _layout(config, architecture(hf)):
+  for t in _layout(config, architecture(out_config)):
     ours = []
     for path in t.paths:
       if path not in flat:
@@ -575,7 +590,7 @@ def save_params(params: dict, config: ModelConfig, out_dir: Path, *,
   tmp = out_dir / (WEIGHTS_FILE + '.tmp')
   save_file(tensors, str(tmp), metadata={'format': 'pt'})
   os.replace(tmp, out_dir / WEIGHTS_FILE)
-  _write_json_atomic(hf, out_dir / CONFIG_FILE)
+  _write_json_atomic(out_config, out_dir / CONFIG_FILE)
   return out_dir
 
 
@@ -617,16 +632,18 @@ def export_rope_scaling(config_dir_in: Path, out_dir: Path, short_factor: Iterab
   if others not in ('link', 'copy', 'none'):
     raise ValueError(f"others must be 'link', 'copy' or 'none', got {others!r}.")
   src, out_dir = pathlib.Path(config_dir_in), pathlib.Path(out_dir)
-  hf = read_config(src)
-  architecture(hf)
+  out_config = read_config(src)
+  architecture(out_config)
   block = longrope_block(short_factor, long_factor, original_max_position_embeddings,
-                         max_position_embeddings, head_dim=head_dim(hf),
+                         max_position_embeddings, head_dim=head_dim(out_config),
                          attention_factor=attention_factor)
-  theta = rope_parameters(hf)['rope_theta']
-  hf = {k: v for k, v in hf.items() if k not in ('rope_scaling', 'rope_parameters')}
-  hf.update(rope_scaling=block, rope_parameters={**block, 'rope_theta': theta}, rope_theta=theta,
-            max_position_embeddings=int(max_position_embeddings),
-            original_max_position_embeddings=int(original_max_position_embeddings))
+  theta = rope_parameters(out_config)['rope_theta']
+  for key in ('rope_scaling', 'rope_parameters'):
+    out_config.pop(key, None)
+  out_config.update(
+      rope_scaling=block, rope_parameters={**block, 'rope_theta': theta}, rope_theta=theta,
+      max_position_embeddings=int(max_position_embeddings),
+      original_max_position_embeddings=int(original_max_position_embeddings))
   out_dir.mkdir(parents=True, exist_ok=True)
   if others != 'none' and src.resolve() != out_dir.resolve():
     for item in src.iterdir():
@@ -637,5 +654,5 @@ def export_rope_scaling(config_dir_in: Path, out_dir: Path, short_factor: Iterab
         target.symlink_to(item.resolve())
       else:
         shutil.copy2(item, target)
-  _write_json_atomic(hf, out_dir / CONFIG_FILE)
+  _write_json_atomic(out_config, out_dir / CONFIG_FILE)
   return out_dir
