@@ -13,7 +13,7 @@ import ml_collections
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.stages = ('pretrain', 'evaluate', 'report')
+  c.stages = ('pretrain', 'search', 'evaluate', 'passkey', 'report')
 
   c.model = ml_collections.ConfigDict()
   c.model.variant = 'demo'          # model.VARIANTS: demo (L0 = 256 bytes), test, llama2_7b, ...
@@ -29,9 +29,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.tokenizer = 'bytes'        # bytes | path of a tokenizer.json
 
   c.pretrain = ml_collections.ConfigDict()
-  c.pretrain.steps = 1200
+  c.pretrain.steps = 800
   c.pretrain.batch_size = 16
-  c.pretrain.lr = 3e-3
+  c.pretrain.lr = 4e-3
   c.pretrain.warmup = 50
   c.pretrain.final_lr_ratio = 0.1
   c.pretrain.weight_decay = 0.1
@@ -39,6 +39,35 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.pretrain.eval_every = 200
   c.pretrain.ckpt_every = 100
   c.pretrain.eval_windows = 64      # validation windows at the training length
+  c.pretrain.passkey_fraction = 0.1  # rows that start with an in-window passkey sample
+
+  # LongRoPE's search at 8x with a short budget (the paper's: population 64, 32 parents,
+  # 16 + 16 children, 40 generations, 5 documents); fitness on validation documents only.
+  c.search = ml_collections.ConfigDict()
+  c.search.multiple = 8             # target length L' = multiple * L0
+  c.search.split = 'validation'     # fitness documents; the test split is for the final table
+  c.search.num_windows = 4          # documents of at least L' tokens, truncated to L'
+  c.search.strategy = 'paper_ga'    # paper_ga | an evosax algorithm (CMA_ES, SNES, ...)
+  c.search.population = 16
+  c.search.parents = 8
+  c.search.mutations = 4
+  c.search.crossovers = 4
+  c.search.mutation_prob = 0.3
+  c.search.generations = 12
+  c.search.max_evaluations = 0      # 0: no cap (stop after `generations`)
+  c.search.lambda_max = 0.0         # 0: 1.25 * s
+  c.search.lambda_step = 0.01
+  c.search.monotone = True
+  c.search.search_n_hat = True
+  c.search.n_hat = 0                # the fixed n_hat when search_n_hat is False
+  c.search.n_hat_choices = ()       # (): the paper's set below L'
+  c.search.attn_scale = 0.0         # 0: sqrt(1 + ln s / ln L0)
+  c.search.es_std = 1.0             # evosax strategies: initial std in latent space
+  c.search.doc_batch = 1            # windows per micro-batch inside the fitness call
+  c.search.chunk = 0                # candidates per device per step (0: from memory_gb)
+  c.search.memory_gb = 2.0
+  c.search.mesh_pop = 0             # devices on the 'pop' mesh axis (0: all)
+  c.search.attention = 'blockwise'  # '' keeps model.attention; blockwise skips masked blocks
 
   c.evaluate = ml_collections.ConfigDict()
   c.evaluate.split = 'test'         # held-out documents, never seen by training or search
@@ -46,6 +75,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.evaluate.methods = ('none', 'linear', 'ntk', 'dynamic_ntk', 'yarn', 'llama3')
   c.evaluate.num_windows = 16
   c.evaluate.batch_tokens = 16384   # tokens per evaluation micro-batch
+
+  c.passkey = ml_collections.ConfigDict()
+  c.passkey.multiples = (1, 2, 4, 8)
+  c.passkey.methods = ('none', 'linear', 'ntk', 'dynamic_ntk', 'yarn', 'llama3')
+  c.passkey.depths = (0.0, 0.25, 0.5, 0.75, 1.0)
+  c.passkey.trials = 10
 
   if arg == 'test':  # a seconds-long run of every stage, for tests and smoke checks
     c.model.variant = 'test'
@@ -55,8 +90,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.pretrain.eval_every = 10
     c.pretrain.ckpt_every = 10
     c.pretrain.eval_windows = 4
+    c.pretrain.passkey_fraction = 0.0
     c.evaluate.multiples = (1, 2, 4)
     c.evaluate.num_windows = 2
+    c.passkey.multiples = (2,)      # the test model's 64-token window is too short for a prompt
+    c.passkey.depths = (0.0, 1.0)
+    c.passkey.trials = 2
+    c.search.multiple = 4
+    c.search.num_windows = 2
+    c.search.population = 8
+    c.search.parents = 4
+    c.search.mutations = 2
+    c.search.crossovers = 2
+    c.search.generations = 3
+    c.search.attention = ''          # dense: shorter than one attention block
   elif arg not in (None, ''):
     raise ValueError(f"unknown config variant {arg!r} for configs/demo.py; use 'test' or none.")
   return c

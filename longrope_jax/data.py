@@ -181,26 +181,82 @@ def encode_documents(docs: list[Document], tokenizer: Tokenizer) -> list[np.ndar
           .astype(np.int32) for d in docs]
 
 
+# ----------------------------------------------------------------------------- passkey task
+FILLER = ('The grass is green.', 'The sky is blue.', 'The sun is yellow.', 'Here we go.',
+          'There and back again.')
+QUESTION = ' What is the pass key? The pass key is '
+PASSKEY_MIN_LENGTH = 110  # a byte-level prompt and answer need 104 tokens
+
+
+def passkey_line(key: str) -> str:
+  return f' The pass key is {key}. Remember it. {key} is the pass key.'
+
+
+def passkey_sample(rng: np.random.Generator, length: int, depth: float, tokenizer: Tokenizer,
+                   digits: int = 5) -> tuple[np.ndarray, np.ndarray]:
+  """The passkey task (Mohtashami & Jaggi, 2023; LongRoPE section 4.3) at about `length` tokens.
+
+  A random `digits`-digit key is stated once at relative `depth` in repeated filler sentences,
+  then asked for at the end. Returns (prompt ids with BOS, answer ids); the prompt plus answer
+  fit in `length` tokens, and whole filler sentences are used.
+  """
+  if not 0.0 <= depth <= 1.0:
+    raise ValueError(f"passkey depth must be in [0, 1], got {depth}.")
+  key = str(int(rng.integers(10 ** (digits - 1), 10 ** digits)))
+  fixed = len(tokenizer.encode(passkey_line(key) + QUESTION)) + len(tokenizer.encode(key)) + 1
+  sentences, size = [], 0
+  while True:
+    sentence = ' ' + FILLER[len(sentences) % len(FILLER)]
+    if fixed + size + len(tokenizer.encode(sentence)) > length:
+      break
+    sentences.append(sentence)
+    size += len(tokenizer.encode(sentence))
+  if fixed > length:
+    raise ValueError(f"a passkey prompt needs at least {fixed} tokens; got length {length}.")
+  cut = int(round(depth * len(sentences)))
+  text = ''.join(sentences[:cut]) + passkey_line(key) + ''.join(sentences[cut:]) + QUESTION
+  prompt = np.concatenate([[tokenizer.bos_id], tokenizer.encode(text)]).astype(np.int32)
+  return prompt, tokenizer.encode(key).astype(np.int32)
+
+
 # ----------------------------------------------------------------------------- training batches
 class PackedBatches:
   """Random crops of length T + 1 from all documents packed into one stream.
 
-  `batch(step)` is a pure function of (seed, step), so a resumed run sees exactly the batches an
-  uninterrupted one would.
+  With `passkey_fraction` > 0, that fraction of rows starts with a passkey sample (prompt and
+  answer, within the window) and is filled up with packed text, so the base model learns the
+  task inside its own window. `batch(step)` is a pure function of (seed, step), so a resumed
+  run sees exactly the batches an uninterrupted one would.
   """
 
-  def __init__(self, token_docs: list[np.ndarray], batch_size: int, length: int, seed: int = 0):
+  def __init__(self, token_docs: list[np.ndarray], batch_size: int, length: int, seed: int = 0,
+               passkey_fraction: float = 0.0, tokenizer: Tokenizer | None = None):
     self.stream = np.concatenate(token_docs).astype(np.int32)
     if self.stream.size < length + 2:
       raise ValueError(f"the training corpus has {self.stream.size} tokens, fewer than one "
                        f"sequence of length {length} + 1; use a larger corpus or shorter length.")
+    if not 0.0 <= passkey_fraction <= 1.0:
+      raise ValueError(f"passkey_fraction must be in [0, 1], got {passkey_fraction}.")
+    if passkey_fraction > 0 and tokenizer is None:
+      raise ValueError("passkey_fraction > 0 needs the tokenizer.")
+    if passkey_fraction > 0 and length < PASSKEY_MIN_LENGTH:
+      raise ValueError(f"passkey samples need a window of at least {PASSKEY_MIN_LENGTH} tokens, "
+                       f"the training length is {length}; set pretrain.passkey_fraction = 0.")
     self.batch_size, self.length, self.seed = batch_size, length, seed
+    self.passkey_fraction, self.tokenizer = passkey_fraction, tokenizer
 
   def batch(self, step: int) -> np.ndarray:
     """tokens i32[batch_size, length + 1] (inputs are [:, :-1], targets [:, 1:])."""
     rng = np.random.default_rng([self.seed, step])
     starts = rng.integers(0, self.stream.size - self.length - 1, size=self.batch_size)
-    return self.stream[starts[:, None] + np.arange(self.length + 1)[None]]
+    rows = self.stream[starts[:, None] + np.arange(self.length + 1)[None]]
+    for i in np.nonzero(rng.random(self.batch_size) < self.passkey_fraction)[0]:
+      size = int(rng.integers(max(self.length // 3, PASSKEY_MIN_LENGTH), self.length + 2))
+      prompt, answer = passkey_sample(rng, size - 1, float(rng.random()), self.tokenizer)
+      sample = np.concatenate([prompt, answer, [self.tokenizer.eos_id]])
+      rows[i, :sample.size] = sample
+      rows[i, sample.size:] = self.stream[starts[i]:starts[i] + self.length + 1 - sample.size]
+    return rows
 
   def __iter__(self) -> Iterator[np.ndarray]:
     step = 0

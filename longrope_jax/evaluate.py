@@ -112,13 +112,15 @@ def perplexity_vs_length(config: model_lib.ModelConfig, params: Any,
               num_windows=num_windows, methods=results)
 
 
-def markdown_table(results: dict, metric: str = 'perplexity', digits: int = 3) -> str:
-  """One row per method, one column per length (as a multiple of the original window)."""
+def markdown_table(results: dict, metric: str = 'perplexity', digits: int = 3,
+                   best: Callable = min) -> str:
+  """One row per method, one column per length (as a multiple of the original window); the
+  best value of each column (`best` = min or max) in bold."""
   lengths, L0 = results['lengths'], results['original_length']
   header = '| method | ' + ' | '.join(f'{L} ({L / L0:g}x)' for L in lengths) + ' |'
   rows = [header, '|' + '---|' * (len(lengths) + 1)]
   for name, values in results['methods'].items():
-    best = [min((results['methods'][m][metric][j] for m in results['methods']
+    top = [best((results['methods'][m][metric][j] for m in results['methods']
                  if results['methods'][m][metric][j] is not None), default=None)
             for j in range(len(lengths))]
     cells = []
@@ -127,6 +129,96 @@ def markdown_table(results: dict, metric: str = 'perplexity', digits: int = 3) -
         cells.append('-')
       else:
         text = f'{v:.{digits}f}'
-        cells.append(f'**{text}**' if best[j] is not None and v == best[j] else text)
+        cells.append(f'**{text}**' if top[j] is not None and v == top[j] else text)
     rows.append(f'| {name} | ' + ' | '.join(cells) + ' |')
   return '\n'.join(rows)
+
+
+# ----------------------------------------------------------------------------- passkey retrieval
+_DECODE_FNS: dict = {}
+
+
+def _decode_fns(config: model_lib.ModelConfig):
+  """Jitted prefill and one-token decode with the KV cache (cached per config)."""
+  if config not in _DECODE_FNS:
+
+    def prefill(params, prompt_BP, rope, cache):
+      B, P = prompt_BP.shape
+      positions_BP = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
+      logits_BPV, cache = model_lib.forward_with_cache(config, params, prompt_BP, positions_BP,
+                                                       rope, cache)
+      return jnp.argmax(logits_BPV[:, -1], axis=-1).astype(jnp.int32), cache
+
+    def step(params, token_B, position, rope, cache):
+      B = token_B.shape[0]
+      positions_B1 = jnp.full((B, 1), position, jnp.int32)
+      logits_B1V, cache = model_lib.forward_with_cache(config, params, token_B[:, None],
+                                                       positions_B1, rope, cache)
+      return jnp.argmax(logits_B1V[:, -1], axis=-1).astype(jnp.int32), cache
+
+    _DECODE_FNS[config] = (jax.jit(prefill), jax.jit(step))
+  return _DECODE_FNS[config]
+
+
+def greedy_generate(config: model_lib.ModelConfig, params: Any, prompt_BP: np.ndarray,
+                    rope: RopeScaling, num_tokens: int) -> np.ndarray:
+  """Greedy continuation i32[B, num_tokens] of equal-length prompts, with the KV cache."""
+  B, P = prompt_BP.shape
+  prefill, step = _decode_fns(config)
+  cache = model_lib.init_cache(config, B, P + num_tokens)
+  token_B, cache = prefill(params, jnp.asarray(prompt_BP), rope, cache)
+  out = [token_B]
+  for i in range(1, num_tokens):
+    token_B, cache = step(params, token_B, jnp.int32(P + i - 1), rope, cache)
+    out.append(token_B)
+  return np.asarray(jnp.stack(out, axis=1))
+
+
+def passkey_accuracy(config: model_lib.ModelConfig, params: Any, tokenizer: data_lib.Tokenizer,
+                     lengths: Iterable[int], *, methods: Iterable[str] = DEFAULT_METHODS,
+                     extra: Mapping[str, RopeSource] | None = None,
+                     depths: Iterable[float] = (0.0, 0.25, 0.5, 0.75, 1.0), trials: int = 10,
+                     seed: int = 0, progress: bool = True,
+                     done: Mapping[tuple[str, int], list] | None = None,
+                     on_result: Callable[[str, int, list], None] | None = None) -> dict:
+  """Passkey retrieval accuracy per method, length and depth (greedy decoding, KV cache).
+
+  The same prompts (keys, depths) are used for every method. Returns {'lengths', 'depths',
+  'trials', 'methods': {name: {'accuracy': [[acc per depth] per length], 'mean': [per length]}}}.
+  """
+  lengths = sorted(set(int(L) for L in lengths))
+  depths = [float(d) for d in depths]
+  sources: dict[str, RopeSource] = {
+      m: (lambda L, m=m: method_rope(m, config=config, length=L)) for m in methods}
+  sources.update(extra or {})
+  prompts = {}
+  for L in lengths:
+    for j, depth in enumerate(depths):
+      rng = np.random.default_rng([seed, L, j])
+      samples = [data_lib.passkey_sample(rng, L, depth, tokenizer) for _ in range(trials)]
+      prompts[L, j] = (np.stack([p for p, _ in samples]), np.stack([a for _, a in samples]))
+  results = {name: dict(accuracy=[], mean=[]) for name in sources}
+  bar = tqdm(total=len(lengths) * len(sources), desc='passkey', disable=not progress,
+             dynamic_ncols=True)
+  for L in lengths:
+    for name, source in sources.items():
+      if done is not None and (name, L) in done:
+        row = done[(name, L)]
+      else:
+        rope = source(L) if callable(source) else source
+        row = None
+        if rope is not None:
+          row = []
+          for j in range(len(depths)):
+            prompt_BP, answer_BA = prompts[L, j]
+            out_BA = greedy_generate(config, params, prompt_BP, rope, answer_BA.shape[1])
+            row.append(float(np.mean(np.all(out_BA == answer_BA, axis=1))))
+        if on_result is not None:
+          on_result(name, L, row)
+      results[name]['accuracy'].append(row)
+      results[name]['mean'].append(None if row is None else float(np.mean(row)))
+      bar.set_postfix(L=L, method=name, acc='-' if row is None else f'{np.mean(row):.2f}')
+      bar.update(1)
+  bar.close()
+  return dict(lengths=lengths, original_length=config.max_len, depths=depths, trials=trials,
+              methods=results)

@@ -92,7 +92,8 @@ def pretrain(run: Run) -> None:
                                 final_lr_ratio=c.final_lr_ratio, weight_decay=c.weight_decay,
                                 clip=c.clip)
   batches = data_lib.PackedBatches(run.documents('train'), c.batch_size, mc.max_len,
-                                   seed=run.config.seed)
+                                   seed=run.config.seed, passkey_fraction=c.passkey_fraction,
+                                   tokenizer=run.tokenizer)
   val = data_lib.eval_windows(run.documents('validation'), mc.max_len, c.eval_windows,
                               seed=run.config.seed)
   t0 = time.time()
@@ -130,6 +131,26 @@ def evaluate(run: Run, extra: dict | None = None, key: str = 'perplexity') -> di
   run.save_result(key, results)
   plots.perplexity_vs_length(results, run.workdir / 'plots' / f'{key}.png',
                              title=f'Held-out perplexity vs length ({c.split} split)')
+  return results
+
+
+def passkey(run: Run) -> dict:
+  """Passkey retrieval accuracy per method, length and depth (resumable per cell)."""
+  c = run.config.passkey
+  mc = run.model_config
+  lengths = [int(m * mc.max_len) for m in c.multiples]
+  cache_path = run.workdir / 'eval' / 'passkey.jsonl'
+  done = {(r['method'], r['length']): r['accuracy'] for r in ckpt_lib.read_jsonl(cache_path)}
+  extra = {}
+  if 'search' in run.results():
+    extra['longrope'] = longrope_source(run)
+  results = eval_lib.passkey_accuracy(
+      mc, run.params(), run.tokenizer, lengths, methods=c.methods, extra=extra, depths=c.depths,
+      trials=c.trials, seed=run.config.seed, done=done,
+      on_result=lambda m, L, acc: ckpt_lib.append_jsonl(cache_path, dict(method=m, length=L,
+                                                                          accuracy=acc)))
+  run.save_result('passkey', results)
+  plots.passkey_heatmaps(results, run.workdir / 'plots' / 'passkey.png')
   return results
 
 
@@ -180,6 +201,14 @@ def report(run: Run) -> str:
               f"Per-token perplexity on the first L tokens of {r['num_windows']} "
               f"`{r['split']}` documents per length; best per column in bold.", '',
               eval_lib.markdown_table(r), '', '![perplexity](plots/perplexity.png)', '']
+  if 'passkey' in results:
+    r = results['passkey']
+    lines += ['## Passkey retrieval', '',
+              f"Accuracy over {r['trials']} keys at each of {len(r['depths'])} depths "
+              f"({', '.join(f'{d:g}' for d in r['depths'])}) per length; greedy decoding with the "
+              "KV cache; best per column in bold.", '',
+              eval_lib.markdown_table(r, metric='mean', digits=2, best=max), '',
+              '![passkey](plots/passkey.png)', '']
   if 'search' in results:
     lines += [f"## LongRoPE search ({results['search']['split']} split)", '',
               search_lib.markdown_summary(results['search']), '']
@@ -192,6 +221,7 @@ STAGES: dict[str, Callable[[Run], Any]] = {
     'pretrain': pretrain,
     'search': search,
     'evaluate': evaluate,
+    'passkey': passkey,
     'report': report,
 }
 

@@ -107,3 +107,31 @@ def heatmap(matrix: np.ndarray, rows: list, cols: list, path, *, title: str, xla
   ax.set_title(title)
   fig.colorbar(im, ax=ax)
   return _save(fig, path)
+
+
+def passkey_heatmaps(results: dict, path, *, title: str = 'Passkey retrieval accuracy'
+                     ) -> pathlib.Path:
+  """One length x depth accuracy heat map per method, side by side."""
+  names = [n for n, v in results['methods'].items() if any(a is not None for a in v['accuracy'])]
+  lengths, depths = results['lengths'], results['depths']
+  cols = min(4, len(names))
+  rows = (len(names) + cols - 1) // cols
+  fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, rows * (1.4 + 0.4 * len(lengths))),
+                           squeeze=False)
+  for ax in axes.flat[len(names):]:
+    ax.axis('off')
+  for ax, name in zip(axes.flat, names):
+    acc = np.array([[np.nan] * len(depths) if row is None else row
+                    for row in results['methods'][name]['accuracy']], dtype=float)
+    ax.imshow(acc, cmap='RdYlGn', vmin=0, vmax=1, aspect='auto')
+    ax.set_xticks(range(len(depths)), [f'{d:g}' for d in depths], fontsize=7)
+    ax.set_yticks(range(len(lengths)), [str(L) for L in lengths], fontsize=7)
+    for i in range(len(lengths)):
+      for j in range(len(depths)):
+        if not np.isnan(acc[i, j]):
+          ax.text(j, i, f'{acc[i, j]:.1f}', ha='center', va='center', fontsize=7)
+    ax.set_title(name, fontsize=9)
+    ax.set_xlabel('depth', fontsize=8)
+    ax.set_ylabel('length', fontsize=8)
+  fig.suptitle(title)
+  return _save(fig, path)

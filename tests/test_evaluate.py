@@ -1,0 +1,112 @@
+"""Evaluation: NLL batching is exact, one compile serves every method, passkey decoding."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from longrope_jax import data as data_lib
+from longrope_jax import evaluate as eval_lib
+from longrope_jax import model as model_lib
+from longrope_jax import rope as rope_lib
+
+CFG = model_lib.get_config('test')
+
+
+@pytest.fixture(scope='module')
+def params():
+  return model_lib.init_params(CFG, jax.random.key(0))
+
+
+@pytest.fixture(scope='module')
+def docs():
+  rng = np.random.default_rng(0)
+  return [rng.integers(0, 256, size=n).astype(np.int32) for n in (40, 130, 300, 300, 520, 700)]
+
+
+def test_mean_nll_micro_batching_is_exact(params, docs):
+  windows = data_lib.eval_windows(docs, 128, 5)
+  rope = rope_lib.linear(head_dim=CFG.head_dim, scale=2.0)
+  direct = float(model_lib.token_nll(CFG, params, jnp.asarray(windows), rope).mean())
+  # 5 windows in micro-batches of 2 (the last one padded) must give the same mean.
+  batched = eval_lib.mean_nll(CFG, params, windows, rope, batch_tokens=2 * 128)
+  assert batched == pytest.approx(direct, rel=1e-6)
+
+
+def test_perplexity_vs_length_table_and_resume(params, docs):
+  calls = []
+  results = eval_lib.perplexity_vs_length(
+      CFG, params, docs, [64, 128, 256], methods=('none', 'linear', 'yarn'),
+      extra={'longrope': lambda L: None if L < 128 else rope_lib.longrope(
+          factors=np.full(CFG.head_dim // 2, L / 64), n_hat=4, scale=L / 64,
+          original_length=64)},
+      num_windows=3, progress=False, on_result=lambda *a: calls.append(a))
+  m = results['methods']
+  assert results['lengths'] == [64, 128, 256]
+  assert len(calls) == 12
+  # At the original length every method is vanilla RoPE (s = 1), so all agree.
+  assert m['linear']['nll'][0] == pytest.approx(m['none']['nll'][0], rel=1e-6)
+  assert m['yarn']['nll'][0] == pytest.approx(m['none']['nll'][0], rel=1e-6)
+  assert m['longrope']['nll'][0] is None
+  for name in m:
+    for nll, ppl in zip(m[name]['nll'], m[name]['perplexity']):
+      assert nll is None or ppl == pytest.approx(math.exp(nll))
+  table = eval_lib.markdown_table(results)
+  assert table.splitlines()[0] == '| method | 64 (1x) | 128 (2x) | 256 (4x) |'
+  assert '| longrope | - |' in table
+  # A resumed evaluation reuses every cell it is given and computes nothing.
+  done = {(name, L): nll for name, L, nll in calls}
+  again = eval_lib.perplexity_vs_length(
+      CFG, params, docs, [64, 128, 256], methods=('none', 'linear', 'yarn'),
+      extra={'longrope': lambda L: pytest.fail('recomputed')}, num_windows=3, progress=False,
+      done=done, on_result=lambda *a: pytest.fail('recomputed'))
+  assert again['methods'] == results['methods']
+
+
+def test_one_compile_for_every_method(params, docs):
+  eval_lib._NLL_FNS.pop(CFG, None)
+  eval_lib.perplexity_vs_length(CFG, params, docs, [128], methods=eval_lib.DEFAULT_METHODS,
+                                num_windows=2, progress=False)
+  assert eval_lib.nll_sum_fn(CFG)._cache_size() == 1
+
+
+def test_passkey_prompt_layout():
+  tok = data_lib.ByteTokenizer()
+  rng = np.random.default_rng(3)
+  prompt, answer = data_lib.passkey_sample(rng, 300, 0.5, tok)
+  text = tok.decode(prompt)
+  key = tok.decode(answer)
+  assert len(prompt) + len(answer) <= 300 and len(prompt) + len(answer) > 280
+  assert len(key) == 5 and key.isdigit()
+  assert text.count(key) == 2 and text.endswith(data_lib.QUESTION)
+  assert abs(text.index(key) / len(text) - 0.5) < 0.15
+  with pytest.raises(ValueError, match='depth'):
+    data_lib.passkey_sample(rng, 300, 1.5, tok)
+  with pytest.raises(ValueError, match='at least'):
+    data_lib.passkey_sample(rng, 50, 0.5, tok)
+
+
+def test_greedy_generate_matches_argmax_of_full_forwards(params):
+  prompt = np.random.default_rng(1).integers(0, 256, size=(2, 12)).astype(np.int32)
+  rope = rope_lib.yarn(head_dim=CFG.head_dim, scale=4.0, theta=CFG.rope_theta,
+                       original_length=CFG.max_len)
+  out = eval_lib.greedy_generate(CFG, params, prompt, rope, 4)
+  seq = prompt
+  for _ in range(4):
+    logits = model_lib.forward(CFG, params, jnp.asarray(seq),
+                               jnp.broadcast_to(jnp.arange(seq.shape[1]), seq.shape), rope)
+    seq = np.concatenate([seq, np.asarray(jnp.argmax(logits[:, -1], -1))[:, None]], axis=1)
+  np.testing.assert_array_equal(out, seq[:, 12:])
+
+
+def test_passkey_accuracy_shapes_and_a_model_that_cannot_read(params):
+  tok = data_lib.ByteTokenizer()
+  res = eval_lib.passkey_accuracy(CFG, params, tok, [128, 256], methods=('none', 'linear'),
+                                  depths=(0.0, 1.0), trials=2, progress=False)
+  for name in ('none', 'linear'):
+    acc = np.asarray(res['methods'][name]['accuracy'])
+    assert acc.shape == (2, 2)
+    # An untrained model cannot produce a 5-digit key it has never been trained to copy.
+    assert np.all(acc == 0.0)
