@@ -222,3 +222,29 @@ def passkey_accuracy(config: model_lib.ModelConfig, params: Any, tokenizer: data
   bar.close()
   return dict(lengths=lengths, original_length=config.max_len, depths=depths, trials=trials,
               methods=results)
+
+
+def generate_switching(config: model_lib.ModelConfig, params: Any, prompt_BP: np.ndarray,
+                       factors: rope_lib.LongRopeFactors, num_tokens: int) -> np.ndarray:
+  """Greedy generation with Phi-3's short/long switch: the next token after n tokens uses
+  factors.select(n); when n first exceeds the original length under the short factors, the
+  cache is rebuilt by a prefill of all n tokens with the long factors. Returns i32[B, num_tokens].
+  """
+  B, P = prompt_BP.shape
+  prefill, step = _decode_fns(config)
+  capacity = P + num_tokens
+  rope = factors.select(P)
+  cache = model_lib.init_cache(config, B, capacity)
+  token_B, cache = prefill(params, jnp.asarray(prompt_BP), rope, cache)
+  out = [np.asarray(token_B)]
+  for i in range(1, num_tokens):
+    length = P + i  # tokens in the sequence once token_B is appended
+    if factors.select(length) is not rope:
+      rope = factors.select(length)
+      sequence = np.concatenate([prompt_BP, np.stack(out, axis=1)], axis=1)
+      cache = model_lib.init_cache(config, B, capacity)
+      token_B, cache = prefill(params, jnp.asarray(sequence), rope, cache)
+    else:
+      token_B, cache = step(params, token_B, jnp.int32(length - 1), rope, cache)
+    out.append(np.asarray(token_B))
+  return np.stack(out, axis=1)

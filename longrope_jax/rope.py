@@ -333,3 +333,28 @@ def _check_length(name: str, length: int, minimum: int = 1) -> None:
   if not isinstance(length, (int, float, np.floating, np.integer)) or not math.isfinite(length) \
       or length < minimum:
     raise ValueError(f"{name} must be a number of tokens >= {minimum}, got {length!r}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class LongRopeFactors:
+  """Short and long LongRoPE scalings switched by sequence length, as Phi-3 does: a sequence of
+  at most `original_length` tokens uses `short`, a longer one `long`.
+
+  A generation that crosses `original_length` must recompute its KV cache with `long` (the keys
+  cached under `short` were rotated differently): see `evaluate.generate_switching`.
+  """
+
+  short: RopeScaling
+  long: RopeScaling
+  original_length: int
+
+  def __post_init__(self):
+    if self.original_length <= 0:
+      raise ValueError(f"original_length must be positive, got {self.original_length}.")
+    if self.short.factors.shape != self.long.factors.shape:
+      raise ValueError(f"short and long factors differ in length: {self.short.factors.shape} vs "
+                       f"{self.long.factors.shape}.")
+
+  def select(self, length: int) -> RopeScaling:
+    """The scaling for a sequence of `length` tokens."""
+    return self.short if length <= self.original_length else self.long

@@ -110,3 +110,31 @@ def test_passkey_accuracy_shapes_and_a_model_that_cannot_read(params):
     assert acc.shape == (2, 2)
     # An untrained model cannot produce a 5-digit key it has never been trained to copy.
     assert np.all(acc == 0.0)
+
+
+def _reference_switching(params, prompt, factors, num_tokens):
+  """Full forwards, each with the factors the current sequence length selects."""
+  seq = prompt
+  for _ in range(num_tokens):
+    n = seq.shape[1]
+    logits = model_lib.forward(CFG, params, jnp.asarray(seq),
+                               jnp.broadcast_to(jnp.arange(n), seq.shape), factors.select(n))
+    seq = np.concatenate([seq, np.asarray(jnp.argmax(logits[:, -1], -1))[:, None]], axis=1)
+  return seq[:, prompt.shape[1]:]
+
+
+def test_short_long_switch_at_the_original_length(params):
+  F = CFG.head_dim // 2
+  short = rope_lib.longrope(factors=np.linspace(1.0, 1.2, F), attn_scale=1.0)
+  long = rope_lib.longrope(factors=np.linspace(1.0, 8.0, F), n_hat=4, scale=4.0,
+                           original_length=CFG.max_len)
+  factors = rope_lib.LongRopeFactors(short, long, CFG.max_len)
+  L0 = CFG.max_len
+  assert factors.select(L0) is short and factors.select(L0 + 1) is long
+  # The prompt is 3 tokens short of L0: the 4th generated token is the first under `long`,
+  # after a re-prefill of the whole sequence.
+  prompt = np.random.default_rng(5).integers(0, 256, size=(2, L0 - 3)).astype(np.int32)
+  out = eval_lib.generate_switching(CFG, params, prompt, factors, 6)
+  np.testing.assert_array_equal(out, _reference_switching(params, prompt, factors, 6))
+  with pytest.raises(ValueError, match='differ in length'):
+    rope_lib.LongRopeFactors(short, rope_lib.none(head_dim=2 * F + 2), L0)
