@@ -1,10 +1,27 @@
-"""Shared flag handling for the entry points: --config (ml_collections, locked) and --workdir."""
+"""Shared flag handling for the entry points: --config (ml_collections, locked), --workdir, and
+the distributed setting of a multi-process (multi-host) run."""
 
 from absl import flags
 from ml_collections import config_flags
+
+from longrope_jax import mesh as mesh_lib
 
 CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs/*.py), '
                                          'optionally with :variant.', lock_config=True)
 WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory: outputs go here and an '
                               'interrupted run resumes from it.')
 flags.mark_flags_as_required(['config', 'workdir'])
+
+COORDINATOR_ADDRESS = flags.DEFINE_string(
+    'coordinator_address', None, 'host:port of process 0 in a multi-process run (default: '
+    '$JAX_COORDINATOR_ADDRESS); "auto" detects a TPU pod, SLURM or Open MPI cluster.')
+NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in a multi-process run '
+                                     '(default: $JAX_NUM_PROCESSES; unset: one process).')
+PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process, 0 .. num_processes - 1 '
+                                  '(default: $JAX_PROCESS_ID).')
+
+
+def initialize_distributed() -> bool:
+  """Joins the multi-process runtime if the flags or environment ask for it (call first)."""
+  return mesh_lib.maybe_initialize_distributed(COORDINATOR_ADDRESS.value, NUM_PROCESSES.value,
+                                               PROCESS_ID.value)

@@ -21,9 +21,6 @@ from jax import lax
 # Position stored in empty KV-cache slots: larger than any real position, so always masked.
 EMPTY_POSITION = 2**30
 
-# What a (query block, key block) pair needs: nothing, attention without a mask, or a mask.
-SKIP, FULL, MASKED = 0, 1, 2
-
 # Running max before any visible key: finite, so exp(m_old - m_new) never sees -inf - -inf.
 _M_INIT = -1e30
 
@@ -82,26 +79,23 @@ def validate_blocks(block_q: int, block_k: int, window: int | None = None) -> No
 
 
 # ----------------------------------------------------------------------------- block schedule
-def block_modes(q_pos_IBQ: jax.Array, k_pos_JBC: jax.Array, window: int | None) -> jax.Array:
-  """i32[I, J]: SKIP when no query of block i can see a key of block j, FULL when every query
-  sees every key, MASKED otherwise. Conservative over the batch (bounds from min / max)."""
+def visible_blocks(q_pos_IBQ: jax.Array, k_pos_JBC: jax.Array, window: int | None) -> jax.Array:
+  """bool[I, J]: some query of block i may see some key of block j (from position bounds over
+  the whole batch, so never a false negative)."""
   q_min_I, q_max_I = q_pos_IBQ.min(axis=(1, 2)), q_pos_IBQ.max(axis=(1, 2))
   k_min_J, k_max_J = k_pos_JBC.min(axis=(1, 2)), k_pos_JBC.max(axis=(1, 2))
-  some_IJ = k_min_J[None, :] <= q_max_I[:, None]
-  every_IJ = k_max_J[None, :] <= q_min_I[:, None]
+  visible_IJ = k_min_J[None, :] <= q_max_I[:, None]
   if window is not None:
-    some_IJ &= q_min_I[:, None] - k_max_J[None, :] < window
-    every_IJ &= q_max_I[:, None] - k_min_J[None, :] < window
-  return jnp.where(some_IJ, jnp.where(every_IJ, FULL, MASKED), SKIP).astype(jnp.int32)
+    visible_IJ &= q_min_I[:, None] - k_max_J[None, :] < window
+  return visible_IJ
 
 
-def _loop_bounds(mode_IJ: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """First and one-past-last j with mode_IJ[i, j] != SKIP, per row i (lo = hi when none)."""
-  J = mode_IJ.shape[1]
-  live_IJ = mode_IJ != SKIP
-  any_I = live_IJ.any(axis=1)
-  lo_I = jnp.where(any_I, jnp.argmax(live_IJ, axis=1), 0)
-  hi_I = jnp.where(any_I, J - jnp.argmax(live_IJ[:, ::-1], axis=1), 0)
+def _loop_bounds(visible_IJ: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """First and one-past-last visible j per row i (lo = hi when none)."""
+  J = visible_IJ.shape[1]
+  any_I = visible_IJ.any(axis=1)
+  lo_I = jnp.where(any_I, jnp.argmax(visible_IJ, axis=1), 0)
+  hi_I = jnp.where(any_I, J - jnp.argmax(visible_IJ[:, ::-1], axis=1), 0)
   return lo_I.astype(jnp.int32), hi_I.astype(jnp.int32)
 
 
@@ -153,10 +147,16 @@ class SoftmaxState(NamedTuple):
   acc_IBKGQH: jax.Array
 
 
+def _full_like(x: jax.Array, shape, value: float) -> jax.Array:
+  """f32 constant of `shape` that, like x, varies over manual mesh axes (inside shard_map a
+  loop carry must keep one type)."""
+  return lax.full_like(x, value, jnp.float32, shape)
+
+
 def init_state(q_IBKGQH: jax.Array) -> SoftmaxState:
   shape = q_IBKGQH.shape
-  return SoftmaxState(jnp.full(shape[:-1], _M_INIT, jnp.float32),
-                      jnp.zeros(shape[:-1], jnp.float32), jnp.zeros(shape, jnp.float32))
+  return SoftmaxState(_full_like(q_IBKGQH, shape[:-1], _M_INIT),
+                      _full_like(q_IBKGQH, shape[:-1], 0.0), _full_like(q_IBKGQH, shape, 0.0))
 
 
 def finalize(state: SoftmaxState) -> tuple[jax.Array, jax.Array]:
@@ -168,10 +168,10 @@ def finalize(state: SoftmaxState) -> tuple[jax.Array, jax.Array]:
   return out, lse
 
 
-def _scores(q_BKGQH, k_BKCH, q_pos_BQ, k_pos_BC, window, masked: bool):
+def _masked_scores(q_BKGQH, k_BKCH, q_pos_BQ, k_pos_BC, window):
+  """Logits f32[B, K, G, Q, C] with invisible keys at -inf, and the mask. (Masking every
+  computed block costs no measurable time next to the exp; it keeps one loop body.)"""
   s_BKGQC = jnp.einsum('BKGQH,BKCH->BKGQC', q_BKGQH, k_BKCH, preferred_element_type=jnp.float32)
-  if not masked:
-    return s_BKGQC, None
   mask_B11QC = causal_mask(q_pos_BQ, k_pos_BC, window)[:, None, None]
   return jnp.where(mask_B11QC, s_BKGQC, -jnp.inf), mask_B11QC
 
@@ -179,20 +179,21 @@ def _scores(q_BKGQH, k_BKCH, q_pos_BQ, k_pos_BC, window, masked: bool):
 def forward_blocks(blocks: Blocks, state: SoftmaxState, window: int | None) -> SoftmaxState:
   """Folds every visible key block into the online softmax of every query block.
 
-  Each query block loops only over key blocks in [first, last] visible (a triangle or a band
-  for ordered positions); blocks inside that range that are invisible are skipped by a switch.
+  Query block i loops over key blocks lo_i..hi_i - 1, its first and last visible ones (a
+  triangle, or a band with a window, for ordered positions); invisible blocks in between
+  (unordered positions) are skipped by a cond.
   """
-  mode_IJ = block_modes(blocks.q_pos_IBQ, blocks.k_pos_JBC, window)
-  lo_I, hi_I = _loop_bounds(mode_IJ)
+  visible_IJ = visible_blocks(blocks.q_pos_IBQ, blocks.k_pos_JBC, window)
+  lo_I, hi_I = _loop_bounds(visible_IJ)
   k_JBKCH, v_JBKCH, k_pos_JBC = blocks.k_JBKCH, blocks.v_JBKCH, blocks.k_pos_JBC
 
   def row(_, xs):
-    q_BKGQH, q_pos_BQ, mode_J, lo, hi, m_BKGQ, l_BKGQ, acc_BKGQH = xs
+    q_BKGQH, q_pos_BQ, visible_J, lo, hi, m_BKGQ, l_BKGQ, acc_BKGQH = xs
 
-    def update(masked, j, carry):
+    def update(j, carry):
       m_BKGQ, l_BKGQ, acc_BKGQH = carry
       v_BKCH = v_JBKCH[j]
-      s_BKGQC, _ = _scores(q_BKGQH, k_JBKCH[j], q_pos_BQ, k_pos_JBC[j], window, masked)
+      s_BKGQC, _ = _masked_scores(q_BKGQH, k_JBKCH[j], q_pos_BQ, k_pos_JBC[j], window)
       m_new = jnp.maximum(m_BKGQ, s_BKGQC.max(axis=-1))
       p_BKGQC = jnp.exp(s_BKGQC - m_new[..., None])
       corr_BKGQ = jnp.exp(m_BKGQ - m_new)
@@ -201,37 +202,38 @@ def forward_blocks(blocks: Blocks, state: SoftmaxState, window: int | None) -> S
                             preferred_element_type=jnp.float32)
       return m_new, l_new, acc_BKGQH * corr_BKGQ[..., None] + pv_BKGQH
 
-    branches = (lambda j, carry: carry, functools.partial(update, False),
-                functools.partial(update, True))
-    carry = lax.fori_loop(lo, hi, lambda j, carry: lax.switch(mode_J[j], branches, j, carry),
+    carry = lax.fori_loop(lo, hi, lambda j, carry: lax.cond(visible_J[j], update, _keep, j, carry),
                           (m_BKGQ, l_BKGQ, acc_BKGQH))
     return None, carry
 
-  _, new = lax.scan(row, None, (blocks.q_IBKGQH, blocks.q_pos_IBQ, mode_IJ, lo_I, hi_I, *state))
+  _, new = lax.scan(row, None, (blocks.q_IBKGQH, blocks.q_pos_IBQ, visible_IJ, lo_I, hi_I, *state))
   return SoftmaxState(*new)
+
+
+def _keep(_, carry):
+  return carry
 
 
 # ----------------------------------------------------------------------------- backward
 def backward_blocks(blocks: Blocks, lse_IBKGQ: jax.Array, delta_IBKGQ: jax.Array,
                     do_IBKGQH: jax.Array, window: int | None):
-  """Flash-attention-2 backward (Dao, 2023): recomputes p = exp(s - lse) block by block.
+  """Flash-attention-2 backward (Dao, 2023): recomputes p = exp(s - lse) block by block, key
+  blocks outside, visible query blocks inside. delta = rowsum(dout * out).
 
-  delta = rowsum(dout * out). Returns f32 (dq for the scaled q, dk, dv) in block layout.
+  Returns f32 (dq for the scaled q, dk, dv) in block layout.
   """
-  mode_IJ = block_modes(blocks.q_pos_IBQ, blocks.k_pos_JBC, window)
-  lo_J, hi_J = _loop_bounds(mode_IJ.T)
+  visible_JI = visible_blocks(blocks.q_pos_IBQ, blocks.k_pos_JBC, window).T
+  lo_J, hi_J = _loop_bounds(visible_JI)
   q_IBKGQH, q_pos_IBQ = blocks.q_IBKGQH, blocks.q_pos_IBQ
 
   def column(dq_IBKGQH, xs):
-    k_BKCH, v_BKCH, k_pos_BC, mode_I, lo, hi = xs
+    k_BKCH, v_BKCH, k_pos_BC, visible_I, lo, hi = xs
 
-    def update(masked, i, carry):
+    def update(i, carry):
       dq_IBKGQH, dk_BKCH, dv_BKCH = carry
       q_BKGQH, do_BKGQH = q_IBKGQH[i], do_IBKGQH[i]
-      s_BKGQC, mask_B11QC = _scores(q_BKGQH, k_BKCH, q_pos_IBQ[i], k_pos_BC, window, masked)
-      p_BKGQC = jnp.exp(s_BKGQC - lse_IBKGQ[i][..., None])
-      if masked:
-        p_BKGQC = jnp.where(mask_B11QC, p_BKGQC, 0.0)
+      s_BKGQC, mask_B11QC = _masked_scores(q_BKGQH, k_BKCH, q_pos_IBQ[i], k_pos_BC, window)
+      p_BKGQC = jnp.where(mask_B11QC, jnp.exp(s_BKGQC - lse_IBKGQ[i][..., None]), 0.0)
       dv_BKCH += jnp.einsum('BKGQC,BKGQH->BKCH', p_BKGQC.astype(do_BKGQH.dtype), do_BKGQH,
                             preferred_element_type=jnp.float32)
       dp_BKGQC = jnp.einsum('BKGQH,BKCH->BKGQC', do_BKGQH, v_BKCH,
@@ -244,17 +246,15 @@ def backward_blocks(blocks: Blocks, lse_IBKGQ: jax.Array, delta_IBKGQ: jax.Array
                             preferred_element_type=jnp.float32)
       return dq_IBKGQH, dk_BKCH, dv_BKCH
 
-    branches = (lambda i, carry: carry, functools.partial(update, False),
-                functools.partial(update, True))
-    zeros_BKCH = jnp.zeros(k_BKCH.shape, jnp.float32)
+    zeros_BKCH = _full_like(q_IBKGQH, k_BKCH.shape, 0.0)
     dq_IBKGQH, dk_BKCH, dv_BKCH = lax.fori_loop(
-        lo, hi, lambda i, carry: lax.switch(mode_I[i], branches, i, carry),
+        lo, hi, lambda i, carry: lax.cond(visible_I[i], update, _keep, i, carry),
         (dq_IBKGQH, zeros_BKCH, zeros_BKCH))
     return dq_IBKGQH, (dk_BKCH, dv_BKCH)
 
   dq_IBKGQH, (dk_JBKCH, dv_JBKCH) = lax.scan(
-      column, jnp.zeros(q_IBKGQH.shape, jnp.float32),
-      (blocks.k_JBKCH, blocks.v_JBKCH, blocks.k_pos_JBC, mode_IJ.T, lo_J, hi_J))
+      column, _full_like(q_IBKGQH, q_IBKGQH.shape, 0.0),
+      (blocks.k_JBKCH, blocks.v_JBKCH, blocks.k_pos_JBC, visible_JI, lo_J, hi_J))
   return dq_IBKGQH, dk_JBKCH, dv_JBKCH
 
 

@@ -37,12 +37,32 @@ class Run:
   # -------------------------------------------------------------------------- shared pieces
   @functools.cached_property
   def tokenizer(self) -> data_lib.Tokenizer:
-    return data_lib.get_tokenizer(self.config.data.tokenizer)
+    spec = self.config.data.tokenizer
+    if spec == 'auto':
+      if not self.hf_path:
+        raise ValueError("data.tokenizer='auto' takes the tokenizer.json of model.path; set "
+                         "model.path or data.tokenizer (bytes or a tokenizer.json path).")
+      spec = str(pathlib.Path(self.hf_path) / 'tokenizer.json')
+    return data_lib.get_tokenizer(spec)
+
+  @property
+  def hf_path(self) -> str:
+    """The Hugging Face checkpoint folder (config.model.path), or '' for a workdir model."""
+    return self.config.model.get('path', '') or ''
+
+  @functools.cached_property
+  def hf_checkpoint(self):
+    from longrope_jax import hf
+    return hf.load(self.hf_path, param_dtype=self.config.model.get('param_dtype') or None,
+                   dtype=self.config.model.dtype)
 
   @functools.cached_property
   def model_config(self) -> model_lib.ModelConfig:
     c = self.config.model
-    base = model_lib.get_config(c.variant)
+    if self.hf_path:
+      base = self.hf_checkpoint.config
+    else:
+      base = model_lib.get_config(c.variant)
     overrides = dict(attention=c.attention, dtype=c.dtype)
     if base.vocab_size < self.tokenizer.vocab_size:
       raise ValueError(f"model.variant {c.variant!r} has vocab_size {base.vocab_size} but the "
@@ -61,6 +81,9 @@ class Run:
     return self.model_config.max_len
 
   def params(self) -> Any:
+    """The workdir's latest checkpoint; else, with config.model.path, the HF checkpoint."""
+    if self.hf_path and not (self.workdir / 'ckpt').exists():
+      return self.hf_checkpoint.params
     return train_lib.load_params(self.model_config, self.workdir)
 
   def results(self) -> dict:

@@ -1,0 +1,23 @@
+"""Runs the LongRoPE search stage (then refreshes report.md).
+
+  python -m experiments.search --config configs/demo.py --workdir runs/demo
+  python -m experiments.search --config configs/demo.py --workdir runs/demo \
+      --config.search.strategy=CMA_ES --config.search.generations=20
+
+A killed search resumes from workdir/search/ckpt when run again with the same config.
+"""
+
+from absl import app
+
+from experiments import common
+from longrope_jax import pipeline
+
+
+def main(argv):
+  del argv
+  common.initialize_distributed()
+  pipeline.run(common.CONFIG.value, common.WORKDIR.value, stages=('search', 'report'))
+
+
+if __name__ == '__main__':
+  app.run(main)
