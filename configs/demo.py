@@ -82,6 +82,24 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.passkey.depths = (0.0, 0.25, 0.5, 0.75, 1.0)
   c.passkey.trials = 10
 
+  # Progressive extension (variant :progressive): fine-tune at the search length with the
+  # searched factors, search again at progressive.multiple x L0, readjust short factors for L0.
+  c.progressive = ml_collections.ConfigDict()
+  c.progressive.multiple = 32
+  c.progressive.short_lambda_max = 1.25   # reduced lambda_max for the short factors
+  c.progressive.short_num_windows = 16
+  c.progressive.finetune = ml_collections.ConfigDict(dict(
+      steps=200, batch_size=4, lr=1e-3, warmup=20, final_lr_ratio=0.1, ckpt_every=25))
+  c.progressive.search = ml_collections.ConfigDict(
+      {k: v for k, v in c.search.items() if k not in ('multiple', 'split', 'num_windows')})
+  c.progressive.search.update(population=12, parents=6, mutations=3, crossovers=3,
+                              generations=6)
+
+  if arg == 'progressive':
+    c.stages = ('pretrain', 'search', 'evaluate', 'passkey', 'progressive',
+                'progressive_evaluate', 'report')
+    c.evaluate.multiples = (1, 2, 4, 8, 16, 32)
+
   if arg == 'test':  # a seconds-long run of every stage, for tests and smoke checks
     c.model.variant = 'test'
     c.pretrain.steps = 20
@@ -104,6 +122,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.search.crossovers = 2
     c.search.generations = 3
     c.search.attention = ''          # dense: shorter than one attention block
-  elif arg not in (None, ''):
-    raise ValueError(f"unknown config variant {arg!r} for configs/demo.py; use 'test' or none.")
+    c.progressive.multiple = 8
+    c.progressive.short_num_windows = 2
+    c.progressive.finetune.update(steps=4, batch_size=2, warmup=1, ckpt_every=2)
+    c.progressive.search.update(population=4, parents=2, mutations=1, crossovers=1,
+                                generations=2)
+  elif arg not in (None, '', 'progressive'):
+    raise ValueError(f"unknown config variant {arg!r} for configs/demo.py; use 'test', "
+                     "'progressive' or none.")
   return c

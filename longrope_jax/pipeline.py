@@ -6,6 +6,7 @@ config.json, metrics.jsonl, ckpt/, eval/, search/, results.json, report.md, plot
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import pathlib
@@ -14,10 +15,12 @@ from typing import Any, Callable
 
 import jax
 import ml_collections
+import numpy as np
 
 from longrope_jax import checkpoint as ckpt_lib
 from longrope_jax import data as data_lib
 from longrope_jax import evaluate as eval_lib
+from longrope_jax import mesh as mesh_lib
 from longrope_jax import model as model_lib
 from longrope_jax import plots
 from longrope_jax import rope as rope_lib
@@ -196,6 +199,89 @@ def search(run: Run) -> dict:
   return summary
 
 
+def progressive(run: Run) -> dict:
+  """Progressive extension (LongRoPE section 3.3): fine-tune at L1 = search.multiple x L0 with the
+  searched factors, search again on the fine-tuned model at L2 = progressive.multiple x L0 (the
+  final factors are the product of both stages'), and readjust short factors for L0 with a
+  reduced lambda_max. Every step resumes from workdir/progressive."""
+  c = run.config.progressive
+  mc = run.model_config
+  L0 = mc.max_len
+  stage1 = run.results()['search']
+  L1, rope1 = stage1['target_length'], search_lib.rope_from_json(stage1)
+  L2 = int(c.multiple * L0)
+  workdir = run.workdir / 'progressive'
+  tuning = run.config.progressive.finetune
+  batches = data_lib.PackedBatches(run.documents('train'), tuning.batch_size, L1,
+                                   seed=run.config.seed + 1,
+                                   passkey_fraction=run.config.pretrain.passkey_fraction,
+                                   tokenizer=run.tokenizer)
+  optim = train_lib.OptimConfig(steps=tuning.steps, lr=tuning.lr, warmup=tuning.warmup,
+                                final_lr_ratio=tuning.final_lr_ratio,
+                                weight_decay=run.config.pretrain.weight_decay,
+                                clip=run.config.pretrain.clip)
+  train_lib.train(mc, optim, batches, rope1, workdir, seed=run.config.seed,
+                  init_params=run.params(), ckpt_every=tuning.ckpt_every, log_every=10,
+                  desc=f'finetune@{L1}')
+  params = train_lib.load_params(mc, workdir)
+
+  # Second search: candidates lambda2 multiply lambda1; the fine-tuned window is L1, so the
+  # space spans s = L2 / L1, and the attention scale is the one for the whole extension L2 / L0.
+  settings = search_lib.SearchConfig.from_config(c.search)
+  settings = dataclasses.replace(settings, attn_scale=settings.attn_scale or
+                                 rope_lib.longrope_attention_scale(L2 / L0, L0))
+  windows = data_lib.eval_windows(run.documents(run.config.search.split), L2,
+                                  run.config.search.num_windows, seed=run.config.seed)
+  mc1 = mc.replace(max_len=L1)
+  fitness = search_lib.PopulationFitness(
+      mc1, params, windows, length=L2, max_population=settings.population,
+      mesh=mesh_lib.population_mesh(settings.mesh_pop or None), doc_batch=settings.doc_batch,
+      chunk=settings.chunk, memory_bytes=settings.memory_gb * 2**30,
+      base_factors=np.asarray(rope1.factors))
+  second = search_lib.search(mc1, params, windows, target_length=L2, settings=settings,
+                             workdir=workdir / 'search_long', seed=run.config.seed,
+                             fitness=fitness)
+  long_record = dict(second.to_json(), factors=[round(float(f), 6) for f in
+                                                np.asarray(rope1.factors) * second.factors],
+                     stage_factors=[stage1['factors'], second.to_json()['factors']],
+                     scale=L2 / L0, original_length=L0)
+
+  # Short-context readjustment: factors for L0 itself on the fine-tuned model.
+  short_settings = dataclasses.replace(settings, lambda_max=c.short_lambda_max, attn_scale=1.0,
+                                       search_n_hat=False, n_hat=0)
+  windows0 = data_lib.eval_windows(run.documents(run.config.search.split), L0,
+                                   c.short_num_windows, seed=run.config.seed)
+  short = search_lib.search(mc, params, windows0, target_length=L0, settings=short_settings,
+                            workdir=workdir / 'search_short', seed=run.config.seed)
+  summary = dict(finetune_length=L1, finetune_steps=tuning.steps, target_length=L2,
+                 long=long_record, short=short.to_json())
+  run.save_result('progressive', summary)
+  return summary
+
+
+def progressive_evaluate(run: Run) -> dict:
+  """Perplexity of the fine-tuned model with the progressive factors (the short ones at L <= L0)
+  next to the base model's methods (results 'perplexity'), on the same held-out windows."""
+  c = run.config.evaluate
+  mc = run.model_config
+  record = run.results()['progressive']
+  factors = rope_lib.LongRopeFactors(search_lib.rope_from_json(record['short']),
+                                     search_lib.rope_from_json(record['long']), mc.max_len)
+  lengths = [int(m * mc.max_len) for m in c.multiples]
+  cache_path = run.workdir / 'eval' / 'progressive.jsonl'
+  done = {(r['method'], r['length']): r['nll'] for r in ckpt_lib.read_jsonl(cache_path)}
+  params = train_lib.load_params(mc, run.workdir / 'progressive')
+  results = eval_lib.perplexity_vs_length(
+      mc, params, run.documents(c.split), lengths, methods=(),
+      extra={'longrope_progressive': factors.select,
+             'longrope_progressive_no_short': factors.long},
+      num_windows=c.num_windows, seed=run.config.seed, batch_tokens=c.batch_tokens, done=done,
+      on_result=lambda m, L, nll: ckpt_lib.append_jsonl(cache_path, dict(method=m, length=L,
+                                                                          nll=nll)))
+  run.save_result('progressive_perplexity', results)
+  return results
+
+
 def longrope_source(run: Run) -> Callable[[int], rope_lib.RopeScaling | None]:
   """The searched factors at every length beyond L0 (None at L <= L0, where no scaling is
   needed)."""
@@ -232,6 +318,18 @@ def report(run: Run) -> str:
               "KV cache; best per column in bold.", '',
               eval_lib.markdown_table(r, metric='mean', digits=2, best=max), '',
               '![passkey](plots/passkey.png)', '']
+  if 'progressive_perplexity' in results and 'perplexity' in results:
+    base, prog = results['perplexity'], results['progressive_perplexity']
+    if base['lengths'] == prog['lengths']:
+      merged = dict(base, methods={**base['methods'], **prog['methods']})
+      p = results['progressive']
+      lines += ['## Progressive extension', '',
+                f"Fine-tuned {p['finetune_steps']} steps at {p['finetune_length']} tokens with the "
+                f"searched factors, searched again for {p['target_length']} tokens (final factors "
+                "= product of both stages'), short factors readjusted for L0. "
+                "`longrope_progressive` uses the short factors up to L0 and the long ones beyond; "
+                "the other rows are the base model without fine-tuning.", '',
+                eval_lib.markdown_table(merged), '']
   if 'search' in results:
     lines += [f"## LongRoPE search ({results['search']['split']} split)", '',
               search_lib.markdown_summary(results['search']), '']
@@ -245,6 +343,8 @@ STAGES: dict[str, Callable[[Run], Any]] = {
     'search': search,
     'evaluate': evaluate,
     'passkey': passkey,
+    'progressive': progressive,
+    'progressive_evaluate': progressive_evaluate,
     'report': report,
 }
 

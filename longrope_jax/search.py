@@ -527,7 +527,8 @@ class PopulationFitness:
   def __init__(self, config: model_lib.ModelConfig, params: Any, windows_NL: np.ndarray, *,
                length: int | None = None, max_population: int,
                mesh: jax.sharding.Mesh | None = None,
-               chunk: int = 0, doc_batch: int = 1, memory_bytes: float = 2e9):
+               chunk: int = 0, doc_batch: int = 1, memory_bytes: float = 2e9,
+               base_factors: np.ndarray | None = None):
     windows_NL = np.asarray(windows_NL)
     if windows_NL.ndim != 2 or windows_NL.shape[0] < 1:
       raise ValueError(f"eval windows must be i32[N, L] with N >= 1, got shape "
@@ -541,6 +542,8 @@ class PopulationFitness:
       raise ValueError(f"max_population and doc_batch must be >= 1 and chunk >= 0, got "
                        f"{max_population}, {doc_batch}, {chunk}.")
     self.config, self.length = config, length
+    # Progressive extension: candidates' factors multiply these (the first stage's factors).
+    self.base_factors = None if base_factors is None else np.asarray(base_factors, np.float32)
     self.mesh = mesh_lib.population_mesh() if mesh is None else mesh
     self.pop_devices = mesh_lib.population_axis_size(self.mesh)
     local = -(-max_population // self.pop_devices)
@@ -601,6 +604,8 @@ class PopulationFitness:
   def __call__(self, rope: RopeScaling) -> np.ndarray:
     """Mean NLL f32[P] of a stacked RopeScaling with P <= capacity candidates."""
     P = rope.factors.shape[0]
+    if self.base_factors is not None:
+      rope = dataclasses.replace(rope, factors=np.asarray(rope.factors) * self.base_factors)
     if not 1 <= P <= self.capacity:
       raise ValueError(f"this fitness evaluates 1 to {self.capacity} candidates per call "
                        f"(max_population), got {P}.")

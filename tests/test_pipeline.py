@@ -45,3 +45,25 @@ def test_unknown_stage_and_locked_config(tmp_path):
       capture_output=True, text=True, timeout=120)
   assert proc.returncode != 0 and 'stepz' in proc.stderr
   assert not (tmp_path / 'x').exists()
+
+
+def test_progressive_stages_on_the_toy_config(tmp_path):
+  config = demo_config.get_config('test')
+  pipeline.run(config, tmp_path, stages=('pretrain', 'search', 'evaluate', 'progressive',
+                                         'progressive_evaluate', 'report'))
+  results = json.loads((tmp_path / 'results.json').read_text())
+  prog = results['progressive']
+  L0 = 64
+  assert prog['finetune_length'] == 4 * L0 and prog['target_length'] == 8 * L0
+  import numpy as np
+  first, second = (np.asarray(f) for f in prog['long']['stage_factors'])
+  np.testing.assert_allclose(prog['long']['factors'], first * second, rtol=1e-5)
+  assert prog['long']['scale'] == 8
+  short = np.asarray(prog['short']['factors'])
+  assert np.all((short >= 1.0) & (short <= 1.25 + 1e-9))
+  assert prog['short']['n_hat'] == 0 and prog['short']['attn_scale'] == 1.0
+  ppl = results['progressive_perplexity']['methods']
+  assert all(v is not None for v in ppl['longrope_progressive']['nll'])
+  # Up to L0 the switch takes the short factors, beyond it the long ones.
+  assert ppl['longrope_progressive']['nll'][1:] == ppl['longrope_progressive_no_short']['nll'][1:]
+  assert '## Progressive extension' in (tmp_path / 'report.md').read_text()
