@@ -17,7 +17,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict()
   c.model.variant = 'demo'          # model.VARIANTS: demo (L0 = 256 bytes), test, llama2_7b, ...
-  c.model.attention = 'dense'       # dense | blockwise | ring (used for long evaluations)
+  c.model.attention = 'blockwise'   # dense | blockwise | ring (evaluation; pretraining is dense)
   c.model.dtype = 'float32'
 
   c.data = ml_collections.ConfigDict()
@@ -80,7 +80,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.passkey.multiples = (1, 2, 4, 8)
   c.passkey.methods = ('none', 'linear', 'ntk', 'dynamic_ntk', 'yarn', 'llama3')
   c.passkey.depths = (0.0, 0.25, 0.5, 0.75, 1.0)
-  c.passkey.trials = 10
+  c.passkey.trials = 5
 
   # Progressive extension (variant :progressive): fine-tune at the search length with the
   # searched factors, search again at progressive.multiple x L0, readjust short factors for L0.
@@ -102,6 +102,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   if arg == 'test':  # a seconds-long run of every stage, for tests and smoke checks
     c.model.variant = 'test'
+    c.model.attention = 'dense'
     c.pretrain.steps = 20
     c.pretrain.batch_size = 4
     c.pretrain.warmup = 5
