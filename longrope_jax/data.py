@@ -118,16 +118,20 @@ def stdlib_documents() -> list[Document]:
   return [Document(str(p.relative_to(root)), p.read_bytes()) for p in files]
 
 
-def file_documents(path: str | pathlib.Path, pattern: str = '*') -> list[Document]:
-  """Documents from a text file (one document) or every file matching `pattern` in a folder."""
+def corpus_files(path: str | pathlib.Path, pattern: str = '*') -> list[tuple[str, pathlib.Path]]:
+  """(document name, file) of a text file or of every file matching `pattern` in a folder."""
   path = pathlib.Path(path).expanduser()
   if not path.exists():
     raise FileNotFoundError(f"corpus path {path} does not exist (data.path); point it at a text "
                             "file or a folder of text files.")
   if path.is_file():
-    return [Document(path.name, path.read_bytes())]
-  files = sorted(p for p in path.rglob(pattern) if p.is_file())
-  return [Document(str(p.relative_to(path)), p.read_bytes()) for p in files]
+    return [(path.name, path)]
+  return [(str(p.relative_to(path)), p) for p in sorted(path.rglob(pattern)) if p.is_file()]
+
+
+def file_documents(path: str | pathlib.Path, pattern: str = '*') -> list[Document]:
+  """Documents from a text file (one document) or every file matching `pattern` in a folder."""
+  return [Document(name, p.read_bytes()) for name, p in corpus_files(path, pattern)]
 
 
 def tfds_documents(name: str, split: str, data_dir: str | None = None,
@@ -138,16 +142,29 @@ def tfds_documents(name: str, split: str, data_dir: str | None = None,
     import tensorflow_datasets as tfds
   except ImportError as e:
     raise ImportError("TFDS corpora need the `tfds` extra: pip install -e .[tfds]") from e
-  source = tfds.data_source(name, split=split, data_dir=data_dir)
-  docs = []
+  if data_dir is not None and not pathlib.Path(data_dir).expanduser().is_dir():
+    raise FileNotFoundError(f"TFDS data_dir {data_dir} does not exist (data.data_dir); point it "
+                            "at the folder the dataset was prepared into.")
+  data_dir = None if data_dir is None else str(pathlib.Path(data_dir).expanduser())
+  try:
+    source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+  except tfds.core.registered.DatasetNotFoundError as e:
+    raise FileNotFoundError(
+        f"TFDS dataset {name!r} is not prepared in data_dir {data_dir or '~/tensorflow_datasets'} "
+        "(data.tfds_name, data.data_dir); prepare a folder of text files with "
+        "longrope_jax.tfds_text.prepare_local_text and pass the name it returns.") from e
+  docs, named = [], False
   for i in range(len(source)):
     example = source[i]
     if text_key not in example:
       raise ValueError(f"TFDS dataset {name!r} has no feature {text_key!r} "
                        f"(features: {sorted(example)}); set data.text_key.")
-    text = example[text_key]
-    docs.append(Document(f'{name}/{split}/{i}', text if isinstance(text, bytes) else
-                         str(text).encode()))
+    text, named = example[text_key], 'name' in example
+    doc_name = example['name'] if named else f'{name}/{split}/{i}'
+    docs.append(Document(doc_name.decode() if isinstance(doc_name, bytes) else str(doc_name),
+                         text if isinstance(text, bytes) else str(text).encode()))
+  if named:  # a corpus with a 'name' feature comes back in name order, as the 'files' source does
+    docs.sort(key=lambda d: d.name)
   return docs
 
 
