@@ -17,15 +17,17 @@ import ml_collections
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  """`arg`: the Hugging Face checkpoint folder (config.json, safetensors, tokenizer.json)."""
+  """`arg`: the Hugging Face checkpoint folder (or set --config.model.path)."""
   path = arg or ''
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.stages = ('search', 'evaluate', 'report')
 
   c.model = ml_collections.ConfigDict()
-  c.model.variant = 'mistral_7b'    # model.VARIANTS: 8k window, GQA, head_dim 128 (64 factors)
-  c.model.path = path               # HF checkpoint folder (hf.py); required
+  c.model.path = path               # HF checkpoint folder (read by hf.py); required
+  c.model.variant = 'mistral_7b'    # shape reference; with a path, config.json decides
+  c.model.original_length = 8192    # trained at 8k (config.json says 32768)
+  c.model.param_dtype = ''          # '': as stored (bf16 stays bf16)
   c.model.attention = 'blockwise'   # memory-efficient attention at 64k
   c.model.dtype = 'bfloat16'
 
@@ -35,7 +37,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.tfds_name = 'pg19'
   c.data.data_dir = ''
   c.data.text_key = 'book_text'
-  c.data.tokenizer = f'{path}/tokenizer.json' if path else 'set data.tokenizer (tokenizer.json)'
+  c.data.tokenizer = 'auto'         # the checkpoint's tokenizer.json
 
   # The paper's search (LongRoPE sec. 3.2 / 4.1): population 64, 32 parents, 16 mutations and
   # 16 crossovers with p = 0.3, 40 generations; lambda in [1, 1.25 s] on a 0.01 grid, monotone;

@@ -67,6 +67,8 @@ class Run:
     else:
       base = model_lib.get_config(c.variant)
     overrides = dict(attention=c.attention, dtype=c.dtype)
+    if c.get('original_length'):  # the pretraining window, where config.json's differs (Mistral)
+      overrides['max_len'] = int(c.original_length)
     if base.vocab_size < self.tokenizer.vocab_size:
       raise ValueError(f"model.variant {c.variant!r} has vocab_size {base.vocab_size} but the "
                        f"tokenizer has {self.tokenizer.vocab_size} ids; choose a matching variant.")

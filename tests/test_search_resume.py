@@ -36,11 +36,13 @@ def random_params(config, seed=0):
 
 
 def small_search(workdir, *, delay: float = 0.0, strategy: str = 'paper_ga',
-                 on_generation=None) -> search_lib.SearchResult:
+                 on_generation=None, fitness=None) -> search_lib.SearchResult:
   """The search the tests run, here and in a subprocess (random model, random windows)."""
   params = random_params(CFG)
   windows = np.random.default_rng(0).integers(0, 256, size=(3, TARGET)).astype(np.int32)
   settings = search_lib.SearchConfig(**dict(vars(SETTINGS), strategy=strategy))
+  if fitness == 'shared':  # one compiled evaluator for every search of a test
+    fitness = _shared_fitness(params, windows)
 
   def hook(record):
     time.sleep(delay)
@@ -48,7 +50,17 @@ def small_search(workdir, *, delay: float = 0.0, strategy: str = 'paper_ga',
       on_generation(record)
 
   return search_lib.search(CFG, params, windows, target_length=TARGET, settings=settings,
-                           workdir=workdir, progress=False, on_generation=hook)
+                           workdir=workdir, progress=False, on_generation=hook, fitness=fitness)
+
+
+_FITNESS = []
+
+
+def _shared_fitness(params, windows):
+  if not _FITNESS:
+    _FITNESS.append(search_lib.PopulationFitness(CFG, params, windows, length=TARGET,
+                                                 max_population=SETTINGS.population))
+  return _FITNESS[0]
 
 
 SCRIPT = """
@@ -116,11 +128,13 @@ def _stop_at(generation):
 @pytest.mark.parametrize('strategy', ['paper_ga',
                                       pytest.param('Sep_CMA_ES', marks=pytest.mark.slow)])
 def test_interrupted_search_resumes_to_the_uninterrupted_result(tmp_path, strategy):
-  straight = small_search(tmp_path / 'a', strategy=strategy)
+  straight = small_search(tmp_path / 'a', strategy=strategy, fitness='shared')
   for stop in (0, 4):  # right after the initial population, then mid-search
     with pytest.raises(Stop):
-      small_search(tmp_path / 'b', strategy=strategy, on_generation=_stop_at(stop))
-  _same(small_search(tmp_path / 'b', strategy=strategy), straight)
+      small_search(tmp_path / 'b', strategy=strategy, on_generation=_stop_at(stop),
+                   fitness='shared')
+  _same(small_search(tmp_path / 'b', strategy=strategy, fitness='shared'), straight)
+  assert _FITNESS[0].traces == 1
 
 
 def _demo_config(variant):
