@@ -112,7 +112,8 @@ MEMORY_CHILD = r'''
 import json, pathlib, sys, time
 import jax, jax.numpy as jnp
 from longrope_jax import model as model_lib, rope as rope_lib
-attention, length, block, run = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == 'run'
+attention, length, block, run = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+run = run == 'run'
 
 def status_mib(field):  # VmRSS / VmHWM of this process (ru_maxrss would include the parent's)
   for line in pathlib.Path('/proc/self/status').read_text().splitlines():
@@ -233,11 +234,11 @@ def main(argv=None):
   else:
     speed_lengths, reps, blocks, dense_max = [2048, 8192, 16384], 3, [256, 512], 2048
     memory_lengths = [2048, 4096, 8192, 16384, 32768, 65536]
-    run_max, ring_length = dict(blockwise=65536, dense=8192), 16384
+    run_max, ring_length = dict(blockwise=65536, dense=8192), 8192
   if args.blocks:
     blocks = [int(b) for b in args.blocks.split(',')]
-  result = dict(quick=args.quick, cpu_count=os.cpu_count(), usable_cores=len(os.sched_getaffinity(0)),
-                load_average_start=os.getloadavg())
+  result = dict(quick=args.quick, cpu_count=os.cpu_count(),
+                usable_cores=len(os.sched_getaffinity(0)), load_average_start=os.getloadavg())
   if 'speed' in parts:
     print('== forward of one sequence: ours vs PyTorch + transformers (sdpa)')
     result['speed'] = bench_speed(speed_lengths, reps, blocks, dense_max)

@@ -20,7 +20,7 @@ from longrope_jax import attention as attention_lib
 from longrope_jax.rope import RopeScaling, apply_rope
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
-ATTENTION_IMPLS = ('dense', 'blockwise', 'ring')
+ATTENTION_IMPLS = ('dense', 'blockwise', 'ring', 'fused')  # fused: jax.nn.dot_product_attention
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,7 +224,8 @@ def init_params(config: ModelConfig, key: jax.Array) -> Any:
   tokens = jnp.zeros((1, 8), jnp.int32)
   positions = jnp.arange(8, dtype=jnp.int32)[None]
   rope = rope_lib.none(head_dim=config.head_dim)
-  return Decoder(config).init(key, tokens, positions, rope)['params']
+  init = jax.jit(lambda k: Decoder(config).init(k, tokens, positions, rope)['params'])
+  return init(key)
 
 
 def forward(config: ModelConfig, params, tokens_BT, positions_BT, rope: RopeScaling) -> jax.Array:

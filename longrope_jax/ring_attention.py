@@ -3,10 +3,13 @@ passes its keys, values and their global positions around the ring with `lax.ppe
 each visiting chunk into a blockwise online softmax. The backward pass sends dK, dV around the
 ring with K, V (they are home after a full turn).
 
-Causal work is balanced with the zigzag layout (Brandon et al., 2023 "striped" / zigzag): the
-sequence is cut into 2R chunks and device r holds chunks r and 2R-1-r. Positions are explicit
-inputs, so a layout is only a permutation of tokens and positions (`to_zigzag`); RoPE and n_hat
-see the global positions.
+Causal work is balanced with the zigzag layout (as in Llama 3's context parallelism, Dubey et
+al., 2024): the sequence is cut into 2R chunks and device r holds chunks r and 2R-1-r.
+Positions are explicit inputs, so a layout is only a permutation of tokens and positions
+(`to_zigzag`); RoPE and n_hat see the global positions.
+
+Use: `with jax.set_mesh(mesh.make_mesh(seq=R)):` then a model with attention='ring' on
+`to_zigzag(tokens)`, `to_zigzag(positions)`; `from_zigzag(logits)` restores the order.
 
 Shapes: as attention.py; R ring size, L local length T / R.
 """
@@ -111,7 +114,7 @@ def _ring_bwd(window, axis, ring_size, residuals, do_IBKGQH):
     kv, dkv = lax.ppermute((kv, dkv), axis, perm)  # dK, dV travel with their K, V
     return kv, dkv, dq + dq_step
 
-  zeros = lambda x: lax.pcast(jnp.zeros(x.shape, jnp.float32), axis, to='varying')
+  zeros = lambda x: jnp.zeros_like(x, jnp.float32)  # varies over `axis` like x
   _, (dk, dv), dq = lax.fori_loop(
       0, ring_size, step,
       (_kv_blocks(blocks), (zeros(blocks.k_JBKCH), zeros(blocks.v_JBKCH)),

@@ -18,6 +18,14 @@ def _inputs(seed, B, T, S, N, K, H, dtype=jnp.float32):
   return q, k, v, dout
 
 
+def _random_params(config, scale=0.2):
+  """Random parameters of the right shapes, without running Flax's eager init (slow to compile
+  op by op)."""
+  shapes = jax.eval_shape(lambda: model_lib.init_params(config, jax.random.key(0)))
+  rng = np.random.default_rng(0)
+  return jax.tree.map(lambda s: jnp.asarray(rng.normal(0.0, scale, s.shape), s.dtype), shapes)
+
+
 def _arange_positions(B, T, S):
   """Queries are the last T of S keys (a prefill continuing a prefix)."""
   k_pos = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
@@ -174,7 +182,7 @@ def test_registry_lists_every_model_choice():
 @pytest.mark.slow
 def test_model_with_blockwise_attention_matches_dense():
   config = model_lib.get_config('test', block_q=16, block_k=32)
-  params = model_lib.init_params(config, jax.random.key(0))
+  params = _random_params(config)
   tokens = jax.random.randint(jax.random.key(1), (2, 97), 0, config.vocab_size)
   rope = rope_lib.get('yarn', head_dim=config.head_dim, scale=4.0, theta=config.rope_theta,
                       original_length=config.max_len)
