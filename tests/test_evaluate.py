@@ -13,6 +13,7 @@ from longrope_jax import model as model_lib
 from longrope_jax import rope as rope_lib
 
 CFG = model_lib.get_config('test')
+_forward = jax.jit(model_lib.forward, static_argnums=0)
 
 
 @pytest.fixture(scope='module')
@@ -88,17 +89,27 @@ def test_passkey_prompt_layout():
     data_lib.passkey_sample(rng, 50, 0.5, tok)
 
 
+def _reference_greedy(params, prompt, rope_for, num_tokens):
+  """Greedy decoding by full forwards, no cache: token n comes from the logits at n - 1 of a
+  forward with `rope_for(n)`. The model is causal, so one padded length (one compile) serves
+  every step: what follows position n - 1 cannot change its logits.
+  """
+  B, P = prompt.shape
+  seq = np.zeros((B, P + num_tokens), np.int32)
+  seq[:, :P] = prompt
+  positions = jnp.broadcast_to(jnp.arange(seq.shape[1]), seq.shape)
+  for n in range(P, P + num_tokens):
+    logits = _forward(CFG, params, jnp.asarray(seq), positions, rope_for(n))
+    seq[:, n] = np.asarray(jnp.argmax(logits[:, n - 1], -1))
+  return seq[:, P:]
+
+
 def test_greedy_generate_matches_argmax_of_full_forwards(params):
   prompt = np.random.default_rng(1).integers(0, 256, size=(2, 12)).astype(np.int32)
   rope = rope_lib.yarn(head_dim=CFG.head_dim, scale=4.0, theta=CFG.rope_theta,
                        original_length=CFG.max_len)
   out = eval_lib.greedy_generate(CFG, params, prompt, rope, 4)
-  seq = prompt
-  for _ in range(4):
-    logits = model_lib.forward(CFG, params, jnp.asarray(seq),
-                               jnp.broadcast_to(jnp.arange(seq.shape[1]), seq.shape), rope)
-    seq = np.concatenate([seq, np.asarray(jnp.argmax(logits[:, -1], -1))[:, None]], axis=1)
-  np.testing.assert_array_equal(out, seq[:, 12:])
+  np.testing.assert_array_equal(out, _reference_greedy(params, prompt, lambda n: rope, 4))
 
 
 def test_passkey_accuracy_shapes_and_a_model_that_cannot_read(params):
@@ -112,15 +123,6 @@ def test_passkey_accuracy_shapes_and_a_model_that_cannot_read(params):
     assert np.all(acc == 0.0)
 
 
-def _reference_switching(params, prompt, factors, num_tokens):
-  """Full forwards, each with the factors the current sequence length selects."""
-  seq = prompt
-  for _ in range(num_tokens):
-    n = seq.shape[1]
-    logits = model_lib.forward(CFG, params, jnp.asarray(seq),
-                               jnp.broadcast_to(jnp.arange(n), seq.shape), factors.select(n))
-    seq = np.concatenate([seq, np.asarray(jnp.argmax(logits[:, -1], -1))[:, None]], axis=1)
-  return seq[:, prompt.shape[1]:]
 
 
 def test_short_long_switch_at_the_original_length(params):
@@ -135,6 +137,7 @@ def test_short_long_switch_at_the_original_length(params):
   # after a re-prefill of the whole sequence.
   prompt = np.random.default_rng(5).integers(0, 256, size=(2, L0 - 3)).astype(np.int32)
   out = eval_lib.generate_switching(CFG, params, prompt, factors, 6)
-  np.testing.assert_array_equal(out, _reference_switching(params, prompt, factors, 6))
+  # Full forwards, each with the factors the current sequence length selects.
+  np.testing.assert_array_equal(out, _reference_greedy(params, prompt, factors.select, 6))
   with pytest.raises(ValueError, match='differ in length'):
     rope_lib.LongRopeFactors(short, rope_lib.none(head_dim=2 * F + 2), L0)
