@@ -201,12 +201,16 @@ def encode_documents(docs: list[Document], tokenizer: Tokenizer) -> list[np.ndar
 # ----------------------------------------------------------------------------- passkey task
 FILLER = ('The grass is green.', 'The sky is blue.', 'The sun is yellow.', 'Here we go.',
           'There and back again.')
-QUESTION = ' What is the pass key? The pass key is '
-PASSKEY_MIN_LENGTH = 110  # a byte-level prompt and answer need 104 tokens
+# The key is written '#12345': in bytes, the paper's "is 12345" would start after ' ', which
+# follows 'is' in every filler sentence too; the '#' plays the part of the distinct token a
+# word-level tokenizer gives a number, so the question's last token names where the key starts.
+KEY_MARK = '#'
+QUESTION = f' What is the pass key? The pass key is {KEY_MARK}'
+PASSKEY_MIN_LENGTH = 112  # a byte-level prompt and answer need 107 tokens
 
 
 def passkey_line(key: str) -> str:
-  return f' The pass key is {key}. Remember it. {key} is the pass key.'
+  return f' The pass key is {KEY_MARK}{key}. Remember it. {KEY_MARK}{key} is the pass key.'
 
 
 def passkey_sample(rng: np.random.Generator, length: int, depth: float, tokenizer: Tokenizer,
@@ -236,38 +240,63 @@ def passkey_sample(rng: np.random.Generator, length: int, depth: float, tokenize
   return prompt, tokenizer.encode(key).astype(np.int32)
 
 
+COPY_ALPHABET = np.frombuffer(b'0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ',
+                              np.uint8)
+
+
+def copy_sample(rng: np.random.Generator, length: int, tokenizer: Tokenizer,
+                min_unit: int = 4, max_unit: int = 16) -> np.ndarray:
+  """Induction data: a random string of `min_unit`..`max_unit` letters and digits repeated to
+  fill `length` tokens, BOS first. From the second copy on every symbol is predictable only by
+  finding its previous occurrence and copying what followed. Returns i32[length].
+  """
+  unit = bytes(rng.choice(COPY_ALPHABET, int(rng.integers(min_unit, max_unit + 1)))).decode()
+  ids = tokenizer.encode(unit * (length // len(unit) + 1))[:length - 1]
+  return np.concatenate([[tokenizer.bos_id], ids]).astype(np.int32)
+
+
 # ----------------------------------------------------------------------------- training batches
 class PackedBatches:
   """Random crops of length T + 1 from all documents packed into one stream.
 
   With `passkey_fraction` > 0, that fraction of rows starts with a passkey sample (prompt and
   answer, within the window) and is filled up with packed text, so the base model learns the
-  task inside its own window. `batch(step)` is a pure function of (seed, step), so a resumed
+  task inside its own window; with `copy_fraction` > 0, that fraction of rows is a repeated
+  random string (`copy_sample`): dense induction data, without which a model this small does
+  not learn to copy within a short pretraining. `batch(step)` is a pure function of (seed, step), so a resumed
   run sees exactly the batches an uninterrupted one would.
   """
 
   def __init__(self, token_docs: list[np.ndarray], batch_size: int, length: int, seed: int = 0,
-               passkey_fraction: float = 0.0, tokenizer: Tokenizer | None = None):
+               passkey_fraction: float = 0.0, tokenizer: Tokenizer | None = None,
+               copy_fraction: float = 0.0):
     self.stream = np.concatenate(token_docs).astype(np.int32)
     if self.stream.size < length + 2:
       raise ValueError(f"the training corpus has {self.stream.size} tokens, fewer than one "
                        f"sequence of length {length} + 1; use a larger corpus or shorter length.")
     if not 0.0 <= passkey_fraction <= 1.0:
       raise ValueError(f"passkey_fraction must be in [0, 1], got {passkey_fraction}.")
-    if passkey_fraction > 0 and tokenizer is None:
-      raise ValueError("passkey_fraction > 0 needs the tokenizer.")
+    if not 0.0 <= copy_fraction <= 1.0 - passkey_fraction:
+      raise ValueError(f"copy_fraction must be in [0, 1 - passkey_fraction = "
+                       f"{1.0 - passkey_fraction:g}], got {copy_fraction}.")
+    if (passkey_fraction > 0 or copy_fraction > 0) and tokenizer is None:
+      raise ValueError("passkey_fraction or copy_fraction > 0 needs the tokenizer.")
     if passkey_fraction > 0 and length < PASSKEY_MIN_LENGTH:
       raise ValueError(f"passkey samples need a window of at least {PASSKEY_MIN_LENGTH} tokens, "
                        f"the training length is {length}; set pretrain.passkey_fraction = 0.")
     self.batch_size, self.length, self.seed = batch_size, length, seed
     self.passkey_fraction, self.tokenizer = passkey_fraction, tokenizer
+    self.copy_fraction = copy_fraction
 
   def batch(self, step: int) -> np.ndarray:
     """tokens i32[batch_size, length + 1] (inputs are [:, :-1], targets [:, 1:])."""
     rng = np.random.default_rng([self.seed, step])
     starts = rng.integers(0, self.stream.size - self.length - 1, size=self.batch_size)
     rows = self.stream[starts[:, None] + np.arange(self.length + 1)[None]]
-    for i in np.nonzero(rng.random(self.batch_size) < self.passkey_fraction)[0]:
+    kind_B = rng.random(self.batch_size)
+    for i in np.nonzero(kind_B >= 1.0 - self.copy_fraction)[0]:
+      rows[i] = copy_sample(rng, self.length + 1, self.tokenizer)
+    for i in np.nonzero(kind_B < self.passkey_fraction)[0]:
       size = int(rng.integers(max(self.length // 3, PASSKEY_MIN_LENGTH), self.length + 2))
       prompt, answer = passkey_sample(rng, size - 1, float(rng.random()), self.tokenizer)
       sample = np.concatenate([prompt, answer, [self.tokenizer.eos_id]])

@@ -224,6 +224,34 @@ def passkey_accuracy(config: model_lib.ModelConfig, params: Any, tokenizer: data
               methods=results)
 
 
+def passkey_answer_nll(config: model_lib.ModelConfig, params: Any,
+                       tokenizer: data_lib.Tokenizer, length: int, rope: RopeScaling, *,
+                       trials: int = 16, seed: int = 0) -> list[float]:
+  """Teacher-forced NLL (nats) of each answer digit of `trials` passkey prompts at `length`, at
+  random depths: a continuous view of retrieval where accuracy is all or nothing. A model that
+  copies the key drives it toward 0; one that only knows the format sits at ln 10 per digit.
+  """
+  rng = np.random.default_rng([seed, length, 99])
+  samples = [data_lib.passkey_sample(rng, length, float(rng.random()), tokenizer)
+             for _ in range(trials)]
+  prompt_BP = np.stack([p for p, _ in samples])
+  answer_BA = np.stack([a for _, a in samples])
+  P, A = prompt_BP.shape[1], answer_BA.shape[1]
+  nll_BT = nll_fn(config)(params, jnp.asarray(np.concatenate([prompt_BP, answer_BA], 1)), rope)
+  return np.asarray(nll_BT[:, P - 1:P - 1 + A]).mean(axis=0).tolist()
+
+
+_TOKEN_NLL_FNS: dict = {}
+
+
+def nll_fn(config: model_lib.ModelConfig) -> Callable:
+  """Jitted (params, tokens i32[B, T], rope) -> next-token NLL f32[B, T - 1] (cached per config)."""
+  if config not in _TOKEN_NLL_FNS:
+    _TOKEN_NLL_FNS[config] = jax.jit(
+        lambda params, tokens_BT, rope: model_lib.token_nll(config, params, tokens_BT, rope))
+  return _TOKEN_NLL_FNS[config]
+
+
 def generate_switching(config: model_lib.ModelConfig, params: Any, prompt_BP: np.ndarray,
                        factors: rope_lib.LongRopeFactors, num_tokens: int) -> np.ndarray:
   """Greedy generation with Phi-3's short/long switch: the next token after n tokens uses

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import pathlib
 import time
 from typing import Any, Callable
@@ -121,7 +122,7 @@ def pretrain(run: Run) -> None:
                                 clip=c.clip)
   batches = data_lib.PackedBatches(run.documents('train'), c.batch_size, mc.max_len,
                                    seed=run.config.seed, passkey_fraction=c.passkey_fraction,
-                                   tokenizer=run.tokenizer)
+                                   copy_fraction=c.copy_fraction, tokenizer=run.tokenizer)
   val = data_lib.eval_windows(run.documents('validation'), mc.max_len, c.eval_windows,
                               seed=run.config.seed)
   t0 = time.time()
@@ -177,6 +178,12 @@ def passkey(run: Run) -> dict:
       trials=c.trials, seed=run.config.seed, done=done,
       on_result=lambda m, L, acc: ckpt_lib.append_jsonl(cache_path, dict(method=m, length=L,
                                                                           accuracy=acc)))
+  # Where accuracy is 0, the answer's per-digit NLL at the shortest length (no scaling) says
+  # whether the model copies the key at all.
+  results['answer_nll'] = dict(length=min(lengths, default=mc.max_len), nll=(
+      eval_lib.passkey_answer_nll(mc, run.params(), run.tokenizer, min(lengths),
+                                  rope_lib.none(head_dim=mc.head_dim), seed=run.config.seed)
+      if lengths else []))
   run.save_result('passkey', results)
   plots.passkey_heatmaps(results, run.workdir / 'plots' / 'passkey.png')
   return results
@@ -217,6 +224,7 @@ def progressive(run: Run) -> dict:
   batches = data_lib.PackedBatches(run.documents('train'), tuning.batch_size, L1,
                                    seed=run.config.seed + 1,
                                    passkey_fraction=run.config.pretrain.passkey_fraction,
+                                   copy_fraction=run.config.pretrain.copy_fraction,
                                    tokenizer=run.tokenizer)
   optim = train_lib.OptimConfig(steps=tuning.steps, lr=tuning.lr, warmup=tuning.warmup,
                                 final_lr_ratio=tuning.final_lr_ratio,
@@ -320,6 +328,12 @@ def report(run: Run) -> str:
               "KV cache; best per column in bold.", '',
               eval_lib.markdown_table(r, metric='mean', digits=2, best=max), '',
               '![passkey](plots/passkey.png)', '']
+    if r.get('answer_nll', {}).get('nll'):
+      a = r['answer_nll']
+      lines += [f"Teacher-forced NLL of the answer's digits at {a['length']} tokens without "
+                f"scaling: {', '.join(f'{x:.2f}' for x in a['nll'])} nats (ln 10 = "
+                f"{math.log(10):.2f} is a guess among digits; a model that copies the key goes "
+                "toward 0).", '']
   if 'progressive_perplexity' in results and 'perplexity' in results:
     base, prog = results['perplexity'], results['progressive_perplexity']
     if base['lengths'] == prog['lengths']:

@@ -12,6 +12,7 @@ Shapes: B batch, T length, N heads, H head dim, F = H // 2 rotary frequencies.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 from typing import Callable
 
@@ -90,22 +91,33 @@ def register(name: str):
   return wrap
 
 
+# What `method_kwargs` describes about an extension; each constructor takes the part it needs.
+CONTEXT_KEYS = ('head_dim', 'theta', 'original_length', 'length', 'scale')
+
+
 def get(name: str, **kwargs) -> RopeScaling:
-  """Builds method `name` with keyword arguments; unknown names raise a ValueError."""
+  """Builds method `name`. Context keywords (`CONTEXT_KEYS`, as `method_kwargs` returns them) go
+  to the constructors that take them; any other keyword must be one of the method's own options,
+  so a misspelled option raises a ValueError instead of being silently ignored."""
   if name not in METHODS:
     raise ValueError(f"Unknown RoPE method {name!r}; choose one of {sorted(METHODS)}.")
-  return METHODS[name](**kwargs)
+  accepted = inspect.signature(METHODS[name]).parameters
+  unknown = sorted(k for k in kwargs if k not in accepted and k not in CONTEXT_KEYS)
+  if unknown:
+    raise ValueError(f"RoPE method {name!r} has no option {', '.join(map(repr, unknown))}; its "
+                     f"keywords are {', '.join(accepted)}.")
+  return METHODS[name](**{k: v for k, v in kwargs.items() if k in accepted})
 
 
 @register("none")
-def none(*, head_dim: int, **unused) -> RopeScaling:
+def none(*, head_dim: int) -> RopeScaling:
   """Vanilla RoPE: every factor 1."""
   _check_head_dim(head_dim)
   return make(np.ones(head_dim // 2), head_dim=head_dim)
 
 
 @register("linear")
-def linear(*, head_dim: int, scale: float, **unused) -> RopeScaling:
+def linear(*, head_dim: int, scale: float) -> RopeScaling:
   """Position interpolation (Chen et al., 2023): lambda_i = s for every frequency."""
   _check_head_dim(head_dim)
   _check_scale(scale)
@@ -122,7 +134,7 @@ def ntk_factors(head_dim: int, scale: float) -> np.ndarray:
 
 
 @register("ntk")
-def ntk(*, head_dim: int, scale: float, **unused) -> RopeScaling:
+def ntk(*, head_dim: int, scale: float) -> RopeScaling:
   """NTK-aware scaled RoPE (bloc97, 2023): a larger base, highest frequency untouched."""
   _check_head_dim(head_dim)
   _check_scale(scale)
@@ -140,12 +152,11 @@ def dynamic_scale(length: int, original_length: int, dynamic_factor: float = 1.0
 
 
 @register("dynamic_ntk")
-def dynamic_ntk(*, head_dim: int, length: int, original_length: int, dynamic_factor: float = 1.0,
-                **unused) -> RopeScaling:
+def dynamic_ntk(*, head_dim: int, length: int, original_length: int, dynamic_factor: float = 1.0) -> RopeScaling:
   """Dynamic NTK (emozilla, 2023): NTK-aware with the scale set by the current `length`.
 
-  `dynamic_factor` is HF's rope_scaling['factor'] for type 'dynamic'; `scale` (L' / L, as
-  `method_kwargs` passes it) is ignored: the length alone sets the scale.
+  `dynamic_factor` is HF's rope_scaling['factor'] for type 'dynamic'; it takes no `scale`: the
+  length alone sets the scale.
   """
   return ntk(head_dim=head_dim, scale=dynamic_scale(length, original_length, dynamic_factor))
 
@@ -181,7 +192,7 @@ def yarn_ramp(head_dim: int, theta: float, original_length: int, beta_fast: floa
 @register("yarn")
 def yarn(*, head_dim: int, scale: float, theta: float, original_length: int,
          beta_fast: float = 32.0, beta_slow: float = 1.0, mscale: float = 1.0,
-         attn_scale: float | None = None, truncate: bool = True, **unused) -> RopeScaling:
+         attn_scale: float | None = None, truncate: bool = True) -> RopeScaling:
   """YaRN (Peng et al., 2023): NTK-by-parts ramp plus attention temperature 0.1 ln s + 1.
 
   Inverse frequencies are blended, as in the paper and HF: inv_freq_i * (ramp_i / s + 1 - ramp_i).
@@ -199,7 +210,7 @@ def yarn(*, head_dim: int, scale: float, theta: float, original_length: int,
 
 @register("llama3")
 def llama3(*, head_dim: int, scale: float, theta: float, original_length: int,
-           low_freq_factor: float = 1.0, high_freq_factor: float = 4.0, **unused) -> RopeScaling:
+           low_freq_factor: float = 1.0, high_freq_factor: float = 4.0) -> RopeScaling:
   """Llama-3.1 scaling: keep wavelengths < L0 / high_freq_factor, divide those > L0 /
   low_freq_factor by s, and interpolate inverse frequencies smoothly in between."""
   _check_head_dim(head_dim)
@@ -229,7 +240,7 @@ def longrope_attention_scale(scale: float, original_length: int) -> float:
 @register("longrope")
 def longrope(*, factors, n_hat: int = 0, scale: float | None = None,
              original_length: int | None = None, attn_scale: float | None = None,
-             head_dim: int | None = None, **unused) -> RopeScaling:
+             head_dim: int | None = None) -> RopeScaling:
   """LongRoPE: searched per-frequency factors and n_hat un-interpolated initial positions.
 
   The attention scale defaults to sqrt(1 + ln s / ln L0), which needs `scale` and
@@ -246,7 +257,7 @@ def longrope(*, factors, n_hat: int = 0, scale: float | None = None,
 
 
 def method_kwargs(*, head_dim: int, theta: float, original_length: int, length: int) -> dict:
-  """The keyword arguments every registered constructor accepts for an extension to `length`."""
+  """The context of an extension to `length` (`CONTEXT_KEYS`), for `get`."""
   return dict(head_dim=head_dim, theta=theta, original_length=original_length, length=length,
               scale=max(1.0, length / original_length))
 

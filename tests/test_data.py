@@ -72,3 +72,26 @@ def test_text_files_corpus(tmp_path):
   assert len(docs) == 40
   single = data_lib.file_documents(tmp_path / 'doc3.txt')
   assert single[0].text == b'document 3\n' * 4
+
+
+def test_copy_rows_repeat_a_random_unit_and_mix_with_passkey_rows():
+  tok = data_lib.ByteTokenizer()
+  row = data_lib.copy_sample(np.random.default_rng(0), 100, tok)
+  assert row.shape == (100,) and row[0] == tok.bos_id
+  text = tok.decode(row[1:])
+  period = next(p for p in range(4, 17) if text[p:] == text[:-p])
+  assert len(set(text[:period])) > 1 and text[:period].isalnum()
+  docs = [np.arange(3000, dtype=np.int32) % 200]
+  b = data_lib.PackedBatches(docs, batch_size=64, length=256, seed=0, passkey_fraction=0.25,
+                             copy_fraction=0.25, tokenizer=tok)
+  rows = b.batch(3)
+  is_copy = np.array([r[0] == tok.bos_id and tok.decode(r[1:20]).isalnum() for r in rows])
+  is_passkey = np.array([r[0] == tok.bos_id and not c for r, c in zip(rows, is_copy)])
+  assert 4 <= is_copy.sum() <= 28 and 4 <= is_passkey.sum() <= 28
+  np.testing.assert_array_equal(rows, b.batch(3))
+  # Without copy rows the batches are those of a run configured before they existed.
+  plain = data_lib.PackedBatches(docs, 64, 256, seed=0, passkey_fraction=0.25, tokenizer=tok)
+  np.testing.assert_array_equal(plain.batch(3)[~is_copy & ~is_passkey],
+                                rows[~is_copy & ~is_passkey])
+  with pytest.raises(ValueError, match='copy_fraction'):
+    data_lib.PackedBatches(docs, 4, 256, passkey_fraction=0.5, copy_fraction=0.6, tokenizer=tok)

@@ -141,3 +141,21 @@ def test_short_long_switch_at_the_original_length(params):
   np.testing.assert_array_equal(out, _reference_greedy(params, prompt, factors.select, 6))
   with pytest.raises(ValueError, match='differ in length'):
     rope_lib.LongRopeFactors(short, rope_lib.none(head_dim=2 * F + 2), L0)
+
+
+def test_passkey_answer_nll_scores_exactly_the_answer_digits(params):
+  tok = data_lib.ByteTokenizer()
+  rope = rope_lib.none(head_dim=CFG.head_dim)
+  nll = eval_lib.passkey_answer_nll(CFG, params, tok, 128, rope, trials=3, seed=4)
+  assert len(nll) == 5
+  # The same prompts, scored one by one: the NLL of answer digit i is that of the token at P + i
+  # given everything before it.
+  rng = np.random.default_rng([4, 128, 99])
+  rows = []
+  for _ in range(3):
+    prompt, answer = data_lib.passkey_sample(rng, 128, float(rng.random()), tok)
+    seq = np.concatenate([prompt, answer])[None]
+    logits = _forward(CFG, params, jnp.asarray(seq), jnp.arange(seq.shape[1])[None], rope)
+    logp = jax.nn.log_softmax(logits[0, len(prompt) - 1:-1], -1)
+    rows.append(-np.asarray(logp[np.arange(5), answer]))
+  np.testing.assert_allclose(nll, np.mean(rows, 0), rtol=1e-4)

@@ -260,9 +260,11 @@ def test_factor_one_is_vanilla_rope():
                              rtol=1e-6, atol=1e-6)
   kwargs = dict(head_dim=HEAD_DIM, theta=THETA, original_length=L0, scale=1.0)
   at_scale_one = [
-      rope_lib.linear(**kwargs), rope_lib.ntk(**kwargs), rope_lib.yarn(**kwargs),
-      rope_lib.llama3(**kwargs), rope_lib.dynamic_ntk(length=L0 // 2, **kwargs),
-      rope_lib.longrope(factors=np.ones(4), n_hat=8, **kwargs), rope_lib.make(np.ones(4), n_hat=5)]
+      rope_lib.get('linear', **kwargs), rope_lib.get('ntk', **kwargs),
+      rope_lib.get('yarn', **kwargs), rope_lib.get('llama3', **kwargs),
+      rope_lib.get('dynamic_ntk', length=L0 // 2, **kwargs),
+      rope_lib.get('longrope', factors=np.ones(4), n_hat=8, **kwargs),
+      rope_lib.make(np.ones(4), n_hat=5)]
   for rope in at_scale_one:
     np.testing.assert_array_equal(rope.factors, np.ones(4))
     assert float(rope.attn_scale) == 1.0
@@ -399,6 +401,11 @@ def test_vmap_over_stacked_methods_equals_each():
                                   dynamic_factor=0.5), 'dynamic_factor'),
     (lambda: rope_lib.dynamic_ntk(head_dim=8, length=0, original_length=256), 'length'),
     (lambda: rope_lib.get('nope', head_dim=8), 'Unknown RoPE method'),
+    # A misspelled option is an error, not silently dropped; context keywords are not.
+    (lambda: rope_lib.get('yarn', head_dim=8, scale=2.0, theta=1e4, original_length=256,
+                          length=512, beta_fst=16.0), 'beta_fst'),
+    (lambda: rope_lib.get('dynamic_ntk', head_dim=8, length=512, original_length=256,
+                          dynamic_scale=2.0), 'dynamic_scale'),
 ])
 def test_bad_input_raises_naming_the_field(build, field):
   with pytest.raises(ValueError, match=field):
