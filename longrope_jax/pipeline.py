@@ -292,6 +292,31 @@ def progressive_evaluate(run: Run) -> dict:
   return results
 
 
+def progressive_summary(base: dict, prog: dict) -> list[str]:
+  """The two checks of progressive extension, in words: at the longest length, the fine-tuned
+  model against every method without fine-tuning; at L0, the short factors against the base."""
+  lengths, L0 = base['lengths'], base['original_length']
+  ppl = lambda results, name, j: results['methods'][name]['perplexity'][j]  # noqa: E731
+  lines = []
+  j = len(lengths) - 1
+  others = {m: ppl(base, m, j) for m in base['methods'] if ppl(base, m, j) is not None}
+  ours = ppl(prog, 'longrope_progressive', j)
+  if others and ours is not None:
+    best = min(others, key=others.get)
+    lines.append(f"- At {lengths[j]} tokens ({lengths[j] / L0:g}x): progressive {ours:.3f} vs "
+                 f"the best method without fine-tuning, {best}, {others[best]:.3f} "
+                 f"({'below' if ours < others[best] else 'NOT below'} every method).")
+  if L0 in lengths and 'none' in base['methods']:
+    j = lengths.index(L0)
+    ref, short = ppl(base, 'none', j), ppl(prog, 'longrope_progressive', j)
+    no_short = ppl(prog, 'longrope_progressive_no_short', j)
+    if None not in (ref, short, no_short):
+      lines.append(f"- At L0 = {L0}: the base model {ref:.3f}; the fine-tuned model with the "
+                   f"short factors {short:.3f} ({100 * (short / ref - 1):+.1f}%), with the long "
+                   f"factors {no_short:.3f} ({100 * (no_short / ref - 1):+.1f}%).")
+  return lines + [''] if lines else []
+
+
 def longrope_source(run: Run) -> Callable[[int], rope_lib.RopeScaling | None]:
   """The searched factors at every length beyond L0 (None at L <= L0, where no scaling is
   needed)."""
@@ -346,6 +371,7 @@ def report(run: Run) -> str:
                 "`longrope_progressive` uses the short factors up to L0 and the long ones beyond; "
                 "the other rows are the base model without fine-tuning.", '',
                 eval_lib.markdown_table(merged), '']
+      lines += progressive_summary(base, prog)
   if 'search' in results:
     lines += [f"## LongRoPE search ({results['search']['split']} split)", '',
               search_lib.markdown_summary(results['search']), '']

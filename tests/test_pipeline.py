@@ -66,4 +66,11 @@ def test_progressive_stages_on_the_toy_config(tmp_path):
   assert all(v is not None for v in ppl['longrope_progressive']['nll'])
   # Up to L0 the switch takes the short factors, beyond it the long ones.
   assert ppl['longrope_progressive']['nll'][1:] == ppl['longrope_progressive_no_short']['nll'][1:]
-  assert '## Progressive extension' in (tmp_path / 'report.md').read_text()
+  report = (tmp_path / 'report.md').read_text()
+  assert '## Progressive extension' in report
+  base = results['perplexity']['methods']
+  short_1x = ppl['longrope_progressive']['perplexity'][0]
+  assert f"the base model {base['none']['perplexity'][0]:.3f}" in report
+  assert f"short factors {short_1x:.3f}" in report
+  best_4x = min(m['perplexity'][-1] for m in base.values() if m['perplexity'][-1] is not None)
+  assert f"{best_4x:.3f} (" in report
