@@ -41,8 +41,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.pretrain.eval_windows = 64      # validation windows at the training length
   c.pretrain.passkey_fraction = 0.1  # rows that start with an in-window passkey sample
   # Rows of a repeated random string (induction data). 0 in the demo: at 0.2 the 800-step model
-  # still did not copy (copy-row NLL 3.5 nats of ln 62 = 4.1 at step 500) and its held-out
-  # bits per byte at step 400 rose from 2.82 to 3.02; worth it only with a longer budget.
+  # still did not copy (copy-row NLL 3.4-3.6 nats of ln 62 = 4.1 at step 500) and its held-out
+  # bits per byte at step 400 rose from 2.66 to 3.02; worth it only with a longer budget.
   c.pretrain.copy_fraction = 0.0
 
   # LongRoPE's search at 8x with a short budget (the paper's: population 64, 32 parents,

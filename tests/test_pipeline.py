@@ -30,6 +30,14 @@ def test_demo_test_config_runs_end_to_end_and_resumes(tmp_path):
   assert json.loads((tmp_path / 'results.json').read_text())['perplexity'] == ppl
   assert (tmp_path / 'ckpt').stat().st_mtime == mtime
   assert run.results()['pretrain']['steps'] == 20
+  # The copying diagnostic reads the same workdir.
+  proc = subprocess.run(
+      [sys.executable, '-m', 'experiments.copy_probe', '--config', 'configs/demo.py:test',
+       '--workdir', str(tmp_path)], capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  digits = proc.stdout.split('per digit at 112 tokens: ')[1].split(' (')[0].split(', ')
+  assert len(digits) == 5 and all(0 < float(x) < 20 for x in digits)
+  assert 'repeated-string NLL by quarter' in proc.stdout
 
 
 def test_unknown_stage_and_locked_config(tmp_path):
