@@ -6,6 +6,7 @@ method costs forward passes, never a compilation.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, Iterable, Mapping
 
@@ -32,16 +33,18 @@ def batch_size_for(length: int, batch_tokens: int) -> int:
   return max(1, batch_tokens // length)
 
 
-_NLL_FNS: dict = {}
+@functools.cache
+def nll_fn(config: model_lib.ModelConfig) -> Callable:
+  """Jitted (params, tokens i32[B, T], rope) -> next-token NLL f32[B, T - 1] (one per config)."""
+  return jax.jit(lambda params, tokens_BT, rope: model_lib.token_nll(config, params, tokens_BT,
+                                                                     rope))
 
 
+@functools.cache
 def nll_sum_fn(config: model_lib.ModelConfig) -> Callable:
-  """Jitted (params, windows i32[B, L], rope) -> summed next-token NLL f32[B] (cached per config)."""
-  if config not in _NLL_FNS:
-    _NLL_FNS[config] = jax.jit(
-        lambda params, windows_BL, rope: model_lib.token_nll(config, params, windows_BL,
-                                                             rope).sum(axis=-1))
-  return _NLL_FNS[config]
+  """Jitted (params, windows i32[B, L], rope) -> summed next-token NLL f32[B] (one per config)."""
+  return jax.jit(lambda params, windows_BL, rope: model_lib.token_nll(config, params, windows_BL,
+                                                                      rope).sum(axis=-1))
 
 
 def mean_nll(config: model_lib.ModelConfig, params: Any, windows_NL: np.ndarray,
@@ -239,17 +242,6 @@ def passkey_answer_nll(config: model_lib.ModelConfig, params: Any,
   P, A = prompt_BP.shape[1], answer_BA.shape[1]
   nll_BT = nll_fn(config)(params, jnp.asarray(np.concatenate([prompt_BP, answer_BA], 1)), rope)
   return np.asarray(nll_BT[:, P - 1:P - 1 + A]).mean(axis=0).tolist()
-
-
-_TOKEN_NLL_FNS: dict = {}
-
-
-def nll_fn(config: model_lib.ModelConfig) -> Callable:
-  """Jitted (params, tokens i32[B, T], rope) -> next-token NLL f32[B, T - 1] (cached per config)."""
-  if config not in _TOKEN_NLL_FNS:
-    _TOKEN_NLL_FNS[config] = jax.jit(
-        lambda params, tokens_BT, rope: model_lib.token_nll(config, params, tokens_BT, rope))
-  return _TOKEN_NLL_FNS[config]
 
 
 def generate_switching(config: model_lib.ModelConfig, params: Any, prompt_BP: np.ndarray,

@@ -67,7 +67,7 @@ def test_perplexity_vs_length_table_and_resume(params, docs):
 
 
 def test_one_compile_for_every_method(params, docs):
-  eval_lib._NLL_FNS.pop(CFG, None)
+  eval_lib.nll_sum_fn.cache_clear()
   eval_lib.perplexity_vs_length(CFG, params, docs, [128], methods=eval_lib.DEFAULT_METHODS,
                                 num_windows=2, progress=False)
   assert eval_lib.nll_sum_fn(CFG)._cache_size() == 1
