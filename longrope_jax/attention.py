@@ -36,19 +36,26 @@ def causal_mask(q_pos_BT: jax.Array, k_pos_BS: jax.Array, window: int | None = N
 
 def dense_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, q_pos_BT: jax.Array,
                     k_pos_BS: jax.Array, *, window: int | None = None, **unused) -> jax.Array:
-  """Reference causal grouped-query attention; materializes the [B, N, T, S] scores in f32."""
+  """Reference causal grouped-query attention; materializes the [B, N, T, S] scores in f32.
+
+  The G query heads of a kv head are stacked with the queries (M = G * T rows) so both products
+  are plain batched matmuls over (B, K).
+  """
   B, T, N, H = q_BTNH.shape
-  K = k_BSKH.shape[2]
-  q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
-  logits_BKGTS = jnp.einsum('BTKGH,BSKH->BKGTS', q_BTKGH, k_BSKH,
-                            preferred_element_type=jnp.float32) * (H ** -0.5)
-  mask_B11TS = causal_mask(q_pos_BT, k_pos_BS, window)[:, None, None]
-  logits_BKGTS = jnp.where(mask_B11TS, logits_BKGTS, -jnp.inf)
-  probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1)
-  probs_BKGTS = jnp.where(mask_B11TS, probs_BKGTS, 0.0)  # rows with no visible key give zeros
-  out_BTKGH = jnp.einsum('BKGTS,BSKH->BTKGH', probs_BKGTS.astype(v_BSKH.dtype), v_BSKH,
-                         preferred_element_type=jnp.float32)
-  return out_BTKGH.reshape(B, T, N, H).astype(q_BTNH.dtype)
+  S, K = k_BSKH.shape[1], k_BSKH.shape[2]
+  G = N // K
+  q_BKMH = q_BTNH.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, H)
+  logits_BKMS = jnp.einsum('BKMH,BSKH->BKMS', q_BKMH, k_BSKH,
+                           preferred_element_type=jnp.float32) * (H ** -0.5)
+  mask_B1MS = jnp.broadcast_to(causal_mask(q_pos_BT, k_pos_BS, window)[:, None, None],
+                               (B, 1, G, T, S)).reshape(B, 1, G * T, S)
+  logits_BKMS = jnp.where(mask_B1MS, logits_BKMS, -jnp.inf)
+  probs_BKMS = jax.nn.softmax(logits_BKMS, axis=-1)
+  probs_BKMS = jnp.where(mask_B1MS, probs_BKMS, 0.0)  # rows with no visible key give zeros
+  out_BKMH = jnp.einsum('BKMS,BSKH->BKMH', probs_BKMS.astype(v_BSKH.dtype), v_BSKH,
+                        preferred_element_type=jnp.float32)
+  out_BTNH = out_BKMH.reshape(B, K, G, T, H).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
+  return out_BTNH.astype(q_BTNH.dtype)
 
 
 # ----------------------------------------------------------------------------- validation

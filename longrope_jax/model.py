@@ -1,7 +1,7 @@
 """A Llama / Mistral-style decoder in Flax linen whose RoPE scaling is a call argument.
 
 Shapes: B batch, T length (queries), S cache length (keys), N query heads, K kv heads,
-G = N // K, H head dim, D model dim, F MLP hidden dim, V vocab, L layers.
+G = N // K, H head dim, D model dim, F MLP hidden dim, V vocab, L layers, M = B * T rows.
 
 `rope` (a `rope.RopeScaling` pytree) and `positions` are inputs, never attributes, so one
 compiled forward serves every scaling method and every search candidate at a given shape.
@@ -114,6 +114,14 @@ def get_config(name: str, **overrides) -> ModelConfig:
 
 
 # ----------------------------------------------------------------------------- modules
+# Projections run as 2-D matmuls over M = B * T rows: XLA:CPU differentiates a SwiGLU block written
+# so 1.6x faster than with 3-D einsums, and the demo's train step runs 1.24x faster
+# (bench/train_step.py).
+def project(x_MD: jax.Array, w_DXY: jax.Array) -> jax.Array:
+  """x[M, D] @ w[D, X, Y] -> [M, X * Y]."""
+  return x_MD @ w_DXY.reshape(w_DXY.shape[0], -1)
+
+
 class Attention(nn.Module):
   """Grouped-query self-attention with RoPE applied at explicit positions."""
 
@@ -130,10 +138,11 @@ class Attention(nn.Module):
                                                     (2 * c.num_layers) ** 0.5),
                         (c.num_heads, c.head_dim, c.dim), c.weight_dtype)
     dt = c.compute_dtype
-    x_BTD = x_BTD.astype(dt)
-    q_BTNH = jnp.einsum('BTD,DNH->BTNH', x_BTD, wq_DNH.astype(dt))
-    k_BTKH = jnp.einsum('BTD,DKH->BTKH', x_BTD, wk_DKH.astype(dt))
-    v_BTKH = jnp.einsum('BTD,DKH->BTKH', x_BTD, wv_DKH.astype(dt))
+    B, T, D = x_BTD.shape
+    x_MD = x_BTD.astype(dt).reshape(B * T, D)
+    q_BTNH = project(x_MD, wq_DNH.astype(dt)).reshape(B, T, c.num_heads, c.head_dim)
+    k_BTKH = project(x_MD, wk_DKH.astype(dt)).reshape(B, T, c.num_kv_heads, c.head_dim)
+    v_BTKH = project(x_MD, wv_DKH.astype(dt)).reshape(B, T, c.num_kv_heads, c.head_dim)
     q_BTNH = apply_rope(q_BTNH, positions_BT, rope, theta=c.rope_theta)
     k_BTKH = apply_rope(k_BTKH, positions_BT, rope, theta=c.rope_theta)
 
@@ -146,8 +155,8 @@ class Attention(nn.Module):
                                     impl=c.attention if cache is None else 'dense',
                                     window=c.sliding_window, block_q=c.block_q,
                                     block_k=c.block_k)
-    out_BTD = jnp.einsum('BTNH,NHD->BTD', out_BTNH, wo_NHD.astype(dt))
-    return out_BTD, cache
+    out_MD = out_BTNH.reshape(B * T, -1) @ wo_NHD.astype(dt).reshape(-1, D)
+    return out_MD.reshape(B, T, D), cache
 
 
 class MLP(nn.Module):
@@ -165,10 +174,11 @@ class MLP(nn.Module):
     w_down_FD = self.param('down', nn.initializers.normal(c.mlp_dim ** -0.5 /
                                                           (2 * c.num_layers) ** 0.5),
                            (c.mlp_dim, c.dim), c.weight_dtype)
-    x_BTD = x_BTD.astype(dt)
-    gate_BTF = jnp.einsum('BTD,DF->BTF', x_BTD, w_gate_DF.astype(dt))
-    up_BTF = jnp.einsum('BTD,DF->BTF', x_BTD, w_up_DF.astype(dt))
-    return jnp.einsum('BTF,FD->BTD', nn.silu(gate_BTF) * up_BTF, w_down_FD.astype(dt))
+    B, T, D = x_BTD.shape
+    x_MD = x_BTD.astype(dt).reshape(B * T, D)
+    gate_MF = x_MD @ w_gate_DF.astype(dt)
+    up_MF = x_MD @ w_up_DF.astype(dt)
+    return ((nn.silu(gate_MF) * up_MF) @ w_down_FD.astype(dt)).reshape(B, T, D)
 
 
 class DecoderLayer(nn.Module):
@@ -208,13 +218,13 @@ class Decoder(nn.Module):
     x_BTD = nn.RMSNorm(epsilon=c.norm_eps, dtype=jnp.float32, param_dtype=c.weight_dtype,
                        name='final_norm')(x_BTD)
     if c.tie_embeddings:
-      logits_BTV = embed.attend(x_BTD.astype(c.compute_dtype))
+      w_DV = embed.embedding.T
     else:
       w_DV = self.param('lm_head', nn.initializers.normal(c.dim ** -0.5), (c.dim, c.vocab_size),
                         c.weight_dtype)
-      logits_BTV = jnp.einsum('BTD,DV->BTV', x_BTD.astype(c.compute_dtype),
-                              w_DV.astype(c.compute_dtype))
-    return logits_BTV.astype(jnp.float32), new_cache
+    B, T, D = x_BTD.shape
+    logits_MV = x_BTD.astype(c.compute_dtype).reshape(B * T, D) @ w_DV.astype(c.compute_dtype)
+    return logits_MV.reshape(B, T, -1).astype(jnp.float32), new_cache
 
 
 # ----------------------------------------------------------------------------- helpers
