@@ -47,12 +47,16 @@ class OptimConfig:
       raise ValueError(f"lr must be positive, got {self.lr}.")
 
 
-def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
-  schedule = optax.warmup_cosine_decay_schedule(
+def make_schedule(cfg: OptimConfig) -> optax.Schedule:
+  """Learning rate by step: linear warmup from 0, then cosine decay to lr * final_lr_ratio."""
+  return optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=cfg.lr, warmup_steps=cfg.warmup,
       decay_steps=cfg.steps, end_value=cfg.lr * cfg.final_lr_ratio)
+
+
+def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
   return optax.chain(optax.clip_by_global_norm(cfg.clip),
-                     optax.adamw(schedule, b2=cfg.b2, weight_decay=cfg.weight_decay))
+                     optax.adamw(make_schedule(cfg), b2=cfg.b2, weight_decay=cfg.weight_decay))
 
 
 def init_state(config: model_lib.ModelConfig, optimizer: optax.GradientTransformation,
@@ -117,8 +121,7 @@ def train(config: model_lib.ModelConfig, optim: OptimConfig, batches: PackedBatc
 
   step_fn = make_train_step(config, optimizer)
   eval_nll = make_eval_nll(config) if eval_windows is not None else None
-  schedule = optax.warmup_cosine_decay_schedule(0.0, optim.lr, optim.warmup, optim.steps,
-                                                optim.lr * optim.final_lr_ratio)
+  schedule = make_schedule(optim)
   bar = tqdm(total=optim.steps, initial=start, desc=desc, dynamic_ncols=True)
   tokens_per_step = batches.batch_size * batches.length
   t0, window_losses = time.time(), []
