@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from longrope_jax import hf as hf_lib
 from longrope_jax import model as model_lib
 from longrope_jax import rope as rope_lib
 from longrope_jax import train as train_lib
@@ -50,12 +51,7 @@ def torch_step_fn(config: model_lib.ModelConfig, tokens: np.ndarray):
   import torch
   from transformers import LlamaConfig, LlamaForCausalLM
   torch.manual_seed(0)
-  hf = LlamaConfig(vocab_size=config.vocab_size, hidden_size=config.dim,
-                   num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads,
-                   num_key_value_heads=config.num_kv_heads, head_dim=config.head_dim,
-                   intermediate_size=config.mlp_dim, max_position_embeddings=config.max_len,
-                   rope_theta=config.rope_theta, rms_norm_eps=config.norm_eps,
-                   tie_word_embeddings=config.tie_embeddings, attn_implementation='sdpa')
+  hf = LlamaConfig.from_dict(hf_lib.hf_config_for(config), attn_implementation='sdpa')
   model = LlamaForCausalLM(hf)
   opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
   x = torch.tensor(tokens, dtype=torch.long)

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from longrope_jax import data as data_lib
+from longrope_jax import hf as hf_lib
 from longrope_jax import model as model_lib
 from longrope_jax import rope as rope_lib
 from longrope_jax import train as train_lib
@@ -46,13 +47,9 @@ def torch_trainer(config: model_lib.ModelConfig, optim: train_lib.OptimConfig, s
   import torch
   from transformers import LlamaConfig, LlamaForCausalLM
   torch.manual_seed(seed)
-  model = LlamaForCausalLM(LlamaConfig(
-      vocab_size=config.vocab_size, hidden_size=config.dim, num_hidden_layers=config.num_layers,
-      num_attention_heads=config.num_heads, num_key_value_heads=config.num_kv_heads,
-      head_dim=config.head_dim, intermediate_size=config.mlp_dim,
-      max_position_embeddings=config.max_len, rope_theta=config.rope_theta,
-      rms_norm_eps=config.norm_eps, tie_word_embeddings=config.tie_embeddings,
-      initializer_range=config.dim ** -0.5, attn_implementation='sdpa'))
+  model = LlamaForCausalLM(LlamaConfig.from_dict(
+      hf_lib.hf_config_for(config), initializer_range=config.dim ** -0.5,
+      attn_implementation='sdpa'))
   opt = torch.optim.AdamW(model.parameters(), lr=optim.lr, betas=(0.9, optim.b2),
                           weight_decay=optim.weight_decay)
   schedule = jax.jit(train_lib.make_schedule(optim))
@@ -108,12 +105,12 @@ def main():
                         for _ in range(args.batch)])
     state, metrics = jax_step(state, jnp.asarray(rows_BT), rope)
     window['torch'].append(torch_step(i, rows_BT))
-    window['jax'].append(float(metrics['loss']))
+    window['jax'].append(metrics['loss'])  # read back once per report, not per step
     bag, copy = reference_losses(rows_BT)
     window['bag'].append(bag)
     window['copy'].append(copy)
     if (i + 1) % args.every == 0 or i + 1 == args.steps:
-      means = {k: np.mean(v) for k, v in window.items()}
+      means = {k: np.mean(jax.device_get(v)) for k, v in window.items()}
       print(f"{i + 1:6d} {means['jax']:7.3f} {means['torch']:7.3f} {means['bag']:7.3f} "
             f"{means['copy']:7.3f}", flush=True)
       window = {k: [] for k in window}

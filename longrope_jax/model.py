@@ -115,7 +115,7 @@ def get_config(name: str, **overrides) -> ModelConfig:
 
 # ----------------------------------------------------------------------------- modules
 # Projections run as 2-D matmuls over M = B * T rows: XLA:CPU differentiates a SwiGLU block written
-# so 1.6x faster than with 3-D einsums, and the demo's train step runs 1.24x faster
+# so about 1.5x faster than with 3-D einsums, and the demo's train step ran 1.24x faster
 # (bench/train_step.py).
 def project(x_MD: jax.Array, w_DXY: jax.Array) -> jax.Array:
   """x[M, D] @ w[D, X, Y] -> [M, X * Y]."""
