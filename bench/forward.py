@@ -62,7 +62,7 @@ def main():
   cfg = model_lib.get_config(args.variant, attention=impl)
   params = model_lib.init_params(cfg, jax.random.key(0))
   rope = rope_lib.yarn(head_dim=cfg.head_dim, scale=8.0, theta=cfg.rope_theta,
-                       original_length=cfg.max_len)
+                       original_length=cfg.original_length)
   fwd = jax.jit(lambda p, t, pos, r: model_lib.forward(cfg, p, t, pos, r))
   peak = matmul_peak()
   rows = []

@@ -87,7 +87,7 @@ def main(argv=None) -> dict:
     params = model_lib.init_params(mc, jax.random.key(0))
     weights = 'random (no checkpoint in --workdir)'
   c = config.search
-  length = int(c.multiple * mc.max_len)
+  length = int(c.multiple * mc.original_length)
   val = data_lib.eval_windows(run.documents(c.split), length, c.num_windows, seed=config.seed)
   test = data_lib.eval_windows(run.documents(config.evaluate.split), length,
                                config.evaluate.num_windows, seed=config.seed)
@@ -99,7 +99,7 @@ def main(argv=None) -> dict:
       crossovers=population - parents - mutations, generations=10_000))
   if settings.attention:  # the search's attention (numerically the model's, maybe faster)
     mc = mc.replace(attention=settings.attention)
-  space = search_lib.make_space(head_dim=mc.head_dim, original_length=mc.max_len,
+  space = search_lib.make_space(head_dim=mc.head_dim, original_length=mc.original_length,
                                 target_length=length)
   rng = np.random.default_rng(0)
 

@@ -109,7 +109,7 @@ def main():
   args = parser.parse_args()
 
   config = model_lib.get_config('demo', attention='dense')
-  B, T = args.batch, config.max_len
+  B, T = args.batch, config.original_length
   tokens = np.random.default_rng(0).integers(0, 256, (B, T + 1)).astype(np.int32)
   torch_run, torch_threads = torch_step_fn(config, tokens)
   step = interleaved({'jax': jax_step_fn(config, tokens), 'torch': torch_run}, args.repeats)

@@ -27,12 +27,12 @@ def main(argv):
   mc, tok = run.model_config, run.tokenizer
   params = run.params()
   rope = rope_lib.none(head_dim=mc.head_dim)
-  length = max(mc.max_len, data_lib.PASSKEY_MIN_LENGTH)
+  length = max(mc.original_length, data_lib.PASSKEY_MIN_LENGTH)
   answer = eval_lib.passkey_answer_nll(mc, params, tok, length, rope, seed=run.config.seed)
   print(f'passkey answer NLL per digit at {length} tokens: '
         f"{', '.join(f'{x:.3f}' for x in answer)} (guess: ln 10 = {math.log(10):.3f})")
   rng = np.random.default_rng([run.config.seed, 7])
-  rows = np.stack([data_lib.copy_sample(rng, mc.max_len, tok) for _ in range(16)])
+  rows = np.stack([data_lib.copy_sample(rng, mc.original_length, tok) for _ in range(16)])
   nll = np.asarray(eval_lib.nll_fn(mc)(params, jnp.asarray(rows), rope))
   quarters = np.array_split(nll.mean(axis=0), 4)
   print('repeated-string NLL by quarter of the window: '

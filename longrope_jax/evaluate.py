@@ -65,9 +65,9 @@ def mean_nll(config: model_lib.ModelConfig, params: Any, windows_NL: np.ndarray,
 
 def method_rope(name: str, *, config: model_lib.ModelConfig, length: int,
                 **overrides) -> RopeScaling:
-  """Registered method `name` extending config.max_len to `length` (scale s = length / L0)."""
+  """Registered method `name` extending config.original_length to `length` (scale s = length / L0)."""
   kwargs = rope_lib.method_kwargs(head_dim=config.head_dim, theta=config.rope_theta,
-                                  original_length=config.max_len, length=length)
+                                  original_length=config.original_length, length=length)
   kwargs.update(overrides)
   return rope_lib.get(name, **kwargs)
 
@@ -111,7 +111,7 @@ def perplexity_vs_length(config: model_lib.ModelConfig, params: Any,
       bar.set_postfix(L=L, method=name, ppl='-' if nll is None else f'{math.exp(nll):.3f}')
       bar.update(1)
   bar.close()
-  return dict(lengths=lengths, original_length=config.max_len,
+  return dict(lengths=lengths, original_length=config.original_length,
               num_windows=num_windows, methods=results)
 
 
@@ -223,7 +223,7 @@ def passkey_accuracy(config: model_lib.ModelConfig, params: Any, tokenizer: data
       bar.set_postfix(L=L, method=name, acc='-' if row is None else f'{np.mean(row):.2f}')
       bar.update(1)
   bar.close()
-  return dict(lengths=lengths, original_length=config.max_len, depths=depths, trials=trials,
+  return dict(lengths=lengths, original_length=config.original_length, depths=depths, trials=trials,
               methods=results)
 
 

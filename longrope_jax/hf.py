@@ -164,7 +164,7 @@ def rope_parameters(hf_config: dict) -> dict:
 
 def model_config(hf_config: dict, *, param_dtype: str = 'float32', dtype: str | None = None,
                  **overrides) -> ModelConfig:
-  """Our `ModelConfig` for an HF config; `max_len` is the original (pretraining) window."""
+  """Our `ModelConfig` for an HF config; `original_length` is the original (pretraining) window."""
   arch = architecture(hf_config)
   act = hf_config.get('hidden_act', 'silu')
   if act not in ('silu', 'swish'):
@@ -188,8 +188,8 @@ def model_config(hf_config: dict, *, param_dtype: str = 'float32', dtype: str | 
       num_kv_heads=int(hf_config.get('num_key_value_heads') or num_heads),
       head_dim=head_dim(hf_config),
       mlp_dim=int(_require(hf_config, 'intermediate_size')),
-      max_len=(rope['original_max_position_embeddings'] if scaled
-               else rope['max_position_embeddings']),
+      original_length=(rope['original_max_position_embeddings'] if scaled
+                       else rope['max_position_embeddings']),
       rope_theta=rope['rope_theta'],
       norm_eps=float(hf_config.get('rms_norm_eps', 1e-6)),
       tie_embeddings=bool(hf_config.get('tie_word_embeddings', False)),
@@ -548,7 +548,7 @@ def hf_config_for(config: ModelConfig, *, arch: str | None = None,
   if arch != 'LlamaForCausalLM':
     out['sliding_window'] = config.sliding_window
   if base is None:
-    out.update(max_position_embeddings=config.max_len, rope_theta=config.rope_theta,
+    out.update(max_position_embeddings=config.original_length, rope_theta=config.rope_theta,
                rope_parameters={'rope_type': 'default', 'rope_theta': config.rope_theta})
   return out
 

@@ -25,7 +25,7 @@ ATTENTION_IMPLS = ('dense', 'blockwise', 'ring', 'fused')  # fused: jax.nn.dot_p
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """Architecture of a decoder. `max_len` is the original (pretraining) context window L0."""
+  """Architecture of a decoder. `original_length` is the original (pretraining) context window L0."""
 
   vocab_size: int
   dim: int
@@ -34,7 +34,7 @@ class ModelConfig:
   num_kv_heads: int
   head_dim: int
   mlp_dim: int
-  max_len: int
+  original_length: int
   rope_theta: float = 10000.0
   norm_eps: float = 1e-5
   tie_embeddings: bool = False
@@ -47,7 +47,7 @@ class ModelConfig:
 
   def __post_init__(self):
     for name in ('vocab_size', 'dim', 'num_layers', 'num_heads', 'num_kv_heads', 'head_dim',
-                 'mlp_dim', 'max_len', 'block_q', 'block_k'):
+                 'mlp_dim', 'original_length', 'block_q', 'block_k'):
       value = getattr(self, name)
       if not isinstance(value, int) or value <= 0:
         raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}.")
@@ -89,18 +89,18 @@ VARIANTS: dict[str, ModelConfig] = {
     # The embedded default: a byte-level model trained here on the standard library's source.
     # Sized for a 2-core CPU: about 0.8M parameters, compute-optimal for ~10 minutes of training.
     'demo': ModelConfig(vocab_size=258, dim=128, num_layers=4, num_heads=2, num_kv_heads=1,
-                        head_dim=64, mlp_dim=384, max_len=256, tie_embeddings=True),
+                        head_dim=64, mlp_dim=384, original_length=256, tie_embeddings=True),
     # A few seconds to train; for tests.
     'test': ModelConfig(vocab_size=258, dim=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                        head_dim=16, mlp_dim=128, max_len=64, tie_embeddings=True),
+                        head_dim=16, mlp_dim=128, original_length=64, tie_embeddings=True),
     # LLaMA-2-7B (Touvron et al., 2023): 4k window.
     'llama2_7b': ModelConfig(vocab_size=32000, dim=4096, num_layers=32, num_heads=32,
-                             num_kv_heads=32, head_dim=128, mlp_dim=11008, max_len=4096,
+                             num_kv_heads=32, head_dim=128, mlp_dim=11008, original_length=4096,
                              norm_eps=1e-5, dtype='bfloat16', param_dtype='bfloat16',
                              attention='blockwise'),
     # Mistral-7B v0.1 (Jiang et al., 2023): GQA, 4k sliding window over an 8k window.
     'mistral_7b': ModelConfig(vocab_size=32000, dim=4096, num_layers=32, num_heads=32,
-                              num_kv_heads=8, head_dim=128, mlp_dim=14336, max_len=8192,
+                              num_kv_heads=8, head_dim=128, mlp_dim=14336, original_length=8192,
                               norm_eps=1e-5, sliding_window=4096, dtype='bfloat16',
                               param_dtype='bfloat16', attention='blockwise'),
 }

@@ -69,7 +69,7 @@ class Run:
       base = model_lib.get_config(c.variant)
     overrides = dict(attention=c.attention, dtype=c.dtype)
     if c.get('original_length'):  # the pretraining window, where config.json's differs (Mistral)
-      overrides['max_len'] = int(c.original_length)
+      overrides['original_length'] = int(c.original_length)
     if base.vocab_size < self.tokenizer.vocab_size:
       raise ValueError(f"model.variant {c.variant!r} has vocab_size {base.vocab_size} but the "
                        f"tokenizer has {self.tokenizer.vocab_size} ids; choose a matching variant.")
@@ -84,7 +84,7 @@ class Run:
 
   @property
   def original_length(self) -> int:
-    return self.model_config.max_len
+    return self.model_config.original_length
 
   def params(self) -> Any:
     """The workdir's latest checkpoint; else, with config.model.path, the HF checkpoint."""
@@ -120,10 +120,10 @@ def pretrain(run: Run) -> None:
   optim = train_lib.OptimConfig(steps=c.steps, lr=c.lr, warmup=c.warmup,
                                 final_lr_ratio=c.final_lr_ratio, weight_decay=c.weight_decay,
                                 clip=c.clip)
-  batches = data_lib.PackedBatches(run.documents('train'), c.batch_size, mc.max_len,
+  batches = data_lib.PackedBatches(run.documents('train'), c.batch_size, mc.original_length,
                                    seed=run.config.seed, passkey_fraction=c.passkey_fraction,
                                    copy_fraction=c.copy_fraction, tokenizer=run.tokenizer)
-  val = data_lib.eval_windows(run.documents('validation'), mc.max_len, c.eval_windows,
+  val = data_lib.eval_windows(run.documents('validation'), mc.original_length, c.eval_windows,
                               seed=run.config.seed)
   t0 = time.time()
   train_lib.train(mc.replace(attention='dense'), optim, batches, rope_lib.none(head_dim=mc.head_dim),
@@ -131,7 +131,7 @@ def pretrain(run: Run) -> None:
                   ckpt_every=c.ckpt_every, desc='pretrain')
   records = ckpt_lib.read_jsonl(run.workdir / 'metrics.jsonl')
   plots.training_curve(records, run.workdir / 'plots' / 'pretrain.png')
-  summary = dict(steps=c.steps, params=mc.num_params(), tokens=c.steps * c.batch_size * mc.max_len)
+  summary = dict(steps=c.steps, params=mc.num_params(), tokens=c.steps * c.batch_size * mc.original_length)
   prior = run.results().get('pretrain', {})
   summary['seconds'] = prior.get('seconds', 0.0) + (time.time() - t0)
   last_val = [r for r in records if 'val_bits_per_token' in r]
@@ -144,7 +144,7 @@ def evaluate(run: Run, extra: dict | None = None, key: str = 'perplexity') -> di
   """Perplexity of every method at every length on held-out documents (resumable per cell)."""
   c = run.config.evaluate
   mc = run.model_config
-  lengths = [int(m * mc.max_len) for m in c.multiples]
+  lengths = [int(m * mc.original_length) for m in c.multiples]
   cache_path = run.workdir / 'eval' / f'{key}.jsonl'
   done = {(r['method'], r['length']): r['nll'] for r in ckpt_lib.read_jsonl(cache_path)}
   params = run.params()
@@ -167,7 +167,7 @@ def passkey(run: Run) -> dict:
   """Passkey retrieval accuracy per method, length and depth (resumable per cell)."""
   c = run.config.passkey
   mc = run.model_config
-  lengths = [int(m * mc.max_len) for m in c.multiples]
+  lengths = [int(m * mc.original_length) for m in c.multiples]
   cache_path = run.workdir / 'eval' / 'passkey.jsonl'
   done = {(r['method'], r['length']): r['accuracy'] for r in ckpt_lib.read_jsonl(cache_path)}
   extra = {}
@@ -180,7 +180,7 @@ def passkey(run: Run) -> dict:
                                                                           accuracy=acc)))
   # Where accuracy is 0, the answer's per-digit NLL at the shortest length (no scaling) says
   # whether the model copies the key at all.
-  results['answer_nll'] = dict(length=min(lengths, default=mc.max_len), nll=(
+  results['answer_nll'] = dict(length=min(lengths, default=mc.original_length), nll=(
       eval_lib.passkey_answer_nll(mc, run.params(), run.tokenizer, min(lengths),
                                   rope_lib.none(head_dim=mc.head_dim), seed=run.config.seed)
       if lengths else []))
@@ -194,7 +194,7 @@ def search(run: Run) -> dict:
   workdir/search/ckpt holds the state of every generation)."""
   c = run.config.search
   mc = run.model_config
-  length = int(c.multiple * mc.max_len)
+  length = int(c.multiple * mc.original_length)
   windows = data_lib.eval_windows(run.documents(c.split), length, c.num_windows,
                                   seed=run.config.seed)
   result = search_lib.search(mc, run.params(), windows, target_length=length,
@@ -215,7 +215,7 @@ def progressive(run: Run) -> dict:
   reduced lambda_max. Every step resumes from workdir/progressive."""
   c = run.config.progressive
   mc = run.model_config
-  L0 = mc.max_len
+  L0 = mc.original_length
   stage1 = run.results()['search']
   L1, rope1 = stage1['target_length'], search_lib.rope_from_json(stage1)
   L2 = int(c.multiple * L0)
@@ -242,7 +242,7 @@ def progressive(run: Run) -> dict:
                                  rope_lib.longrope_attention_scale(L2 / L0, L0))
   windows = data_lib.eval_windows(run.documents(run.config.search.split), L2,
                                   run.config.search.num_windows, seed=run.config.seed)
-  mc1 = mc.replace(max_len=L1)
+  mc1 = mc.replace(original_length=L1)
   fitness = search_lib.PopulationFitness(
       mc1, params, windows, length=L2, max_population=settings.population,
       mesh=mesh_lib.population_mesh(settings.mesh_pop or None), doc_batch=settings.doc_batch,
@@ -276,8 +276,8 @@ def progressive_evaluate(run: Run) -> dict:
   mc = run.model_config
   record = run.results()['progressive']
   factors = rope_lib.LongRopeFactors(search_lib.rope_from_json(record['short']),
-                                     search_lib.rope_from_json(record['long']), mc.max_len)
-  lengths = [int(m * mc.max_len) for m in c.multiples]
+                                     search_lib.rope_from_json(record['long']), mc.original_length)
+  lengths = [int(m * mc.original_length) for m in c.multiples]
   cache_path = run.workdir / 'eval' / 'progressive.jsonl'
   done = {(r['method'], r['length']): r['nll'] for r in ckpt_lib.read_jsonl(cache_path)}
   params = train_lib.load_params(mc, run.workdir / 'progressive')
@@ -331,7 +331,7 @@ def report(run: Run) -> str:
   lines = ['# longrope-jax run report', '',
            f'Model: `{run.config.model.variant}` ({mc.num_params():,} parameters, '
            f'{mc.num_layers} layers, dim {mc.dim}, head_dim {mc.head_dim}), training length '
-           f'L0 = {mc.max_len} tokens; corpus `{run.config.data.source}`, tokenizer '
+           f'L0 = {mc.original_length} tokens; corpus `{run.config.data.source}`, tokenizer '
            f'`{run.config.data.tokenizer}`.', '']
   if 'pretrain' in results:
     p = results['pretrain']

@@ -709,7 +709,7 @@ def search(model_config: model_lib.ModelConfig, params: Any, windows_NL: np.ndar
            mesh: jax.sharding.Mesh | None = None, progress: bool = True,
            fitness: PopulationFitness | None = None,
            on_generation: Callable[[dict], None] | None = None) -> SearchResult:
-  """Searches LongRoPE factors extending model_config.max_len to `target_length`.
+  """Searches LongRoPE factors extending model_config.original_length to `target_length`.
 
   Fitness is the mean NLL on windows_NL (validation documents, truncated to L'). With a
   `workdir`, the state is checkpointed there every generation (workdir/ckpt) and a rerun resumes
@@ -717,7 +717,7 @@ def search(model_config: model_lib.ModelConfig, params: Any, windows_NL: np.ndar
   """
   if settings.attention:
     model_config = model_config.replace(attention=settings.attention)
-  L0 = model_config.max_len
+  L0 = model_config.original_length
   space = make_space(head_dim=model_config.head_dim, original_length=L0,
                      target_length=target_length, lambda_max=settings.lambda_max or None,
                      step=settings.lambda_step, monotone=settings.monotone,

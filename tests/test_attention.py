@@ -185,7 +185,7 @@ def test_model_with_blockwise_attention_matches_dense():
   params = _random_params(config)
   tokens = jax.random.randint(jax.random.key(1), (2, 97), 0, config.vocab_size)
   rope = rope_lib.get('yarn', head_dim=config.head_dim, scale=4.0, theta=config.rope_theta,
-                      original_length=config.max_len)
+                      original_length=config.original_length)
 
   def loss(params, attention):
     return model_lib.token_nll(config.replace(attention=attention), params, tokens, rope).mean()

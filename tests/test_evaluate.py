@@ -107,7 +107,7 @@ def _reference_greedy(params, prompt, rope_for, num_tokens):
 def test_greedy_generate_matches_argmax_of_full_forwards(params):
   prompt = np.random.default_rng(1).integers(0, 256, size=(2, 12)).astype(np.int32)
   rope = rope_lib.yarn(head_dim=CFG.head_dim, scale=4.0, theta=CFG.rope_theta,
-                       original_length=CFG.max_len)
+                       original_length=CFG.original_length)
   out = eval_lib.greedy_generate(CFG, params, prompt, rope, 4)
   np.testing.assert_array_equal(out, _reference_greedy(params, prompt, lambda n: rope, 4))
 
@@ -129,9 +129,9 @@ def test_short_long_switch_at_the_original_length(params):
   F = CFG.head_dim // 2
   short = rope_lib.longrope(factors=np.linspace(1.0, 1.2, F), attn_scale=1.0)
   long = rope_lib.longrope(factors=np.linspace(1.0, 8.0, F), n_hat=4, scale=4.0,
-                           original_length=CFG.max_len)
-  factors = rope_lib.LongRopeFactors(short, long, CFG.max_len)
-  L0 = CFG.max_len
+                           original_length=CFG.original_length)
+  factors = rope_lib.LongRopeFactors(short, long, CFG.original_length)
+  L0 = CFG.original_length
   assert factors.select(L0) is short and factors.select(L0 + 1) is long
   # The prompt is 3 tokens short of L0: the 4th generated token is the first under `long`,
   # after a re-prefill of the whole sequence.

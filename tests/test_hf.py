@@ -59,7 +59,7 @@ CASES = {
 _forward = jax.jit(model.forward, static_argnums=0)
 # What hf.load makes of an untied TINY Llama (the export test reuses its compiled forward).
 TINY_CONFIG = model.ModelConfig(vocab_size=128, dim=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                                head_dim=16, mlp_dim=128, max_len=ORIGINAL, norm_eps=1e-6)
+                                head_dim=16, mlp_dim=128, original_length=ORIGINAL, norm_eps=1e-6)
 
 
 def _transformers():
@@ -124,7 +124,7 @@ def test_logits_match_transformers(case, tmp_path):
   hf_model = _tiny_hf_model(arch, fields)
   hf_model.save_pretrained(tmp_path)
   ckpt = hf.load(tmp_path)
-  assert ckpt.config.max_len == ORIGINAL
+  assert ckpt.config.original_length == ORIGINAL
   for length in LENGTHS:  # ascending: transformers' dynamic rope only grows within one model
     tokens = _tokens(length)
     ours = _our_logits(ckpt.config, ckpt.params, tokens, hf.rope_for_length(ckpt, length))
@@ -270,8 +270,8 @@ def test_rope_settings_legacy_and_new_keys():
                           'attention_factor': 1.5})
   assert hf.rope_parameters(su)['rope_type'] == 'longrope'
   assert float(hf.rope_for_length(su, 100).attn_scale) == 1.5
-  assert hf.model_config(su).max_len == ORIGINAL
-  assert hf.model_config(base).max_len == 4 * ORIGINAL  # no scaling: the whole window
+  assert hf.model_config(su).original_length == ORIGINAL
+  assert hf.model_config(base).original_length == 4 * ORIGINAL  # no scaling: the whole window
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -28,8 +28,8 @@ def test_search_entry_point_on_a_local_hf_checkpoint(tmp_path):
   proc = subprocess.run(args, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   result = json.loads((workdir / 'results.json').read_text())['search']
-  assert result['original_length'] == config.max_len
-  assert result['target_length'] == 2 * config.max_len
+  assert result['original_length'] == config.original_length
+  assert result['target_length'] == 2 * config.original_length
   factors = np.asarray(result['factors'])
   assert factors.shape == (config.head_dim // 2,) and np.all(factors >= 1.0)
   assert np.all(np.diff(factors) >= -1e-9)  # monotone by default

@@ -52,10 +52,10 @@ def test_one_compile_serves_every_method(params):
   for name in rope_lib.METHODS:
     if name == 'longrope':
       r = rope_lib.longrope(factors=np.linspace(1, 4, CFG.head_dim // 2), n_hat=4, scale=4.0,
-                            original_length=CFG.max_len)
+                            original_length=CFG.original_length)
     else:
       r = rope_lib.get(name, **rope_lib.method_kwargs(head_dim=CFG.head_dim, theta=CFG.rope_theta,
-                                                      original_length=CFG.max_len, length=4 * T))
+                                                      original_length=CFG.original_length, length=4 * T))
     outs.append(fwd(r))
   chex.clear_trace_counter()
   assert all(np.all(np.isfinite(o)) for o in outs)
@@ -91,7 +91,7 @@ def test_kv_cache_decode_equals_full_forward(params, window):
   tokens = _tokens(B, T, seed=3)
   positions = jnp.broadcast_to(jnp.arange(T), (B, T))
   r = rope_lib.longrope(factors=np.linspace(1, 3, cfg.head_dim // 2), n_hat=4, scale=3.0,
-                        original_length=cfg.max_len)
+                        original_length=cfg.original_length)
   full = model_lib.forward(cfg, params, tokens, positions, r)
   cache = model_lib.init_cache(cfg, B, T)
   logits, cache = model_lib.forward_with_cache(cfg, params, tokens[:, :P], positions[:, :P], r,

@@ -33,7 +33,7 @@ def setup():
   rng = np.random.default_rng(0)
   params = jax.tree.map(lambda s: (0.1 * rng.standard_normal(s.shape)).astype(s.dtype), shapes)
   windows = rng.integers(0, config.vocab_size, (3, TARGET)).astype(np.int32)
-  space = search_lib.make_space(head_dim=config.head_dim, original_length=config.max_len,
+  space = search_lib.make_space(head_dim=config.head_dim, original_length=config.original_length,
                                 target_length=TARGET)
   genomes = space.encode(np.sort(rng.uniform(1, 2.5, (6, config.head_dim // 2)), -1),
                          rng.integers(0, 64, 6))

@@ -72,7 +72,7 @@ def test_model_with_ring_attention_matches_dense(seq_mesh):
   inputs, targets = tokens[:, :-1], tokens[:, 1:]
   positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
   rope = rope_lib.get('longrope', factors=np.linspace(1.0, 4.0, config.head_dim // 2), n_hat=4,
-                      scale=4.0, original_length=config.max_len)
+                      scale=4.0, original_length=config.original_length)
 
   def loss(params, config, inputs, targets, positions):
     logits = model_lib.forward(config, params, inputs, positions, rope)

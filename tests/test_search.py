@@ -15,7 +15,7 @@ from longrope_jax import rope as rope_lib
 from longrope_jax import search as search_lib
 
 CFG = model_lib.get_config('test', num_layers=1, dim=32, mlp_dim=64)  # F = 8 factors, L0 = 64
-L0, TARGET = CFG.max_len, 4 * CFG.max_len
+L0, TARGET = CFG.original_length, 4 * CFG.original_length
 SMALL = search_lib.SearchConfig(population=8, parents=4, mutations=2, crossovers=2,
                                 generations=4)
 

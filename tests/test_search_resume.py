@@ -21,7 +21,7 @@ from longrope_jax import search as search_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CFG = model_lib.get_config('test', num_layers=1, dim=32, mlp_dim=64)
-TARGET = 4 * CFG.max_len
+TARGET = 4 * CFG.original_length
 SETTINGS = search_lib.SearchConfig(population=8, parents=4, mutations=2, crossovers=2,
                                    generations=8)
 
