@@ -39,17 +39,13 @@ def save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict | None =
   mngr.wait_until_finished()
 
 
-def restore(mngr: ocp.CheckpointManager, template: Any, step: int | None = None,
-            with_meta: bool = False):
+def restore(mngr: ocp.CheckpointManager, template: Any, step: int | None = None) -> Any:
   """Restores the state saved at `step` (default: latest) into the structure of `template`."""
   step = mngr.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f"no checkpoint in {mngr.directory}.")
-  items = dict(state=ocp.args.StandardRestore(template))
-  if with_meta:
-    items['meta'] = ocp.args.JsonRestore()
-  restored = mngr.restore(step, args=ocp.args.Composite(**items))
-  return (restored['state'], restored['meta']) if with_meta else restored['state']
+  restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(template)))
+  return restored['state']
 
 
 def to_json(value: Any) -> Any:

@@ -256,10 +256,56 @@ def longrope(*, factors, n_hat: int = 0, scale: float | None = None,
   return make(factors, n_hat, attn_scale, head_dim=head_dim)
 
 
+@dataclasses.dataclass(frozen=True)
+class Extension:
+  """A context extension: the original (pretraining) window L0, the target length L' and the
+  scale s = L' / L0 (at least 1), computed here only.
+
+  `base_length` is the window the model was last fine-tuned at (L1 in progressive extension;
+  L0 when None): a search on top of earlier factors spans `stage_scale` = L' / base_length.
+  """
+
+  original_length: int
+  target_length: int
+  base_length: int | None = None
+
+  def __post_init__(self):
+    _check_length("original_length", self.original_length)
+    _check_length("target_length", self.target_length)
+    if self.base_length is not None:
+      _check_length("base_length", self.base_length)
+
+  @classmethod
+  def by_multiple(cls, original_length: int, multiple: float, **kwargs) -> 'Extension':
+    """L' = int(multiple * L0): how configs name lengths."""
+    return cls(int(original_length), int(multiple * original_length), **kwargs)
+
+  @property
+  def scale(self) -> float:
+    """s = L' / L0, at least 1 (a length within the window needs no scaling)."""
+    return max(1.0, self.target_length / self.original_length)
+
+  @property
+  def stage_length(self) -> int:
+    """The window this stage extends from: base_length, else L0."""
+    return self.original_length if self.base_length is None else self.base_length
+
+  @property
+  def stage_scale(self) -> float:
+    """L' / stage_length: the span of a search on top of earlier factors."""
+    return self.target_length / self.stage_length
+
+  @property
+  def attention_scale(self) -> float:
+    """LongRoPE's attention scale for the whole extension, sqrt(1 + ln s / ln L0)."""
+    return longrope_attention_scale(self.scale, self.original_length)
+
+
 def method_kwargs(*, head_dim: int, theta: float, original_length: int, length: int) -> dict:
   """The context of an extension to `length` (`CONTEXT_KEYS`), for `get`."""
+  extension = Extension(original_length, length)
   return dict(head_dim=head_dim, theta=theta, original_length=original_length, length=length,
-              scale=max(1.0, length / original_length))
+              scale=extension.scale)
 
 
 # ----------------------------------------------------------------------------- application

@@ -46,6 +46,14 @@ class OptimConfig:
     if self.lr <= 0:
       raise ValueError(f"lr must be positive, got {self.lr}.")
 
+  @classmethod
+  def from_config(cls, *sections) -> 'OptimConfig':
+    """The optimizer fields found in config sections, later sections overriding earlier ones
+    (fine-tuning takes its own steps and lr, and pretraining's weight decay and clip)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    values = {k: v for section in sections for k, v in section.items() if k in names}
+    return cls(**values)
+
 
 def make_schedule(cfg: OptimConfig) -> optax.Schedule:
   """Learning rate by step: linear warmup from 0, then cosine decay to lr * final_lr_ratio."""
