@@ -321,3 +321,19 @@ def test_outputs_and_resume_of_a_finished_search(params, windows, tmp_path):
                       settings=search_lib.SearchConfig(**dict(vars(SMALL), strategy='SNES')),
                       workdir=tmp_path)
 
+
+
+def test_configured_mutation_prob_reaches_the_ga_ask(monkeypatch):
+  s = space()
+  strategy = search_lib.make_strategy(
+      search_lib.SearchConfig(population=8, parents=4, mutations=4, crossovers=0,
+                              mutation_prob=0.7), s)
+  probs = []
+  real = strategies.mutate
+  monkeypatch.setattr(strategies, 'mutate',
+                      lambda *a: probs.append(a[3]) or real(*a))
+  rng = np.random.default_rng(0)
+  population = s.encode(np.sort(rng.uniform(1, 5, (8, 8)), -1))
+  state = strategy.init(jax.random.key(0), population, np.arange(8, dtype=np.float32))
+  strategy.ask(jax.random.key(1), state)
+  assert probs and set(probs) == {0.7}
