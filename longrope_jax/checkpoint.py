@@ -83,6 +83,20 @@ def write_text(path: str | os.PathLike, text: str) -> None:
   os.replace(tmp, path)
 
 
+class WorkdirError(ValueError):
+  """A damaged or foreign file in a workdir: the message names the path and what to do."""
+
+
+def read_json(path: str | os.PathLike, *, what: str = 'JSON', fix: str | None = None) -> Any:
+  """Parses a JSON file; a damaged one raises WorkdirError naming the path and `fix`."""
+  path = pathlib.Path(path)
+  try:
+    return json.loads(path.read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    fix = fix or f'delete {path} and rerun the stage that writes it'
+    raise WorkdirError(f"{path} ({what}) is damaged and cannot be parsed ({e}); {fix}.") from None
+
+
 def append_jsonl(path: str | os.PathLike, record: dict) -> None:
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
