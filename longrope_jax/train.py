@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from longrope_jax import checkpoint as ckpt_lib
 from longrope_jax import model as model_lib
+from longrope_jax import validation
 from longrope_jax.data import PackedBatches
 from longrope_jax.rope import RopeScaling
 
@@ -39,12 +40,11 @@ class OptimConfig:
   b2: float = 0.95
 
   def __post_init__(self):
-    if self.steps <= 0:
-      raise ValueError(f"steps must be positive, got {self.steps}.")
-    if not 0 <= self.warmup <= self.steps:
-      raise ValueError(f"warmup must be in [0, steps={self.steps}], got {self.warmup}.")
-    if self.lr <= 0:
-      raise ValueError(f"lr must be positive, got {self.lr}.")
+    validation.check_section(dataclasses.asdict(self), validation.OPTIM_RULES, 'OptimConfig')
+    validation.positive_float(self.b2, 'OptimConfig.b2')
+    if self.warmup >= self.steps:
+      raise validation.ConfigError('OptimConfig.warmup', f"OptimConfig.warmup ({self.warmup}) "
+                                   f"must be smaller than steps ({self.steps}).")
 
 
 def make_schedule(cfg: OptimConfig) -> optax.Schedule:
