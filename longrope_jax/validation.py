@@ -391,7 +391,7 @@ def check_mesh(config: Mapping) -> None:
                           "'blockwise'.")
 
 
-# Append to add a section's own cross-field rules (the mesh section's helper: check_mesh is the hook).
+# Append a section's own cross-field rules here (check_mesh is the hook for the mesh section).
 CROSS_CHECKS: list[Callable[[Mapping], None]] = [
     check_stages, check_model, check_data, check_optimizers, check_searches, check_passkey,
     check_mesh]
