@@ -59,7 +59,7 @@ class JsonTokenizer:
       import tokenizers
     except ImportError as e:
       raise ImportError("JsonTokenizer needs the `tokenizers` package: pip install -e .[hf]") from e
-    self._tok = tokenizers.Tokenizer.from_file(str(path))
+    self._tok = read_tokenizer_file(path)
     self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
     self.bos_id = self._find(bos_token, ('<s>', '<|begin_of_text|>', '<|endoftext|>'))
     self.eos_id = self._find(eos_token, ('</s>', '<|end_of_text|>', '<|endoftext|>'))
@@ -80,6 +80,17 @@ class JsonTokenizer:
 
   def decode(self, ids: Iterable[int]) -> str:
     return self._tok.decode([int(i) for i in ids])
+
+
+def read_tokenizer_file(path: str | pathlib.Path):
+  """A `tokenizers.Tokenizer` from a tokenizer.json; a malformed file raises a ValueError naming
+  it (the library's own error names no file)."""
+  import tokenizers
+  try:
+    return tokenizers.Tokenizer.from_file(str(path))
+  except Exception as e:  # tokenizers raises a bare Exception for a parse error
+    raise ValueError(f"{path} is not a valid tokenizer.json ({e}); point data.tokenizer at the "
+                     "tokenizer.json saved with the model (or 'bytes'), or fetch it again.") from e
 
 
 def get_tokenizer(spec: str | None) -> Tokenizer:
