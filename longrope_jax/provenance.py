@@ -34,6 +34,9 @@ class StageSpec:
   cells: fields that only select which cached cells are computed (a change reruns the stage with
     its caches kept: a (method, length) cell does not depend on which other cells exist).
   extend: fields whose increase continues the stage from its outputs (training to more steps).
+  method_upstream: (upstream stage, method) pairs: that method's cached cells are the only ones
+    reading that upstream stage (evaluate's 'longrope' cells read the search), so a change there
+    alone drops those cells instead of the whole cache.
   upstream: stages whose results this stage reads.
   outputs: workdir paths the stage owns (deleted when it recomputes).
   results: results.json keys it owns.
@@ -46,6 +49,7 @@ class StageSpec:
   ignore: tuple[str, ...] = ()
   cells: tuple[str, ...] = ()
   extend: tuple[str, ...] = ()
+  method_upstream: tuple[tuple[str, str], ...] = ()
 
   @property
   def sections(self) -> tuple[str, ...]:
@@ -70,12 +74,12 @@ STAGES: dict[str, StageSpec] = {
         reads=('seed', *_MODEL, 'model.attention', 'data', 'evaluate'),
         ignore=('evaluate.batch_tokens',), cells=('evaluate.multiples', 'evaluate.methods'),
         upstream=('pretrain', 'search'), outputs=('eval/perplexity.jsonl', 'plots/perplexity.png'),
-        results=('perplexity',)),
+        results=('perplexity',), method_upstream=(('search', 'longrope'),)),
     'passkey': StageSpec(
         reads=('seed', *_MODEL, 'data.tokenizer', 'passkey'),
         cells=('passkey.multiples', 'passkey.methods'),
         upstream=('pretrain', 'search'), outputs=('eval/passkey.jsonl', 'plots/passkey.png'),
-        results=('passkey',)),
+        results=('passkey',), method_upstream=(('search', 'longrope'),)),
     'progressive': StageSpec(
         reads=('seed', *_MODEL, 'model.attention', 'data', 'pretrain.passkey_fraction',
                'pretrain.copy_fraction', 'pretrain.weight_decay', 'pretrain.clip',
@@ -295,15 +299,22 @@ def plan(config: Mapping, stages: tuple[str, ...], workdir: str | pathlib.Path,
 
 def invalidate(workdir: str | pathlib.Path, decision: Decision) -> list[pathlib.Path]:
   """Deletes what a recomputed stage owns (an extended stage keeps its outputs): its output
-  paths, its results.json keys and its record. Returns the paths removed. Call before the
+  paths (for a change of `method_upstream` alone, only that method's cached cells) and its
+  results.json keys, and records the stage as begun with its new inputs. Returns the paths removed. Call before the
   stage runs; downstream stages are recomputed by their own decisions (their upstream changed)."""
   if decision.action != RECOMPUTE:
     return []
   workdir = pathlib.Path(workdir)
   spec, removed = STAGES[decision.stage], []
+  only, method = {u: m for u, m in spec.method_upstream}, None
+  if len(decision.changes) == 1 and decision.changes[0].startswith('upstream '):
+    method = only.get(decision.changes[0].split()[1])  # only that method's cells are stale
   for rel in spec.outputs:
     path = workdir / rel
-    if path.is_dir():
+    if method is not None and rel.endswith('.jsonl'):
+      if path.exists():
+        ckpt_lib.truncate_jsonl(path, lambda r: r.get('method') != method)
+    elif path.is_dir():
       shutil.rmtree(path)
       removed.append(path)
     elif path.exists():
@@ -315,11 +326,36 @@ def invalidate(workdir: str | pathlib.Path, decision: Decision) -> list[pathlib.
     if any(k in results for k in spec.results):
       ckpt_lib.write_json(results_path, {k: v for k, v in results.items()
                                          if k not in spec.results})
-  records = read_records(workdir)
-  if decision.stage in records:
-    del records[decision.stage]
-    ckpt_lib.write_json(workdir / RECORD_FILE, {s: r.to_json() for s, r in records.items()})
+  # What is left (cells still valid) now belongs to the new inputs, finished or not.
+  begin(workdir, decision)
   return removed
+
+
+# results.json keys -> the stage that wrote them (for workdirs older than provenance.json).
+RESULT_STAGES = {key: stage for stage, spec in STAGES.items() for key in spec.results}
+
+
+def prepare(config: Mapping, stages: tuple[str, ...], workdir: str | pathlib.Path,
+            overwrite: bool = False) -> list[Decision]:
+  """Plans `stages` against the workdir's records (or, for an older workdir, its config.json and
+  results.json), refusing as `plan` does, then invalidates what the changed stages own.
+  Returns the decisions; wrap each stage in `begin` / `finish`."""
+  workdir = pathlib.Path(workdir)
+  records = None
+  if not (workdir / RECORD_FILE).exists() and (workdir / 'config.json').exists() and \
+      (workdir / 'results.json').exists():
+    old_config = ckpt_lib.read_json(workdir / 'config.json', what='the config of the run')
+    done = tuple(RESULT_STAGES[k] for k in ckpt_lib.read_json(workdir / 'results.json',
+                                                              what='results')
+                 if k in RESULT_STAGES)
+    records = records_from_config(old_config, done)
+  decisions = plan(config, stages, workdir, overwrite=overwrite, records=records)
+  if records is not None:  # adopt the reconstructed records before invalidating
+    for stage, record in records.items():
+      write_record(workdir, stage, record)
+  for decision in decisions:
+    invalidate(workdir, decision)
+  return decisions
 
 
 def begin(workdir: str | pathlib.Path, decision: Decision) -> None:

@@ -271,10 +271,6 @@ def check_search_settings(settings: Mapping, prefix: str = 'search.settings') ->
                         f" got {settings['parents']} + {settings['mutations']} + "
                         f"{settings['crossovers']} = {total} != {population}: change "
                         f"{prefix}.population or the three counts.")
-  if settings.get('search_n_hat') is False and settings.get('n_hat_choices'):
-    raise ConfigError(f'{prefix}.n_hat_choices', f"{prefix}.n_hat_choices is set but "
-                      f"{prefix}.search_n_hat is False (n_hat is fixed to {prefix}.n_hat); unset "
-                      "one of them.")
 
 
 def check_section(values: Mapping, rules: Mapping[str, Check], prefix: str) -> None:
@@ -308,8 +304,13 @@ def check_optimizers(config: Mapping) -> None:
 def check_searches(config: Mapping) -> None:
   for prefix in ('search.settings', 'progressive.search'):
     settings = lookup(config, prefix)
-    if settings is not None:
-      check_search_settings(settings, prefix)
+    if settings is None:
+      continue
+    check_search_settings(settings, prefix)
+    if settings.get('search_n_hat') is False and settings.get('n_hat_choices'):
+      raise ConfigError(f'{prefix}.n_hat_choices', f"{prefix}.n_hat_choices is set but "
+                        f"{prefix}.search_n_hat is False (n_hat is fixed to {prefix}.n_hat); "
+                        "unset one of them.")
 
 
 def check_data(config: Mapping) -> None:

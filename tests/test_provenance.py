@@ -113,10 +113,15 @@ def test_invalidate_removes_the_stage_outputs_results_and_record(tmp_path):
   for d in decisions:
     prov.invalidate(tmp_path, d)
   assert not (tmp_path / 'search').exists()
+  # Only the search changed under evaluate and passkey: their non-longrope cells stay.
+  assert (tmp_path / 'eval' / 'perplexity.jsonl').read_text() == '{"method": "none"}\n'
+  assert json.loads((tmp_path / 'results.json').read_text()) == {}
+  for d in prov.plan(_config(seed=3), STAGES, tmp_path, overwrite=True):
+    prov.invalidate(tmp_path, d)
   assert not (tmp_path / 'eval' / 'perplexity.jsonl').exists()
   assert not (tmp_path / 'eval' / 'passkey.jsonl').exists()
-  assert json.loads((tmp_path / 'results.json').read_text()) == {}
-  assert set(prov.read_records(tmp_path)) == {'pretrain', 'report'}
+  assert not prov.read_records(tmp_path)['evaluate'].done
+  assert prov.read_records(tmp_path)['pretrain'].fields['seed'] == 3
 
 
 def test_extend_keeps_outputs_and_a_killed_stage_is_owned(tmp_path):
@@ -146,3 +151,32 @@ def test_downstream_of_pretrain_is_every_stage():
   assert prov.downstream('pretrain') == ['search', 'evaluate', 'passkey', 'progressive',
                                          'progressive_evaluate']
   assert prov.downstream('progressive') == ['progressive_evaluate']
+
+
+def test_a_new_search_drops_only_the_longrope_cells(tmp_path):
+  _finish_all(_config(), tmp_path)
+  (tmp_path / 'eval').mkdir()
+  cache = tmp_path / 'eval' / 'perplexity.jsonl'
+  cache.write_text('{"method": "none", "length": 64, "nll": 1.0}\n'
+                   '{"method": "longrope", "length": 256, "nll": 2.0}\n')
+  decisions = prov.plan(_config(**{'search.settings.generations': 5}), STAGES, tmp_path,
+                        overwrite=True)
+  evaluate = next(d for d in decisions if d.stage == 'evaluate')
+  assert evaluate.action == prov.RECOMPUTE and evaluate.changes == ('upstream search changed',)
+  prov.invalidate(tmp_path, evaluate)
+  assert [json.loads(l)['method'] for l in cache.read_text().splitlines()] == ['none']
+
+
+def test_prepare_adopts_an_older_workdir_from_its_config_json(tmp_path):
+  (tmp_path / 'config.json').write_text(_config().to_json())
+  (tmp_path / 'results.json').write_text(json.dumps({'pretrain': {}, 'search': {},
+                                                     'perplexity': {}}))
+  (tmp_path / 'search').mkdir()
+  with pytest.raises(prov.StaleWorkdirError, match=r'search.num_windows: 2 -> 3'):
+    prov.prepare(_config(**{'search.num_windows': 3}), STAGES, tmp_path)
+  assert (tmp_path / 'search').exists()  # a refusal changes nothing
+  decisions = prov.prepare(_config(**{'search.num_windows': 3}), STAGES, tmp_path,
+                           overwrite=True)
+  assert [d.action for d in decisions] == ['keep', 'recompute', 'recompute', 'keep', 'keep']
+  assert not (tmp_path / 'search').exists()
+  assert json.loads((tmp_path / 'results.json').read_text()) == {'pretrain': {}}
