@@ -288,8 +288,8 @@ def plan(config: Mapping, stages: tuple[str, ...], workdir: str | pathlib.Path,
   if stale and not overwrite:
     lines = []
     for d in stale:
-      verb = 'continue (and redo every later stage)' if d.action == EXTEND else 'recompute'
-      lines.append(f"  {d.stage} ({verb}): " + '; '.join(d.changes))
+      verb = 'would continue from its outputs' if d.action == EXTEND else 'would be recomputed'
+      lines.append(f"  {d.stage} {verb}: " + '; '.join(d.changes))
     raise StaleWorkdirError(
         f"{pathlib.Path(workdir)} holds results made with another config:\n" + '\n'.join(lines) +
         "\nUse a fresh --workdir for a different experiment, or pass --config.overwrite=True to "

@@ -198,6 +198,7 @@ OPTIM_RULES: dict[str, Check] = {
 RULES: dict[str, Check] = {
     'seed': non_negative_int,
     'stages': tuple_of(string),
+    'overwrite': boolean,
     'model.variant': string,
     'model.path': optional(string),
     'model.attention': choice(('dense', 'blockwise', 'ring')),

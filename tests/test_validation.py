@@ -20,7 +20,7 @@ SEARCH_SETTINGS = dict(
 def _base() -> dict:
   """The toy config in the layout after issue 13 (built here, not read from configs/)."""
   return dict(
-      seed=0, stages=('pretrain', 'search', 'evaluate', 'passkey', 'progressive',
+      seed=0, overwrite=False, stages=('pretrain', 'search', 'evaluate', 'passkey', 'progressive',
                       'progressive_evaluate', 'report'),
       model=dict(variant='test', path=None, attention='dense', dtype='float32', param_dtype=None,
                  original_length=None, sliding_window=None),
@@ -78,6 +78,7 @@ BAD = [
     ('seed', 1.5, 'seed'),
     ('stages', (), 'stages'),
     ('stages', ('pretrain', 'serach'), 'stages'),
+    ('overwrite', 'yes', 'overwrite'),
     ('model.variant', 'llama9', 'model.variant'),
     ('model.attention', 'flash', 'model.attention'),
     ('model.dtype', 'float16', 'model.dtype'),
