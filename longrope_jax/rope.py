@@ -60,11 +60,12 @@ def make(factors, n_hat=0, attn_scale=1.0, *, head_dim: int | None = None) -> Ro
     raise ValueError(
         f"factors has length {factors.shape[0]} but head_dim={head_dim} needs head_dim // 2 = "
         f"{head_dim // 2}: pass one factor per rotary frequency.")
-  if not np.all(np.isfinite(factors)) or np.any(factors < 1.0):
-    bad = int(np.argmin(factors))
+  bad_F = ~np.isfinite(factors) | (factors < 1.0)
+  if np.any(bad_F):
+    bad = int(np.argmax(bad_F))
     raise ValueError(
-        f"factors must all be >= 1 (interpolation only); factors[{bad}] = {factors[bad]}. "
-        "Clip the factors to [1, lambda_max].")
+        f"factors must all be finite and >= 1 (interpolation only); factors[{bad}] = "
+        f"{factors[bad]}. Clip the factors to [1, lambda_max].")
   if int(n_hat) != n_hat or n_hat < 0:
     raise ValueError(f"n_hat must be a non-negative integer, got {n_hat}.")
   if not math.isfinite(attn_scale) or attn_scale <= 0:
@@ -175,6 +176,10 @@ def yarn_ramp(head_dim: int, theta: float, original_length: int, beta_fast: floa
   ramp is linear in the index i (the YaRN reference code and HF, whose trained checkpoints this
   must load); the paper's eq. 18 writes it linear in r instead.
   """
+  if not beta_fast > beta_slow > 0:
+    raise ValueError(f"yarn needs beta_fast > beta_slow > 0 (rotations over L0: dims above "
+                     f"beta_fast are kept, below beta_slow interpolated), got beta_fast="
+                     f"{beta_fast}, beta_slow={beta_slow}; the published values are 32 and 1.")
 
   def correction_dim(rotations):
     return head_dim * math.log(original_length / (rotations * 2 * math.pi)) / (2 * math.log(theta))
