@@ -39,6 +39,12 @@ def parse_arg(arg: str | None, *, positional: str | None = None, **spec) -> ml_c
   return result
 
 
+def base_config(stages: tuple[str, ...], seed: int = 0) -> ml_collections.ConfigDict:
+  """The run itself: the stages `experiments.run` runs, the seed, and whether a rerun may
+  recompute stages whose inputs changed (`overwrite`; otherwise it refuses, naming them)."""
+  return ml_collections.ConfigDict(dict(seed=seed, stages=tuple(stages), overwrite=False))
+
+
 def _section(defaults: dict, types_: dict, overrides: dict, name: str) -> ml_collections.ConfigDict:
   unknown = sorted(set(overrides) - set(defaults))
   if unknown:
@@ -116,7 +122,8 @@ def progressive_section(multiple: float, *, finetune: dict | None = None,
   again at `multiple` x L0 (with `search_settings`), readjust short factors for L0."""
   defaults = dict(multiple=multiple, short_lambda_max=1.25, short_num_windows=16)
   section = _section(defaults, {}, overrides, 'progressive')
-  tuning = dict(steps=200, batch_size=4, lr=1e-3, warmup=20, final_lr_ratio=0.1, ckpt_every=25)
+  tuning = dict(steps=200, batch_size=4, lr=1e-3, warmup=20, final_lr_ratio=0.1, weight_decay=0.1,
+                clip=1.0, ckpt_every=25, passkey_fraction=0.1, copy_fraction=0.0)
   section.finetune = _section(tuning, {}, finetune or {}, 'progressive.finetune')
   section.search = settings_section(**(search_settings or {}))
   return section
@@ -129,9 +136,7 @@ def paper_model_config(arg: str | None, *, variant: str, multiple: float, doc_to
   grid, monotone; n_hat searched; fitness = perplexity of 5 PG19 validation books truncated to
   L'; then every method on PG19 test books. `arg`: the checkpoint folder."""
   a = parse_arg(arg, positional='path', path='')
-  c = ml_collections.ConfigDict()
-  c.seed = 0
-  c.stages = ('search', 'evaluate', 'report')
+  c = base_config(('search', 'evaluate', 'report'))
   c.model = model_section(variant, path=a.path or None, dtype='bfloat16', **model_overrides)
   c.data = data_section(source='tfds', tfds_name='local_text/pg19', tokenizer='auto')
   c.search = search_section(multiple, num_windows=5, doc_batch=1, chunk=1, memory_gb=40.0)

@@ -16,9 +16,7 @@ from configs import common
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """`arg`: empty, `test` (every stage on a toy model in seconds) and/or `progressive`."""
   a = common.parse_arg(arg, test=False, progressive=False)
-  c = ml_collections.ConfigDict()
-  c.seed = 0
-  c.stages = ('pretrain', 'search', 'evaluate', 'passkey', 'report')
+  c = common.base_config(('pretrain', 'search', 'evaluate', 'passkey', 'report'))
   # demo: L0 = 256 bytes. Pretraining is dense; evaluation blockwise.
   c.model = common.model_section('demo')
   c.data = common.data_section()

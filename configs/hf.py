@@ -18,9 +18,7 @@ from configs import common
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """`arg`: empty or `paper` (the paper's search budget)."""
   a = common.parse_arg(arg, paper=False)
-  c = ml_collections.ConfigDict()
-  c.seed = 0
-  c.stages = ('search', 'evaluate', 'report')
+  c = common.base_config(('search', 'evaluate', 'report'))
   # The checkpoint's config.json decides the shape; bf16 compute, params as stored.
   c.model = common.model_section('hf', dtype='bfloat16')
   c.data = common.data_section(tokenizer='auto')

@@ -21,10 +21,12 @@ from longrope_jax import data as data_lib
 from longrope_jax import evaluate as eval_lib
 from longrope_jax import model as model_lib
 from longrope_jax import plots
+from longrope_jax import provenance
 from longrope_jax import report as report_lib
 from longrope_jax import rope as rope_lib
 from longrope_jax import search as search_lib
 from longrope_jax import train as train_lib
+from longrope_jax import validation
 
 
 class Run:
@@ -99,7 +101,11 @@ class Run:
     return train_lib.load_params(self.model_config, self.workdir)
 
   def results(self) -> dict:
-    return json.loads(self.results_path.read_text()) if self.results_path.exists() else {}
+    if not self.results_path.exists():
+      return {}
+    return ckpt_lib.read_json(self.results_path, what='results',
+                              fix=f'delete {self.results_path}: each stage rewrites its entry '
+                              'from its caches')
 
   def save_result(self, key: str, value: Any) -> None:
     results = self.results()
@@ -111,15 +117,7 @@ class Run:
     return search_lib.SearchResult.from_json(self.results()[key])
 
   def write_config(self) -> None:
-    path = self.workdir / 'config.json'
-    new = json.loads(self.config.to_json_best_effort())
-    if path.exists():
-      old = json.loads(path.read_text())
-      changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-      if changed:
-        print(f"note: config sections {changed} differ from the run already in {self.workdir}; "
-              "finished stages are reused, so use a fresh --workdir for a different experiment.")
-    ckpt_lib.write_json(path, new)
+    ckpt_lib.write_json(self.workdir / 'config.json', json.loads(self.config.to_json_best_effort()))
 
 
 # ----------------------------------------------------------------------------- stages
@@ -166,7 +164,8 @@ def _perplexity(run: Run, key: str, params: Any, methods, extra: dict) -> dict:
   and saved as results.json[key]."""
   c = run.config.evaluate
   cache_path = run.workdir / 'eval' / f'{key}.jsonl'
-  done = {(r['method'], r['length']): r['nll'] for r in ckpt_lib.read_jsonl(cache_path)}
+  done = {(r['method'], r['length']): r['nll']
+          for r in ckpt_lib.read_jsonl(cache_path, required=('method', 'length', 'nll'))}
   results = eval_lib.perplexity_vs_length(
       run.model_config, params, run.documents(c.split), run.lengths(c.multiples),
       methods=methods, extra=extra, num_windows=c.num_windows, seed=run.config.seed,
@@ -184,7 +183,8 @@ def passkey(run: Run) -> dict:
   mc = run.model_config
   lengths = run.lengths(c.multiples)
   cache_path = run.workdir / 'eval' / 'passkey.jsonl'
-  done = {(r['method'], r['length']): r['accuracy'] for r in ckpt_lib.read_jsonl(cache_path)}
+  done = {(r['method'], r['length']): r['accuracy']
+          for r in ckpt_lib.read_jsonl(cache_path, required=('method', 'length', 'accuracy'))}
   extra = {}
   if 'search' in run.results():
     extra['longrope'] = longrope_source(run)
@@ -215,9 +215,6 @@ def search(run: Run) -> dict:
                              settings=search_lib.SearchConfig.from_config(c.settings),
                              workdir=run.workdir / 'search', seed=run.config.seed)
   summary = dict(result.to_json(), split=c.split, num_windows=c.num_windows)
-  if run.results().get('search', {}).get('factors') not in (None, summary['factors']):
-    for cache in (run.workdir / 'eval').glob('*.jsonl'):  # stale longrope evaluations
-      ckpt_lib.truncate_jsonl(cache, lambda r: r.get('method') != 'longrope')
   run.save_result('search', summary)
   return summary
 
@@ -231,13 +228,12 @@ def progressive(run: Run) -> dict:
   first = run.searched()
   L1 = first.target_length
   workdir = run.workdir / 'progressive'
-  pretraining = run.config.pretrain
   batches = data_lib.PackedBatches(run.documents('train'), c.finetune.batch_size, L1,
                                    seed=run.config.seed + 1,
-                                   passkey_fraction=pretraining.passkey_fraction,
-                                   copy_fraction=pretraining.copy_fraction,
+                                   passkey_fraction=c.finetune.passkey_fraction,
+                                   copy_fraction=c.finetune.copy_fraction,
                                    tokenizer=run.tokenizer)
-  train_lib.train(run.model_config, train_lib.OptimConfig.from_config(pretraining, c.finetune),
+  train_lib.train(run.model_config, train_lib.OptimConfig.from_config(c.finetune),
                   batches, first.rope(), workdir, seed=run.config.seed,
                   init_params=run.params(), ckpt_every=c.finetune.ckpt_every, log_every=10,
                   desc=f'finetune@{L1}')
@@ -315,14 +311,23 @@ STAGES: dict[str, Callable[[Run], Any]] = {
 
 def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
         stages: tuple[str, ...] | None = None) -> Run:
-  """Runs `stages` (default: config.stages) in order; every stage resumes from the workdir."""
+  """Runs `stages` (default: config.stages) in order after validating the whole config. A stage
+  whose inputs (config fields, upstream results) are unchanged is reused; one whose inputs
+  changed is recomputed with everything downstream of it, or, without config.overwrite, the run
+  refuses naming the changed fields. Every stage resumes from the workdir."""
   stages = tuple(stages or config.stages)
   unknown = [s for s in stages if s not in STAGES]
   if unknown:
     raise ValueError(f"unknown stages {unknown} in config.stages; choose from {list(STAGES)}.")
+  validation.validate_config(config)
   r = Run(config, workdir)
+  decisions = provenance.prepare(config, stages, r.workdir,
+                                 overwrite=config.get('overwrite', False))
   r.write_config()
-  for stage in stages:
-    print(f'== {stage} ==', flush=True)
-    STAGES[stage](r)
+  for d in decisions:
+    changes = f": {'; '.join(d.changes)}" if d.changes else ''
+    print(f'== {d.stage} ({d.action}{changes}) ==', flush=True)
+    provenance.begin(r.workdir, d)
+    STAGES[d.stage](r)
+    provenance.finish(r.workdir, d)
   return r

@@ -81,9 +81,8 @@ STAGES: dict[str, StageSpec] = {
         upstream=('pretrain', 'search'), outputs=('eval/passkey.jsonl', 'plots/passkey.png'),
         results=('passkey',), method_upstream=(('search', 'longrope'),)),
     'progressive': StageSpec(
-        reads=('seed', *_MODEL, 'model.attention', 'data', 'pretrain.passkey_fraction',
-               'pretrain.copy_fraction', 'pretrain.weight_decay', 'pretrain.clip',
-               'search.split', 'search.num_windows', 'progressive'),
+        reads=('seed', *_MODEL, 'model.attention', 'data', 'search.split', 'search.num_windows',
+               'progressive'),
         ignore=('progressive.finetune.ckpt_every',
                 *(f'progressive.search.{k}' for k in _SEARCH_PERF)),
         upstream=('pretrain', 'search'), outputs=('progressive',), results=('progressive',)),

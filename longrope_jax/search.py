@@ -26,6 +26,7 @@ from longrope_jax import mesh as mesh_lib
 from longrope_jax import model as model_lib
 from longrope_jax import plots
 from longrope_jax import rope as rope_lib
+from longrope_jax import validation
 from longrope_jax.fitness import PopulationFitness
 from longrope_jax.rope import Extension, RopeScaling
 from longrope_jax.search_space import SearchSpace, make_space, seed_genomes
@@ -61,14 +62,7 @@ class SearchConfig:
   attention: str | None = None      # the model's attention for the search (None: as configured)
 
   def __post_init__(self):
-    for name in ('population', 'parents', 'generations', 'doc_batch'):
-      if getattr(self, name) < 1:
-        raise ValueError(f"search.{name} must be >= 1, got {getattr(self, name)}.")
-    if not 0.0 <= self.mutation_prob <= 1.0:
-      raise ValueError(f"search.mutation_prob must lie in [0, 1], got {self.mutation_prob}.")
-    if self.population < self.parents:
-      raise ValueError(f"search.population ({self.population}) is smaller than search.parents "
-                       f"({self.parents}); the population must hold the parents.")
+    validation.check_search_settings(dataclasses.asdict(self), 'search.settings')
 
   @classmethod
   def from_config(cls, config: Mapping) -> 'SearchConfig':

@@ -47,12 +47,10 @@ class OptimConfig:
                                    f"must be smaller than steps ({self.steps}).")
 
   @classmethod
-  def from_config(cls, *sections) -> 'OptimConfig':
-    """The optimizer fields found in config sections, later sections overriding earlier ones
-    (fine-tuning takes its own steps and lr, and pretraining's weight decay and clip)."""
+  def from_config(cls, section) -> 'OptimConfig':
+    """The optimizer fields of a config section (pretrain, progressive.finetune)."""
     names = {f.name for f in dataclasses.fields(cls)}
-    values = {k: v for section in sections for k, v in section.items() if k in names}
-    return cls(**values)
+    return cls(**{k: v for k, v in section.items() if k in names})
 
 
 def make_schedule(cfg: OptimConfig) -> optax.Schedule:

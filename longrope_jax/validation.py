@@ -13,6 +13,8 @@ import math
 import numbers
 from typing import Any, Callable, Iterable, Mapping
 
+from longrope_jax.strategies import PAPER_GA
+
 Check = Callable[[Any, str], None]
 _ABSENT = object()
 
@@ -148,16 +150,14 @@ def _splits() -> Iterable[str]:
   return data.SPLITS
 
 
-PAPER_GA = 'paper_ga'
-
-
 def strategy(value: Any, field: str) -> None:
   """'paper_ga' or the name of an evosax 0.3 algorithm."""
   if value == PAPER_GA:
     return
   from evosax.algorithms import algorithms
   if value not in algorithms:
-    fail(field, value, f"{PAPER_GA!r} or an evosax algorithm ({', '.join(sorted(algorithms))})")
+    fail(field, value, f"{PAPER_GA!r} or an evosax algorithm ({', '.join(sorted(algorithms))})",
+         f"set --config.{field}={PAPER_GA} or e.g. --config.{field}=CMA_ES")
 
 
 # ----------------------------------------------------------------------------- the rule table
@@ -236,8 +236,10 @@ RULES: dict[str, Check] = {
     'progressive.short_lambda_max': at_least(1.0),
     'progressive.short_num_windows': positive_int,
     **{f'progressive.finetune.{k}': OPTIM_RULES[k]
-       for k in ('steps', 'lr', 'warmup', 'final_lr_ratio')},
+       for k in ('steps', 'lr', 'warmup', 'final_lr_ratio', 'weight_decay', 'clip')},
     'progressive.finetune.batch_size': positive_int,
+    'progressive.finetune.passkey_fraction': fraction,
+    'progressive.finetune.copy_fraction': fraction,
     'progressive.finetune.ckpt_every': positive_int,
     **{f'progressive.search.{k}': v for k, v in SEARCH_SETTINGS_RULES.items()},
 }
