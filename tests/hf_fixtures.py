@@ -141,7 +141,7 @@ def save_checkpoint(kind: str, folder: pathlib.Path, tok, *, seed: int = 0,
     ids = dict(bos_token_id=tok.token_to_id('<|begin_of_text|>'),
                eos_token_id=tok.token_to_id('<|end_of_text|>'))
   config = config_cls(**TINY, **{**defaults, **fields}, vocab_size=tok.get_vocab_size(), **ids,
-                      tie_word_embeddings=False)
+                      pad_token_id=ids['eos_token_id'], tie_word_embeddings=False)
   torch.manual_seed(seed)
   model = getattr(transformers, arch)(config).eval()
   with torch.no_grad():
