@@ -45,8 +45,7 @@ def main(argv):
   if not checkpoint:
     raise ValueError(f"the run in {workdir} has no model.path; pass --checkpoint (the HF folder "
                      "whose config.json and tokenizer files the export starts from).")
-  window = SLIDING_WINDOW.value
-  window = hf.KEEP if window == 'keep' else None if window == 'none' else int(window)
+  window = hf.parse_sliding_window(SLIDING_WINDOW.value)
   params = config = None
   if 'progressive' in results:
     long, short = results['progressive']['long'], results['progressive']['short']

@@ -159,6 +159,23 @@ def rope_parameters(hf_config: dict) -> dict:
   return params
 
 
+def parse_sliding_window(value: str | int | None) -> int | None | str:
+  """A config or flag value as `load`'s `sliding_window`: 'keep' -> KEEP (config.json's),
+  None or 'none' -> None (no window), a positive number (or its string) -> that many tokens."""
+  if value is None or (isinstance(value, str) and value.lower() == 'none'):
+    return None
+  if value == KEEP:
+    return KEEP
+  try:
+    window = int(value)
+  except (TypeError, ValueError):
+    window = 0
+  if isinstance(value, bool) or window <= 0 or str(window) != str(value).strip():
+    raise ValueError(f"sliding_window must be {KEEP!r} (config.json's), 'none' (no window) or a "
+                     f"positive number of tokens, got {value!r}.")
+  return window
+
+
 def model_config(hf_config: dict, *, param_dtype: str = 'float32', dtype: str | None = None,
                  sliding_window: int | None | str = KEEP, **overrides) -> ModelConfig:
   """Our `ModelConfig` for an HF config; `original_length` is the original (pretraining) window.

@@ -34,6 +34,7 @@ SHORT = dict(LONG, factors=hf_fixtures.SHORT_FACTOR, target_length=L0)
 def windows(hf_assets):
   """Two validation books per length, read through the TFDS builder, tokenized by the
   checkpoint's SentencePiece-layout tokenizer.json."""
+  pytest.importorskip('tensorflow_datasets')
   name, data_dir = hf_assets.pg19()
   tok = data_lib.get_tokenizer(str(hf_assets.tokenizer_file('sentencepiece')))
   docs = data_lib.encode_documents(

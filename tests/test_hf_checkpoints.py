@@ -44,6 +44,7 @@ def test_sentencepiece_layout(hf_assets):
 
 
 def test_books_through_the_tfds_builder(hf_assets):
+  pytest.importorskip('tensorflow_datasets')
   name, data_dir = hf_assets.pg19()
   assert name == 'local_text/pg19'
   tok = data_lib.get_tokenizer(str(hf_assets.tokenizer_file('sentencepiece')))
@@ -87,3 +88,12 @@ def test_sliding_window_kept_disabled_or_set(hf_assets):
   for bad in (0, -4, 2.5, 'none'):
     with pytest.raises(ValueError, match='sliding_window must be'):
       hf.load(folder, sliding_window=bad)
+
+
+def test_parse_sliding_window():
+  assert hf.parse_sliding_window('keep') == hf.KEEP
+  assert hf.parse_sliding_window('none') is None and hf.parse_sliding_window(None) is None
+  assert hf.parse_sliding_window('4096') == hf.parse_sliding_window(4096) == 4096
+  for bad in ('0', -1, '2.5', 'off', True):
+    with pytest.raises(ValueError, match='sliding_window must be'):
+      hf.parse_sliding_window(bad)

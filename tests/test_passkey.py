@@ -80,12 +80,13 @@ def test_sentencepiece_key_alone_is_not_the_answer(hf_assets):
 
 
 def test_oracle_scores_one_and_wrong_keys_score_zero(tokenizer):
-  rope = rope_lib.none(head_dim=16)
-  kwargs = dict(methods=(), extra={'oracle': rope}, depths=(0.0, 0.5, 1.0), trials=3,
-                progress=False)
-  run = lambda answer_of: eval_lib.passkey_accuracy(  # noqa: E731
-      model_lib.get_config('test'), None, tokenizer, [LENGTH, 2 * LENGTH], generate=_oracle(tokenizer, answer_of),
-      **kwargs)['methods']['oracle']
+  def run(answer_of):
+    results = eval_lib.passkey_accuracy(
+        model_lib.get_config('test'), None, tokenizer, [LENGTH, 2 * LENGTH], methods=(),
+        extra={'oracle': rope_lib.none(head_dim=16)}, depths=(0.0, 0.5, 1.0), trials=3,
+        progress=False, generate=_oracle(tokenizer, answer_of))
+    return results['methods']['oracle']
+
   right = run(lambda key: key + '. The')
   print(f'oracle passkey accuracy ({type(tokenizer).__name__}):', right['mean'])
   assert right['mean'] == [1.0, 1.0]
