@@ -101,12 +101,12 @@ def test_random_checkpoint_scores_near_zero(hf_assets, kind):
   ckpt = hf.load(hf_assets.checkpoint('llama', kind))
   tok = data_lib.get_tokenizer(str(ckpt.path / 'tokenizer.json'))
   res = eval_lib.passkey_accuracy(ckpt.config, ckpt.params, tok, [ckpt.config.original_length],
-                                  methods=('none',), depths=(0.0, 1.0), trials=4, progress=False)
+                                  methods=('none',), depths=(0.5,), trials=4, progress=False)
   acc = res['methods']['none']['mean'][0]
   print(f'random tiny Llama ({kind}) passkey accuracy: {acc}')
   assert acc <= 0.25
   nll = eval_lib.passkey_answer_nll(ckpt.config, ckpt.params, tok, ckpt.config.original_length,
-                                    rope_lib.none(head_dim=ckpt.config.head_dim), trials=4)
+                                    rope_lib.none(head_dim=ckpt.config.head_dim), trials=3)
   # One value per answer token (SentencePiece: one per digit, no '▁'), each above a digit guess.
   assert len(nll) == (5 if kind == 'sentencepiece' else len(nll)) and 2 <= len(nll) <= 5
   assert all(np.isfinite(nll)) and min(nll) > 0.5
