@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import pathlib
+import re
 import sysconfig
 import warnings
 from typing import Iterable, Iterator, Protocol
@@ -264,13 +265,17 @@ def passkey_sample(rng: np.random.Generator, length: int, depth: float, tokenize
   """The passkey task (Mohtashami & Jaggi, 2023; LongRoPE section 4.3) at about `length` tokens.
 
   A random `digits`-digit key is stated once at relative `depth` in repeated filler sentences,
-  then asked for at the end. Returns (prompt ids with BOS, answer ids); the prompt plus answer
-  fit in `length` tokens, and whole filler sentences are used.
+  then asked for at the end. Returns (prompt ids with BOS, answer ids), the prompt plus answer
+  within `length` tokens, whole filler sentences. The answer ids are the tokens the prompt
+  continues with when prompt and key are tokenized together: a SentencePiece tokenizer would give
+  the key encoded alone a leading '▁' that the prompt's '#12345' never has.
   """
   if not 0.0 <= depth <= 1.0:
     raise ValueError(f"passkey depth must be in [0, 1], got {depth}.")
   key = str(int(rng.integers(10 ** (digits - 1), 10 ** digits)))
-  fixed = len(tokenizer.encode(passkey_line(key) + QUESTION)) + len(tokenizer.encode(key)) + 1
+  fixed = len(tokenizer.encode(passkey_line(key) + QUESTION + key)) + 1
+  if fixed > length:
+    raise ValueError(f"a passkey prompt needs at least {fixed} tokens; got length {length}.")
   sentences, size = [], 0
   while True:
     sentence = ' ' + FILLER[len(sentences) % len(FILLER)]
@@ -278,12 +283,34 @@ def passkey_sample(rng: np.random.Generator, length: int, depth: float, tokenize
       break
     sentences.append(sentence)
     size += len(tokenizer.encode(sentence))
-  if fixed > length:
-    raise ValueError(f"a passkey prompt needs at least {fixed} tokens; got length {length}.")
-  cut = int(round(depth * len(sentences)))
-  text = ''.join(sentences[:cut]) + passkey_line(key) + ''.join(sentences[cut:]) + QUESTION
-  prompt = np.concatenate([[tokenizer.bos_id], tokenizer.encode(text)]).astype(np.int32)
-  return prompt, tokenizer.encode(key).astype(np.int32)
+  while True:  # pieces tokenized apart may count differently from the whole text
+    cut = int(round(depth * len(sentences)))
+    text = ''.join(sentences[:cut]) + passkey_line(key) + ''.join(sentences[cut:]) + QUESTION
+    prompt, answer = _split_answer(tokenizer, text, key)
+    if prompt.size + answer.size + 1 <= length or not sentences:
+      break
+    sentences.pop()
+  return np.concatenate([[tokenizer.bos_id], prompt]).astype(np.int32), answer
+
+
+def _split_answer(tokenizer: Tokenizer, prompt_text: str, answer_text: str
+                  ) -> tuple[np.ndarray, np.ndarray]:
+  """(prompt ids, answer ids) of prompt_text + answer_text tokenized together."""
+  prompt = tokenizer.encode(prompt_text).astype(np.int32)
+  full = tokenizer.encode(prompt_text + answer_text).astype(np.int32)
+  if full.size <= prompt.size or not np.array_equal(full[:prompt.size], prompt):
+    raise ValueError(f"the tokenizer merges the pass key {answer_text!r} into the prompt's last "
+                     f"token ({KEY_MARK!r}), so no token sequence is the answer alone; use a "
+                     "tokenizer that splits digits from punctuation.")
+  return prompt, full[prompt.size:]
+
+
+def parse_passkey(continuation: str) -> str | None:
+  """The key a model answered: the first run of digits in its decoded continuation, as the
+  official evaluations do (landmark attention's and LongRoPE's `re.search(r'\\d+', response)`);
+  None without digits."""
+  found = re.search(r'\d+', continuation)
+  return found.group() if found else None
 
 
 COPY_ALPHABET = np.frombuffer(b'0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ',

@@ -24,7 +24,7 @@ import os
 import pathlib
 import shutil
 import tempfile
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -52,6 +52,8 @@ _SAFETENSORS_DTYPES = {'F32': np.dtype('<f4'), 'F64': np.dtype('<f8'), 'F16': np
 _DEFAULT_PARAM_DTYPE = {'F32': 'float32', 'F64': 'float32', 'F16': 'bfloat16',
                         'BF16': 'bfloat16'}
 _NUMPY_DTYPES = {'float32': np.dtype(np.float32), 'bfloat16': np.dtype(ml_dtypes.bfloat16)}
+# `sliding_window=KEEP` (the default of `load` and `model_config`): the window config.json sets.
+KEEP = 'keep'
 # Tensors some checkpoints carry that the model recomputes.
 _IGNORED_SUFFIXES = ('rotary_emb.inv_freq',)
 
@@ -69,11 +71,6 @@ class Checkpoint:
   params: dict
   hf_config: dict
   path: pathlib.Path
-
-  @property
-  def tokenizer_path(self) -> pathlib.Path | None:
-    path = self.path / TOKENIZER_FILE
-    return path if path.is_file() else None
 
   def rope_for_length(self, length: int) -> rope_lib.RopeScaling:
     """The RoPE scaling transformers uses for this checkpoint at sequence `length`."""
@@ -162,10 +159,36 @@ def rope_parameters(hf_config: dict) -> dict:
   return params
 
 
+def parse_sliding_window(value: str | int | None) -> int | None | str:
+  """A config or flag value as `load`'s `sliding_window`: 'keep' -> KEEP (config.json's),
+  None or 'none' -> None (no window), a positive number (or its string) -> that many tokens."""
+  if value is None or (isinstance(value, str) and value.lower() == 'none'):
+    return None
+  if value == KEEP:
+    return KEEP
+  try:
+    window = int(value)
+  except (TypeError, ValueError):
+    window = 0
+  if isinstance(value, bool) or window <= 0 or str(window) != str(value).strip():
+    raise ValueError(f"sliding_window must be {KEEP!r} (config.json's), 'none' (no window) or a "
+                     f"positive number of tokens, got {value!r}.")
+  return window
+
+
 def model_config(hf_config: dict, *, param_dtype: str = 'float32', dtype: str | None = None,
-                 **overrides) -> ModelConfig:
-  """Our `ModelConfig` for an HF config; `original_length` is the original (pretraining) window."""
+                 sliding_window: int | None | str = KEEP, **overrides) -> ModelConfig:
+  """Our `ModelConfig` for an HF config; `original_length` is the original (pretraining) window.
+
+  `sliding_window`: KEEP takes config.json's (Mistral, Phi-3; Llama has none), None disables
+  it (full causal attention), an int sets it.
+  """
   arch = architecture(hf_config)
+  if sliding_window != KEEP and sliding_window is not None and (
+      isinstance(sliding_window, bool) or not isinstance(sliding_window, int) or
+      sliding_window <= 0):
+    raise ValueError(f"sliding_window must be {KEEP!r} (config.json's), None (no window) or a "
+                     f"positive number of tokens, got {sliding_window!r}.")
   act = hf_config.get('hidden_act', 'silu')
   if act not in ('silu', 'swish'):
     raise NotImplementedError(f"hidden_act {act!r} is not supported (model.py uses SwiGLU).")
@@ -180,6 +203,8 @@ def model_config(hf_config: dict, *, param_dtype: str = 'float32', dtype: str | 
   num_heads = int(_require(hf_config, 'num_attention_heads'))
   scaled = rope['rope_type'] != 'default'
   window = hf_config.get('sliding_window') if arch != 'LlamaForCausalLM' else None
+  if sliding_window != KEEP:
+    window = sliding_window
   fields = dict(
       vocab_size=int(_require(hf_config, 'vocab_size')),
       dim=int(_require(hf_config, 'hidden_size')),
@@ -205,10 +230,19 @@ def rope_for_length(source: dict | Path | Checkpoint, length: int) -> rope_lib.R
   """The `RopeScaling` transformers applies to a sequence of `length` tokens (positions 0..L-1).
 
   `source` is an HF config dict, a checkpoint folder, or a `Checkpoint`. Matches
-  `modeling_rope_utils`: dynamic NTK is recomputed at `length` (against max_position_embeddings);
-  LongRoPE / Phi-3 uses short_factor while length <= original_max_position_embeddings and
-  long_factor beyond, with attention scale attention_factor or sqrt(1 + ln s / ln L0),
-  s = factor or max_position_embeddings / L0, at every length.
+  `modeling_rope_utils`. LongRoPE / Phi-3 uses short_factor while length <=
+  original_max_position_embeddings and long_factor beyond, with attention scale attention_factor
+  or sqrt(1 + ln s / ln L0), s = factor or max_position_embeddings / L0, at every length.
+
+  Dynamic NTK here is the formula's value at `length`: NTK-aware with base
+  theta * (factor * L / L0 - (factor - 1)) ** (H / (H - 2)) for L > L0 = max_position_embeddings,
+  vanilla RoPE for L <= L0, a pure function of the length. transformers' dynamic rotary embedding
+  is stateful instead: it recomputes the base only when a sequence grows past the longest it has
+  seen, keeps that base for shorter sequences still beyond L0 (and resets to vanilla below L0),
+  and during cached generation the keys already cached keep the rotation of the base they were
+  computed with. The two agree on one forward of a fresh model at `length`, or on lengths
+  evaluated in ascending order; transformers' number for a shorter sequence after a longer one,
+  or for a generation that crosses lengths, is not this function's.
   """
   if isinstance(source, Checkpoint):
     hf_config = source.hf_config
@@ -493,33 +527,28 @@ def load_params(path: Path, config: ModelConfig, hf_config: dict, *,
 
 
 def load(path: Path, *, sharding: ShardingSpec = None, param_dtype: str | None = None,
-         dtype: str | None = None, **overrides) -> Checkpoint:
+         dtype: str | None = None, sliding_window: int | None | str = KEEP,
+         **overrides) -> Checkpoint:
   """Reads a local HF checkpoint folder into a `Checkpoint` (config, params, raw HF config).
 
   `param_dtype` defaults to the stored dtype (bf16 stays bf16; f16 becomes bf16); `dtype`
-  (compute) defaults to `param_dtype`; `overrides` set other `ModelConfig` fields
-  (attention='blockwise', ...).
+  (compute) defaults to `param_dtype`; `sliding_window` keeps config.json's (KEEP), disables it
+  (None) or sets it (an int): the official LongRoPE scripts take Mistral's L0 = its 4k window
+  and search and evaluate with the window raised past the target length. `overrides` set other
+  `ModelConfig` fields (attention='blockwise', original_length=4096, ...).
   """
   path = pathlib.Path(path)
   hf_config = read_config(path)
   if param_dtype is None:
     param_dtype = _DEFAULT_PARAM_DTYPE.get(checkpoint_dtype(path), 'float32')
-  config = model_config(hf_config, param_dtype=param_dtype, dtype=dtype, **overrides)
+  config = model_config(hf_config, param_dtype=param_dtype, dtype=dtype,
+                        sliding_window=sliding_window, **overrides)
   rope = rope_parameters(hf_config)  # RoPE errors surface before any weight is read
   longest = max(rope['max_position_embeddings'], rope['original_max_position_embeddings'])
   for length in (1, longest + 1):
     rope_for_length(hf_config, length)
   params = load_params(path, config, hf_config, sharding=sharding)
   return Checkpoint(config=config, params=params, hf_config=hf_config, path=path)
-
-
-def load_tokenizer(path: Path):
-  """The `tokenizers.Tokenizer` of a checkpoint folder's tokenizer.json."""
-  file = pathlib.Path(path) / TOKENIZER_FILE
-  if not file.is_file():
-    raise FileNotFoundError(f"No {TOKENIZER_FILE} in {path}.")
-  from longrope_jax import data
-  return data.read_tokenizer_file(file)
 
 
 # ----------------------------------------------------------------------------- export
@@ -656,3 +685,84 @@ def export_rope_scaling(config_dir_in: Path, out_dir: Path, short_factor: Iterab
         shutil.copy2(item, target)
   _write_json_atomic(out_config, out_dir / CONFIG_FILE)
   return out_dir
+
+
+# Files of a checkpoint folder that export rewrites rather than copies.
+_WEIGHT_FILES = (WEIGHTS_FILE, INDEX_FILE)
+
+
+def _check_record(record: Mapping[str, Any], name: str, drop_n_hat: bool) -> None:
+  """A searched result as results.json holds it: factors, n_hat, attn_scale, lengths."""
+  missing = [k for k in ('factors', 'n_hat', 'attn_scale', 'original_length', 'target_length')
+             if k not in record]
+  if missing:
+    raise ValueError(f"the {name} result has no {missing} (expected a results.json 'search' "
+                     "record or a 'progressive' 'long' / 'short' record).")
+  if int(record['n_hat']) > 0 and not drop_n_hat:
+    raise ValueError(
+        f"the {name} result has n_hat = {record['n_hat']}: Hugging Face's longrope has no field "
+        "for LongRoPE's un-interpolated first positions, so transformers would not reproduce "
+        "the searched perplexity. Search with n_hat fixed at 0 for an HF export, or drop it "
+        "knowingly (drop_n_hat=True, --drop_n_hat).")
+
+
+def export_longrope(source: Path, out_dir: Path, long: Mapping[str, Any], *,
+                    short: Mapping[str, Any] | Iterable[float] | None = None,
+                    drop_n_hat: bool = False, sliding_window: int | None | str = KEEP,
+                    params: dict | None = None, config: ModelConfig | None = None
+                    ) -> pathlib.Path:
+  """Writes a complete HF folder (config.json, weights, tokenizer files) that transformers
+  loads with the searched LongRoPE scaling; returns out_dir.
+
+  `long` is a searched result ({factors, n_hat, attn_scale, original_length, target_length}:
+  results.json's 'search' record or a 'progressive' 'long' one): long_factor, with
+  original_max_position_embeddings = original_length, max_position_embeddings = target_length
+  and attention_factor = attn_scale. `short` (a record or factors; default all 1: no
+  interpolation) is short_factor. transformers applies the one attention_factor to the short
+  factors too, so a short record must have been searched under the long record's attn_scale;
+  n_hat > 0 has no HF field and is refused unless `drop_n_hat`. `sliding_window` keeps the
+  source's (KEEP), or writes None (no window) or an int. The weights are the source's, or
+  `params` of `config` (e.g. a fine-tuned model) when given. Nothing is written on an error.
+  """
+  src, out_dir = pathlib.Path(source), pathlib.Path(out_dir)
+  hf_config = read_config(src)
+  _check_record(long, 'long', drop_n_hat)
+  original, target = int(long['original_length']), int(long['target_length'])
+  attn_scale = float(long['attn_scale'])
+  if isinstance(short, Mapping):
+    _check_record(short, 'short', drop_n_hat)
+    if int(short['target_length']) != original:
+      raise ValueError(f"the short result was searched for {short['target_length']} tokens; "
+                       f"short factors serve lengths up to original_length = {original}.")
+    if not math.isclose(float(short['attn_scale']), attn_scale, rel_tol=1e-6):
+      raise ValueError(
+          f"the short result was searched with attn_scale {short['attn_scale']}, the long one "
+          f"with {attn_scale}; transformers applies one attention_factor to both, so the short "
+          f"factors must be searched under attn_scale = {attn_scale} to be exported.")
+    short = short['factors']
+  short_factor = np.ones(head_dim(hf_config) // 2) if short is None else np.asarray(short)
+  longrope_block(short_factor, long['factors'], original, target,  # validates before writing
+                 head_dim=head_dim(hf_config), attention_factor=attn_scale)
+  if params is not None and config is None:
+    raise ValueError("export_longrope with params needs their ModelConfig (config=...).")
+  if out_dir.exists() and any(out_dir.iterdir()):
+    raise ValueError(f"{out_dir} is not empty; export into a new folder.")
+  base = dict(hf_config)
+  if sliding_window != KEEP:
+    if architecture(hf_config) == 'LlamaForCausalLM' and sliding_window is not None:
+      raise ValueError("LlamaForCausalLM has no sliding window; export as MistralForCausalLM.")
+    base['sliding_window'] = sliding_window
+  out_dir.mkdir(parents=True, exist_ok=True)
+  for item in src.iterdir():
+    weights = item.name in _WEIGHT_FILES or item.name.endswith('.safetensors')
+    if item.is_file() and item.name != CONFIG_FILE and not (weights and params is not None):
+      shutil.copy2(item, out_dir / item.name)
+  if params is not None:
+    save_params(params, config, out_dir, hf_config=base)
+    written = read_config(out_dir)
+    if 'sliding_window' in base:  # the window asked for, not the one the params ran with
+      written['sliding_window'] = base['sliding_window']
+    base = written
+  _write_json_atomic(base, out_dir / CONFIG_FILE)
+  return export_rope_scaling(out_dir, out_dir, short_factor, long['factors'], original, target,
+                             attention_factor=attn_scale, others='none')

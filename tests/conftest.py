@@ -17,3 +17,14 @@ os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
 import jax  # noqa: E402
 
 jax.config.update('jax_num_cpu_devices', 8)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope='session')
+def hf_assets(tmp_path_factory):
+  """Tiny local HF checkpoints, tokenizers and PG19-like books (tests/hf_fixtures.py), built on
+  first use and shared by the session's tests."""
+  import hf_fixtures
+  return hf_fixtures.Assets(tmp_path_factory.mktemp('hf_assets'))

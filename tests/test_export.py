@@ -1,0 +1,152 @@
+"""Export that transformers reproduces: a tiny Llama checkpoint (tests/hf_fixtures.py) + known
+LongRoPE factors -> `hf.export_longrope` -> transformers' perplexity on PG19-like books equals the
+project's for the same factors (short ones at L <= L0, long ones beyond, one attention factor)."""
+
+import json
+import math
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from longrope_jax import data as data_lib
+from longrope_jax import hf
+from longrope_jax import model as model_lib
+from longrope_jax import rope as rope_lib
+
+pytest.importorskip('torch')
+transformers = pytest.importorskip('transformers')
+
+import hf_fixtures  # noqa: E402
+
+L0 = hf_fixtures.ORIGINAL
+TARGET = 4 * L0
+LENGTHS = (96, 256)  # one at or below L0 (short factors), one beyond (long factors)
+ATTN = rope_lib.longrope_attention_scale(TARGET / L0, L0)
+LONG = dict(factors=hf_fixtures.LONG_FACTOR, n_hat=0, attn_scale=ATTN, original_length=L0,
+            target_length=TARGET)
+SHORT = dict(LONG, factors=hf_fixtures.SHORT_FACTOR, target_length=L0)
+
+
+@pytest.fixture(scope='module')
+def windows(hf_assets):
+  """Two validation books per length, read through the TFDS builder, tokenized by the
+  checkpoint's SentencePiece-layout tokenizer.json."""
+  pytest.importorskip('tensorflow_datasets')
+  name, data_dir = hf_assets.pg19()
+  tok = data_lib.get_tokenizer(str(hf_assets.tokenizer_file('sentencepiece')))
+  docs = data_lib.encode_documents(
+      data_lib.load_split('tfds', 'validation', tfds_name=name, data_dir=str(data_dir)), tok)
+  return {L: data_lib.eval_windows(docs, L, 2) for L in LENGTHS}
+
+
+def _hf_perplexity(folder, windows_NL: np.ndarray) -> float:
+  import torch
+  model = transformers.AutoModelForCausalLM.from_pretrained(
+      folder, attn_implementation='eager', dtype=torch.float32).eval()
+  with torch.no_grad():  # one row at a time: transformers' longrope looks at the positions only
+    nll = [float(model(torch.tensor(row[None], dtype=torch.long),
+                       labels=torch.tensor(row[None], dtype=torch.long)).loss)
+           for row in windows_NL]
+  return math.exp(np.mean(nll))
+
+
+def _our_perplexity(ckpt, windows_NL: np.ndarray, rope) -> float:
+  nll = model_lib.token_nll(ckpt.config, ckpt.params, jnp.asarray(windows_NL), rope)
+  return math.exp(float(jnp.mean(nll)))
+
+
+def test_transformers_reproduces_the_exported_factors(hf_assets, windows, tmp_path):
+  source = hf_assets.checkpoint('llama')
+  out = hf.export_longrope(source, tmp_path / 'export', LONG, short=SHORT)
+  written = hf.read_config(out)['rope_scaling']
+  assert written['long_factor'] == LONG['factors'] and written['short_factor'] == SHORT['factors']
+  assert written['original_max_position_embeddings'] == L0
+  assert hf.read_config(out)['max_position_embeddings'] == TARGET
+  assert written['attention_factor'] == pytest.approx(ATTN)
+  assert (out / 'tokenizer.json').read_bytes() == (source / 'tokenizer.json').read_bytes()
+
+  ckpt = hf.load(source)  # the project's side: the source weights with the searched factors
+  ours = {L: rope_lib.make(SHORT['factors'] if L <= L0 else LONG['factors'], 0, ATTN)
+          for L in LENGTHS}
+  for L in LENGTHS:
+    expected = hf.rope_for_length(out, L)
+    np.testing.assert_allclose(expected.factors, ours[L].factors, rtol=1e-6)
+    assert float(expected.attn_scale) == pytest.approx(ATTN, rel=1e-6)
+    theirs, mine = _hf_perplexity(out, windows[L]), _our_perplexity(ckpt, windows[L], ours[L])
+    rel = abs(theirs - mine) / theirs
+    print(f'L={L} ({"short" if L <= L0 else "long"}): transformers {theirs:.6f}, '
+          f'longrope-jax {mine:.6f}, relative difference {rel:.2e}')
+    assert rel < 1e-4, (L, theirs, mine)
+    plain = _our_perplexity(ckpt, windows[L], rope_lib.none(head_dim=ckpt.config.head_dim))
+    assert abs(plain - mine) / mine > 1e-3  # the factors and the attention factor matter here
+
+
+def test_n_hat_is_refused_unless_dropped(hf_assets, tmp_path):
+  source = hf_assets.checkpoint('llama')
+  with pytest.raises(ValueError, match=r'n_hat = 8.*drop_n_hat'):
+    hf.export_longrope(source, tmp_path / 'refused', dict(LONG, n_hat=8))
+  assert not (tmp_path / 'refused').exists()
+  out = hf.export_longrope(source, tmp_path / 'dropped', dict(LONG, n_hat=8), drop_n_hat=True)
+  block = hf.read_config(out)['rope_scaling']
+  assert block['long_factor'] == LONG['factors'] and block['short_factor'] == [1.0] * 8
+
+
+def test_short_factors_must_share_the_attention_factor(hf_assets, tmp_path):
+  with pytest.raises(ValueError, match='one attention_factor'):
+    hf.export_longrope(hf_assets.checkpoint('llama'), tmp_path / 'out', LONG,
+                       short=dict(SHORT, attn_scale=1.0))
+  assert not (tmp_path / 'out').exists()
+
+
+def test_mistral_window_is_kept_or_set(hf_assets, tmp_path):
+  source = hf_assets.checkpoint('mistral')
+  kept = hf.export_longrope(source, tmp_path / 'kept', LONG)
+  assert hf.load(kept).config.sliding_window == hf_fixtures.SLIDING_WINDOW
+  off = hf.export_longrope(source, tmp_path / 'off', LONG, sliding_window=None)
+  assert hf.read_config(off)['sliding_window'] is None
+  assert hf.load(off).config.sliding_window is None
+
+
+def test_fine_tuned_params_are_written(hf_assets, tmp_path):
+  ckpt = hf.load(hf_assets.checkpoint('llama'))
+  params = dict(ckpt.params, final_norm={'scale': ckpt.params['final_norm']['scale'] * 2})
+  out = hf.export_longrope(ckpt.path, tmp_path / 'tuned', LONG, params=params,
+                           config=ckpt.config)
+  np.testing.assert_array_equal(np.asarray(hf.load(out).params['final_norm']['scale']),
+                                np.asarray(params['final_norm']['scale']))
+  assert (out / 'tokenizer.json').exists()
+
+
+def test_export_entry_point(hf_assets, tmp_path):
+  """experiments/export.py on a finished run's workdir: its results.json and config.json."""
+  source = hf_assets.checkpoint('llama')
+  workdir = tmp_path / 'run'
+  workdir.mkdir()
+  (workdir / 'config.json').write_text(json.dumps({'model': {'path': str(source)}}))
+  (workdir / 'results.json').write_text(json.dumps({'search': dict(LONG, n_hat=4)}))
+  out = tmp_path / 'exported'
+  args = [sys.executable, '-m', 'experiments.export', f'--workdir={workdir}', f'--output={out}']
+  proc = subprocess.run(args, capture_output=True, text=True, timeout=300)
+  assert proc.returncode != 0 and 'n_hat = 4' in proc.stderr and not out.exists()
+  proc = subprocess.run(args + ['--drop_n_hat'], capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert hf.read_config(out)['rope_scaling']['long_factor'] == LONG['factors']
+  # A progressive record: its long and short records, with the fine-tuned weights.
+  from longrope_jax import checkpoint as ckpt_lib
+  params = hf.load(source).params
+  params = dict(params, final_norm={'scale': params['final_norm']['scale'] + 1.0})
+  ckpt_lib.save(ckpt_lib.manager(workdir / 'progressive' / 'ckpt'), 7, {'params': params})
+  (workdir / 'results.json').write_text(json.dumps({'search': LONG, 'progressive': {
+      'long': LONG, 'short': SHORT}}))
+  proc = subprocess.run(args[:-1] + [f'--output={tmp_path / "progressive"}',
+                                     f'--checkpoint={source}'],
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  block = hf.read_config(tmp_path / 'progressive')['rope_scaling']
+  assert block['short_factor'] == SHORT['factors']
+  np.testing.assert_array_equal(
+      np.asarray(hf.load(tmp_path / 'progressive').params['final_norm']['scale']),
+      np.asarray(params['final_norm']['scale']))
