@@ -78,7 +78,8 @@ def _headline_index(perplexity: Mapping, search: Mapping | None) -> int:
 
 
 def headline_table(perplexity: Mapping, search: Mapping | None = None) -> list[str]:
-  """Lines: every method's held-out perplexity at the headline length, best first."""
+  """Lines: every method's held-out perplexity at the headline length, best first; methods with
+  equal values share one row ('ntk = dynamic_ntk'), and only a single best is marked."""
   j = _headline_index(perplexity, search)
   L, L0 = perplexity['lengths'][j], perplexity['original_length']
   values = {name: m['perplexity'][j] for name, m in perplexity['methods'].items()
@@ -87,12 +88,14 @@ def headline_table(perplexity: Mapping, search: Mapping | None = None) -> list[s
   lines = [f'held-out perplexity at {L} tokens ({L / L0:g}x the training length), {where}:']
   if not values:
     return lines + ['   (no method was evaluated at this length)']
-  width = max(len(n) for n in values)
-  best = min(values.values())
-  ties = sum(v == best for v in values.values())
-  for name, value in sorted(values.items(), key=lambda kv: kv[1]):
-    mark = '  <- best' if value == best and ties == 1 else ''
-    lines.append(f'   {name:<{width}}  {value:10.3f}{mark}')
+  groups: dict[float, list[str]] = {}  # methods with the very same value share a row
+  for name, value in values.items():
+    groups.setdefault(value, []).append(name)
+  rows = sorted((value, ' = '.join(names)) for value, names in groups.items())
+  width = max(len(label) for _, label in rows)
+  for i, (value, label) in enumerate(rows):
+    mark = '  <- best' if i == 0 and ' = ' not in label else ''
+    lines.append(f'   {label:<{width}}  {value:10.3f}{mark}')
   return lines
 
 
