@@ -121,3 +121,25 @@ def test_machine_info_has_no_hostname():
   line = console.describe_machine(info)
   assert line.startswith(info['cpu']) and f"{info['cores']} cores" in line
   assert f"machine: {line}" in console.summary_text({'machine': info}, {})
+
+
+def test_cpu_model_without_proc_cpuinfo(monkeypatch):
+  import builtins
+  real_open = builtins.open
+
+  def no_proc(path, *args, **kwargs):
+    if str(path) == '/proc/cpuinfo':
+      raise FileNotFoundError(path)
+    return real_open(path, *args, **kwargs)
+
+  monkeypatch.setattr(builtins, 'open', no_proc)
+  monkeypatch.setattr(platform, 'processor', lambda: 'arm')
+  assert console.cpu_model() == 'arm'
+  monkeypatch.setattr(platform, 'processor', lambda: '')
+  assert console.cpu_model() == platform.machine()
+
+
+def test_describe_machine_with_an_accelerator():
+  info = dict(cpu='Xeon', cores=16, platform='gpu', accelerator='NVIDIA H200', devices=8,
+              jax='0.10.2')
+  assert console.describe_machine(info) == 'Xeon, 16 cores, 8 x NVIDIA H200, jax 0.10.2'
