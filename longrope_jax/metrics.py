@@ -66,13 +66,18 @@ def write_search_generation(writer: MetricWriter, record: Mapping) -> None:
   writer.flush()
 
 
-def write_perplexity(writer: MetricWriter, results: Mapping, *, tag: str = 'perplexity') -> None:
-  """Perplexity per method against evaluation length (the step axis is the length in tokens)."""
-  for name, values in results['methods'].items():
-    for length, value in zip(results['lengths'], values['perplexity']):
-      if value is not None and math.isfinite(value):
-        writer.write_scalars(length, {f'{tag}/{name}': value})
-  writer.flush()
+def write_per_length(workdir: str | pathlib.Path, subdir: str, results: Mapping, *,
+                     metric: str = 'perplexity', tag: str | None = None) -> None:
+  """An evaluation table ({'lengths', 'methods': {name: {metric: [...]}}}) as scalars
+  `tag/method` against the length in tokens (TensorBoard's step axis), in workdir/tb/subdir.
+  A rerun replaces the earlier points (purge from the shortest length) rather than adding."""
+  tag = tag or metric
+  lengths = list(results['lengths'])
+  with MetricWriter(workdir, subdir, purge_step=min(lengths, default=0)) as writer:
+    for name, values in results['methods'].items():
+      for length, value in zip(lengths, values[metric]):
+        if value is not None and math.isfinite(value):
+          writer.write_scalars(length, {f'{tag}/{name}': value})
 
 
 def read_scalars(logdir: str | pathlib.Path) -> dict[str, list[tuple[int, float]]]:

@@ -49,12 +49,17 @@ def test_search_and_perplexity_scalars(tmp_path):
   assert scalars['search/best_perplexity'] == [(0, 50.0), (1, 45.0)]
   assert scalars['search/mean_perplexity'] == [(0, 80.0), (1, 60.0)]
 
-  with metrics_lib.MetricWriter(tmp_path, 'evaluate') as writer:
-    metrics_lib.write_perplexity(writer, dict(lengths=[64, 128], methods={
-        'none': dict(perplexity=[40.0, 90.0]), 'longrope': dict(perplexity=[None, 41.0])}))
+  results = dict(lengths=[64, 128], methods={'none': dict(perplexity=[40.0, 90.0]),
+                                             'longrope': dict(perplexity=[None, 41.0])})
+  metrics_lib.write_per_length(tmp_path, 'evaluate', results)
+  results['methods']['longrope']['perplexity'][1] = 39.0  # a rerun replaces, never adds
+  metrics_lib.write_per_length(tmp_path, 'evaluate', results)
   scalars = metrics_lib.read_scalars(tmp_path / 'tb' / 'evaluate')
   assert scalars == {'perplexity/none': [(64, 40.0), (128, 90.0)],
-                     'perplexity/longrope': [(128, 41.0)]}
+                     'perplexity/longrope': [(128, 39.0)]}
+  passkey = dict(lengths=[128], methods={'none': dict(mean=[0.25])})
+  metrics_lib.write_per_length(tmp_path, 'passkey', passkey, metric='mean', tag='passkey')
+  assert metrics_lib.read_scalars(tmp_path / 'tb' / 'passkey') == {'passkey/none': [(128, 0.25)]}
 
 
 @pytest.fixture(scope='module')
