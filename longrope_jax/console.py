@@ -114,12 +114,16 @@ def search_gain(search: Mapping) -> str | None:
 
 
 def summary_text(results: Mapping, stage_seconds: Mapping[str, float], *,
-                 report_path: str | os.PathLike | None = None) -> str:
+                 report_path: str | os.PathLike | None = None,
+                 tensorboard_dir: str | os.PathLike | None = None) -> str:
   """The closing block of a run from results.json's dict and each stage's wall time (seconds):
-  where the report is, the headline table, the searched factors' gain, stage times and total."""
+  where the report (and TensorBoard logs) are, the headline table, the searched factors' gain,
+  stage times and total."""
   lines = ['== summary ==']
   if report_path is not None:
     lines.append(f'report: {report_path}')
+  if tensorboard_dir is not None:
+    lines.append(f'metrics: tensorboard --logdir {tensorboard_dir}')
   if 'machine' in results:
     lines.append(f"machine: {describe_machine(results['machine'])}")
   pre = results.get('pretrain')
@@ -141,9 +145,11 @@ def summary_text(results: Mapping, stage_seconds: Mapping[str, float], *,
 
 
 def summary(results: Mapping, stage_seconds: Mapping[str, float], *,
-            report_path: str | os.PathLike | None = None, file: TextIO | None = None) -> str:
+            report_path: str | os.PathLike | None = None,
+            tensorboard_dir: str | os.PathLike | None = None, file: TextIO | None = None) -> str:
   """Prints `summary_text(...)` (process 0 only) and returns it."""
-  return _emit(summary_text(results, stage_seconds, report_path=report_path), file)
+  return _emit(summary_text(results, stage_seconds, report_path=report_path,
+                            tensorboard_dir=tensorboard_dir), file)
 
 
 # ----------------------------------------------------------------------------- machine facts

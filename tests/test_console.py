@@ -77,10 +77,11 @@ def test_summary_has_report_headline_gain_and_times():
   results = made_up_results()
   out = io.StringIO()
   text = console.summary(results, {'pretrain': 7.5, 'search': 62.0, 'report': 0.5},
-                         report_path='/tmp/run/report.md', file=out)
+                         report_path='/tmp/run/report.md', tensorboard_dir='/tmp/run/tb',
+                         file=out)
   lines = text.splitlines()
-  assert lines[0] == '== summary =='
-  assert 'report: /tmp/run/report.md' in lines
+  assert lines[:3] == ['== summary ==', 'report: /tmp/run/report.md',
+                       'metrics: tensorboard --logdir /tmp/run/tb']
   # the headline is at the search length (256 = 4x), best first, the best alone marked
   head = lines.index('held-out perplexity at 256 tokens (4x the training length), 4 test '
                      'documents:')
