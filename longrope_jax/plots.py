@@ -177,7 +177,7 @@ def fitness_curve(histories: list[dict] | Mapping[str, list[dict]], path, *,
   perplexity}) are horizontal lines, named, identical ones merged ('seed ntk = dynamic_ntk');
   a seed far above the curves is listed in the legend with its value but left off the axes.
   """
-  fig, ax = plt.subplots(figsize=(7.5, 4.5))
+  fig, ax = plt.subplots(figsize=(9.5, 4.5))
   single = not isinstance(histories, Mapping)
   curves = {'best so far': histories} if single else dict(histories)
   plotted = []
@@ -185,13 +185,13 @@ def fitness_curve(histories: list[dict] | Mapping[str, list[dict]], path, *,
     xs = [h[x] for h in history]
     ys = np.array([h['best_perplexity'] for h in history], float)
     plotted.append(ys)
-    ax.plot(xs, ys, label=name if single else f'{name} ({len(history) - 1} generations)',
-            **style)
+    (line,) = ax.plot(xs, ys, label=name if single else
+                      f'{name} ({len(history) - 1} generations)', **style)
     if single and all('mean_perplexity' in h for h in history):
       mean = np.array([h['mean_perplexity'] for h in history], float)
       plotted.append(mean[np.isfinite(mean)])
-      ax.plot(xs, mean, color='0.55', lw=1, ls='--', marker='.', label='population mean',
-              zorder=1)
+      ax.plot(xs, mean, color=line.get_color(), alpha=0.55, lw=1, ls='--', marker='.',
+              label='population mean', zorder=1)
   curve_values = np.concatenate(plotted) if plotted else np.array([1.0])
   finite = curve_values[np.isfinite(curve_values)]
   lo, hi = (finite.min(), finite.max()) if finite.size else (1.0, 1.0)
@@ -199,26 +199,27 @@ def fitness_curve(histories: list[dict] | Mapping[str, list[dict]], path, *,
     seed_series = {name: float(v[0]) for name, v in group_identical(
         {n: [v] for n, v in seeds.items()}).items()}
     limit = max(hi, min(seed_series.values()))  # the best seed is always on the axes
-    limit += 0.5 * (limit - lo)
+    limit += 2 * (limit - lo)  # others while they do not squash the curves
     colors = plt.cm.Greys(np.linspace(0.45, 0.95, len(seed_series)))
     for (name, value), color, ls in zip(sorted(seed_series.items(), key=lambda kv: kv[1]),
                                         colors, itertools.cycle((':', '--', '-.'))):
       style = dict(color=color, ls=ls, lw=1.3, zorder=1)
       if value <= limit:
-        ax.axhline(value, label=f'seed {name}: {value:.4g}', **style)
+        ax.axhline(value, label=f'seed {name}: {value:.5g}', **style)
         hi = max(hi, value)
       else:  # listed in the legend with its value, not drawn
-        ax.plot([], [], label=f'seed {name}: {value:.4g} (off the axes)', **style)
+        ax.plot([], [], label=f'seed {name}: {value:.5g} (off the axes)', **style)
   pad = 0.08 * (hi - lo) if hi > lo else 0.05 * abs(hi)
   ax.set_ylim(lo - pad, hi + pad)
   if _spans_decade(np.array([lo, hi])):
     ax.set_yscale('log')
     _plain_log_ticks(ax.yaxis)
+  ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
   ax.set_xlabel('candidates evaluated' if x == 'evaluations' else x)
   ax.set_ylabel('perplexity')
   ax.set_title(title)
   ax.grid(True, alpha=0.3)
-  ax.legend(fontsize=8)
+  ax.legend(fontsize=8, loc='upper left', bbox_to_anchor=(1.01, 1), borderaxespad=0)
   return _save(fig, path, caption)
 
 
