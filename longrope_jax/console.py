@@ -106,9 +106,10 @@ def search_gain(search: Mapping) -> str | None:
            if s.get('perplexity') is not None and math.isfinite(s['perplexity'])}
   if not seeds:
     return None
-  name = min(seeds, key=seeds.get)
+  best = min(seeds.values())
+  name = ' = '.join(n for n, v in seeds.items() if v == best)
   ours = search['perplexity']
-  return (f"searched factors {ours:.3f} vs the best seed ({name}) {seeds[name]:.3f} at "
+  return (f"searched factors {ours:.3f} vs the best seed ({name}) {best:.3f} at "
           f"{search['target_length']} tokens ({search.get('split', 'validation')} windows): "
           f"{100 * (ours / seeds[name] - 1):+.1f}%")
 

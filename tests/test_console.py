@@ -94,6 +94,8 @@ def test_summary_has_report_headline_gain_and_times():
   assert ('searched factors 40.100 vs the best seed (yarn) 42.500 at 256 tokens (validation '
           'windows): -5.6%') in lines
   assert 'stage times: pretrain 7.5s, search 1m 02s, report 0.5s' in lines
+  results['search']['seeds']['ntk']['perplexity'] = 42.5  # a tie of seeds is named as one
+  assert 'the best seed (ntk = yarn) 42.500' in console.summary_text(results, {})
   assert lines[-1] == 'total: 1m 10s'
   assert out.getvalue() == text + '\n'
 
