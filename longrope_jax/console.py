@@ -111,7 +111,7 @@ def search_gain(search: Mapping) -> str | None:
   ours = search['perplexity']
   return (f"searched factors {ours:.3f} vs the best seed ({name}) {best:.3f} at "
           f"{search['target_length']} tokens ({search.get('split', 'validation')} windows): "
-          f"{100 * (ours / seeds[name] - 1):+.1f}%")
+          f"{100 * (ours / best - 1):+.1f}%")
 
 
 def summary_text(results: Mapping, stage_seconds: Mapping[str, float], *,
