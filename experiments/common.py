@@ -32,7 +32,8 @@ def initialize_distributed() -> bool:
 
 
 def setup() -> bool:
-  """Quiets library logging to --log_level, then joins the multi-process runtime if asked (call
-  first in every entry point's main)."""
-  console.configure_logging(LOG_LEVEL.value)
+  """Sets library logging to --log_level (unless absl's own --verbosity was given), then joins
+  the multi-process runtime if asked (call first in every entry point's main)."""
+  if not flags.FLAGS['verbosity'].present:
+    console.configure_logging(LOG_LEVEL.value)
   return initialize_distributed()

@@ -146,3 +146,20 @@ def test_describe_machine_with_an_accelerator():
   info = dict(cpu='Xeon', cores=16, platform='gpu', accelerator='NVIDIA H200', devices=8,
               jax='0.10.2')
   assert console.describe_machine(info) == 'Xeon, 16 cores, 8 x NVIDIA H200, jax 0.10.2'
+
+
+@pytest.mark.parametrize('flag, shown', [(None, ['WARN']), ('--log_level=info', ['INFO', 'WARN']),
+                                         ('--verbosity=0', ['INFO', 'WARN'])])
+def test_entry_point_flags(flag, shown):
+  """experiments.common.setup: WARNING by default; --log_level or absl's --verbosity bring INFO."""
+  import subprocess
+  import sys
+  script = ('import sys\nfrom absl import app, logging\nfrom experiments import common\n'
+            'def main(argv):\n  common.setup()\n  logging.info("INFO-LINE")\n'
+            '  logging.warning("WARN-LINE")\n'
+            'app.run(main, argv=[sys.argv[0], "--config", "configs/demo.py:test", '
+            '"--workdir", "unused"] + sys.argv[1:])\n')
+  proc = subprocess.run([sys.executable, '-c', script] + ([flag] if flag else []),
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert [k for k in ('INFO', 'WARN') if f'{k}-LINE' in proc.stderr] == shown
