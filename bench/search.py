@@ -67,8 +67,10 @@ def main(argv=None) -> dict:
   from longrope_jax import evaluate as eval_lib
   from longrope_jax import model as model_lib
   from longrope_jax import pipeline
+  from longrope_jax import fitness as fitness_lib
   from longrope_jax import rope as rope_lib
   from longrope_jax import search as search_lib
+  from longrope_jax import search_space
 
   root = pathlib.Path(__file__).resolve().parents[1]
   config = load_config(args.config or str(root / ('configs/demo.py' + (':test' if args.quick
@@ -87,11 +89,12 @@ def main(argv=None) -> dict:
     params = model_lib.init_params(mc, jax.random.key(0))
     weights = 'random (no checkpoint in --workdir)'
   c = config.search
-  length = int(c.multiple * mc.original_length)
+  extension = run.extension(c.multiple)
+  length = extension.target_length
   val = data_lib.eval_windows(run.documents(c.split), length, c.num_windows, seed=config.seed)
   test = data_lib.eval_windows(run.documents(config.evaluate.split), length,
                                config.evaluate.num_windows, seed=config.seed)
-  base = search_lib.SearchConfig.from_config(c)
+  base = search_lib.SearchConfig.from_config(c.settings)
   parents = population // 2
   mutations = (population - parents) // 2
   settings = search_lib.SearchConfig(**dict(
@@ -99,8 +102,7 @@ def main(argv=None) -> dict:
       crossovers=population - parents - mutations, generations=10_000))
   if settings.attention:  # the search's attention (numerically the model's, maybe faster)
     mc = mc.replace(attention=settings.attention)
-  space = search_lib.make_space(head_dim=mc.head_dim, original_length=mc.original_length,
-                                target_length=length)
+  space = search_space.make_space(head_dim=mc.head_dim, extension=extension)
   rng = np.random.default_rng(0)
 
   def random_genomes(n):
@@ -109,13 +111,13 @@ def main(argv=None) -> dict:
 
   out = dict(model=config.model.variant, weights=weights, devices=len(jax.devices()),
              attention=mc.attention,
-             platform=jax.devices()[0].platform, target_length=length, windows=int(len(val)),
+             platform=jax.devices()[0].platform, extension=extension, windows=int(len(val)),
              population=population)
   print(f"model {config.model.variant} ({weights}), L' = {length}, {len(val)} windows, "
         f"{len(jax.devices())} {out['platform']} device(s)", flush=True)
 
   # (a) the vectorized, sharded population call.
-  fitness = search_lib.PopulationFitness(mc, params, val, length=length,
+  fitness = fitness_lib.PopulationFitness(mc, params, val, length=length,
                                          max_population=population, chunk=settings.chunk,
                                          doc_batch=settings.doc_batch,
                                          memory_bytes=settings.memory_gb * 2**30)
@@ -159,11 +161,11 @@ def main(argv=None) -> dict:
         f"{out['naive']['max_abs_diff_vs_vectorized']:.1e})", flush=True)
 
   # Compilations of the fitness over a 5-generation search.
-  fresh = search_lib.PopulationFitness(mc, params, val, length=length, max_population=population,
+  fresh = fitness_lib.PopulationFitness(mc, params, val, length=length, max_population=population,
                                        chunk=settings.chunk, doc_batch=settings.doc_batch,
                                        memory_bytes=settings.memory_gb * 2**30)
   five = search_lib.SearchConfig(**dict(vars(settings), generations=5))
-  result = search_lib.search(mc, params, val, target_length=length, settings=five,
+  result = search_lib.search(mc, params, val, extension=extension, settings=five,
                              fitness=fresh, progress=False)
   out['compilations_5_generations'] = dict(traces=fresh.traces,
                                            jit_cache_size=fresh._fn._cache_size(),
@@ -181,7 +183,7 @@ def main(argv=None) -> dict:
   strategies = {}
   for name in args.strategies.split(','):
     t0 = time.perf_counter()
-    r = search_lib.search(mc, params, val, target_length=length, fitness=fitness,
+    r = search_lib.search(mc, params, val, extension=extension, fitness=fitness,
                           settings=search_lib.SearchConfig(**dict(
                               vars(settings), strategy=name, max_evaluations=budget)),
                           progress=False)

@@ -2,7 +2,7 @@
 
   python -m experiments.search --config configs/demo.py --workdir runs/demo
   python -m experiments.search --config configs/demo.py --workdir runs/demo \
-      --config.search.strategy=CMA_ES --config.search.generations=20
+      --config.search.settings.strategy=CMA_ES --config.search.settings.generations=20
 
 A killed search resumes from workdir/search/ckpt when run again with the same config.
 """

@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import pathlib
 import sysconfig
+import warnings
 from typing import Iterable, Iterator, Protocol
 
 import numpy as np
@@ -59,7 +60,7 @@ class JsonTokenizer:
       import tokenizers
     except ImportError as e:
       raise ImportError("JsonTokenizer needs the `tokenizers` package: pip install -e .[hf]") from e
-    self._tok = tokenizers.Tokenizer.from_file(str(path))
+    self._tok = read_tokenizer_file(path)
     self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
     self.bos_id = self._find(bos_token, ('<s>', '<|begin_of_text|>', '<|endoftext|>'))
     self.eos_id = self._find(eos_token, ('</s>', '<|end_of_text|>', '<|endoftext|>'))
@@ -80,6 +81,17 @@ class JsonTokenizer:
 
   def decode(self, ids: Iterable[int]) -> str:
     return self._tok.decode([int(i) for i in ids])
+
+
+def read_tokenizer_file(path: str | pathlib.Path):
+  """A `tokenizers.Tokenizer` from a tokenizer.json; a malformed file raises a ValueError naming
+  it (the library's own error names no file)."""
+  import tokenizers
+  try:
+    return tokenizers.Tokenizer.from_file(str(path))
+  except Exception as e:  # tokenizers raises a bare Exception for a parse error
+    raise ValueError(f"{path} is not a valid tokenizer.json ({e}); point data.tokenizer at the "
+                     "tokenizer.json saved with the model (or 'bytes'), or fetch it again.") from e
 
 
 def get_tokenizer(spec: str | None) -> Tokenizer:
@@ -134,6 +146,37 @@ def file_documents(path: str | pathlib.Path, pattern: str = '*') -> list[Documen
   return [Document(name, p.read_bytes()) for name, p in corpus_files(path, pattern)]
 
 
+BINARY_SHARE = 0.05  # above this share of NUL or non-UTF-8 bytes a corpus is not text
+_warned: set[str] = set()
+
+
+def binary_share(text: bytes) -> float:
+  """The share of `text`'s bytes that are NUL or not valid UTF-8 (about 0 for text, about 0.5
+  and more for random or compressed data)."""
+  if not text:
+    return 0.0
+  invalid = text.decode('utf-8', errors='replace').count('\ufffd') - text.count('\ufffd'.encode())
+  return (text.count(b'\0') + invalid) / len(text)
+
+
+def check_text(docs: list[Document], where: str, threshold: float = BINARY_SHARE) -> float:
+  """Warns (once per `where`) when more than `threshold` of the corpus bytes are NUL or not UTF-8:
+  the byte tokenizer would train on binary data without a word. Returns the share."""
+  total = sum(len(d.text) for d in docs)
+  if not total:
+    return 0.0
+  shares = [binary_share(d.text) for d in docs]
+  share = sum(s * len(d.text) for s, d in zip(shares, docs)) / total
+  if share > threshold and where not in _warned:
+    _warned.add(where)
+    binary = [d.name for s, d in zip(shares, docs) if s > threshold]
+    warnings.warn(
+        f"corpus {where}: {share:.0%} of its {total:,} bytes are NUL or not UTF-8, in "
+        f"{len(binary)} of {len(docs)} documents (e.g. {', '.join(binary[:3])}); it looks like "
+        "binary data, not text: point data.path at text files.", stacklevel=2)
+  return share
+
+
 def tfds_documents(name: str, split: str, data_dir: str | None = None,
                    text_key: str = 'text') -> list[Document]:
   """Documents of a TFDS dataset prepared as array_record, read with `tfds.data_source`
@@ -178,11 +221,14 @@ def load_split(source: str, split: str, *, path: str | None = None, tfds_name: s
   elif source == 'files':
     if not path:
       raise ValueError("data.source='files' needs data.path (a text file or a folder).")
-    docs = [d for d in file_documents(path) if split_of(d.name) == split]
+    docs = file_documents(path)
+    check_text(docs, str(path))
+    docs = [d for d in docs if split_of(d.name) == split]
   elif source == 'tfds':
     if not tfds_name:
       raise ValueError("data.source='tfds' needs data.tfds_name (a prepared dataset name).")
     docs = tfds_documents(tfds_name, split, data_dir, text_key)
+    check_text(docs, f'{tfds_name}/{split}')
   else:
     raise ValueError(f"data.source must be 'stdlib', 'files' or 'tfds', got {source!r}.")
   docs = [d for d in docs if d.text]

@@ -115,61 +115,26 @@ def perplexity_vs_length(config: model_lib.ModelConfig, params: Any,
               num_windows=num_windows, methods=results)
 
 
-def markdown_table(results: dict, metric: str = 'perplexity', digits: int = 3,
-                   best: Callable = min, strict: bool = False) -> str:
-  """One row per method, one column per length (as a multiple of the original window); the
-  best value of each column (`best` = min or max) in bold, compared as printed (`digits`).
-
-  Nothing is bold in a column where every printed value is the same (all 0.00, or all methods
-  equal at L0) or where fewer than two methods were measured; with `strict`, only a single best
-  is bold (a tie at the top bolds none).
-  """
-  lengths, L0 = results['lengths'], results['original_length']
-  methods = results['methods']
-  header = '| method | ' + ' | '.join(f'{L} ({L / L0:g}x)' for L in lengths) + ' |'
-  rows = [header, '|' + '---|' * (len(lengths) + 1)]
-  bold = []  # per column, the printed value to bold, or None
-  for j in range(len(lengths)):
-    shown = [round(v[metric][j], digits) for v in methods.values() if v[metric][j] is not None]
-    top = best(shown) if len(set(shown)) > 1 else None
-    bold.append(None if top is None or (strict and shown.count(top) > 1) else top)
-  for name, values in methods.items():
-    cells = []
-    for j, v in enumerate(values[metric]):
-      if v is None:
-        cells.append('-')
-      else:
-        text = f'{v:.{digits}f}'
-        cells.append(f'**{text}**' if bold[j] is not None and round(v, digits) == bold[j]
-                     else text)
-    rows.append(f'| {name} | ' + ' | '.join(cells) + ' |')
-  return '\n'.join(rows)
-
-
 # ----------------------------------------------------------------------------- passkey retrieval
-_DECODE_FNS: dict = {}
-
-
+@functools.cache
 def _decode_fns(config: model_lib.ModelConfig):
-  """Jitted prefill and one-token decode with the KV cache (cached per config)."""
-  if config not in _DECODE_FNS:
+  """Jitted prefill and one-token decode with the KV cache (one pair per config)."""
 
-    def prefill(params, prompt_BP, rope, cache):
-      B, P = prompt_BP.shape
-      positions_BP = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
-      logits_BPV, cache = model_lib.forward_with_cache(config, params, prompt_BP, positions_BP,
-                                                       rope, cache)
-      return jnp.argmax(logits_BPV[:, -1], axis=-1).astype(jnp.int32), cache
+  def prefill(params, prompt_BP, rope, cache):
+    B, P = prompt_BP.shape
+    positions_BP = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
+    logits_BPV, cache = model_lib.forward_with_cache(config, params, prompt_BP, positions_BP,
+                                                     rope, cache)
+    return jnp.argmax(logits_BPV[:, -1], axis=-1).astype(jnp.int32), cache
 
-    def step(params, token_B, position, rope, cache):
-      B = token_B.shape[0]
-      positions_B1 = jnp.full((B, 1), position, jnp.int32)
-      logits_B1V, cache = model_lib.forward_with_cache(config, params, token_B[:, None],
-                                                       positions_B1, rope, cache)
-      return jnp.argmax(logits_B1V[:, -1], axis=-1).astype(jnp.int32), cache
+  def step(params, token_B, position, rope, cache):
+    B = token_B.shape[0]
+    positions_B1 = jnp.full((B, 1), position, jnp.int32)
+    logits_B1V, cache = model_lib.forward_with_cache(config, params, token_B[:, None],
+                                                     positions_B1, rope, cache)
+    return jnp.argmax(logits_B1V[:, -1], axis=-1).astype(jnp.int32), cache
 
-    _DECODE_FNS[config] = (jax.jit(prefill), jax.jit(step))
-  return _DECODE_FNS[config]
+  return jax.jit(prefill), jax.jit(step)
 
 
 def greedy_generate(config: model_lib.ModelConfig, params: Any, prompt_BP: np.ndarray,

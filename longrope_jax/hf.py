@@ -518,8 +518,8 @@ def load_tokenizer(path: Path):
   file = pathlib.Path(path) / TOKENIZER_FILE
   if not file.is_file():
     raise FileNotFoundError(f"No {TOKENIZER_FILE} in {path}.")
-  import tokenizers
-  return tokenizers.Tokenizer.from_file(str(file))
+  from longrope_jax import data
+  return data.read_tokenizer_file(file)
 
 
 # ----------------------------------------------------------------------------- export

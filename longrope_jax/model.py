@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from longrope_jax import attention as attention_lib
+from longrope_jax import validation
 from longrope_jax.rope import RopeScaling, apply_rope
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
@@ -48,24 +49,18 @@ class ModelConfig:
   def __post_init__(self):
     for name in ('vocab_size', 'dim', 'num_layers', 'num_heads', 'num_kv_heads', 'head_dim',
                  'mlp_dim', 'original_length', 'block_q', 'block_k'):
-      value = getattr(self, name)
-      if not isinstance(value, int) or value <= 0:
-        raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}.")
+      validation.positive_int(getattr(self, name), f'ModelConfig.{name}')
     if self.head_dim % 2:
       raise ValueError(f"ModelConfig.head_dim must be even for RoPE, got {self.head_dim}.")
     if self.num_heads % self.num_kv_heads:
       raise ValueError(f"ModelConfig.num_heads ({self.num_heads}) must be a multiple of "
                        f"num_kv_heads ({self.num_kv_heads}).")
-    if self.sliding_window is not None and self.sliding_window <= 0:
-      raise ValueError(f"ModelConfig.sliding_window must be positive or None, got "
-                       f"{self.sliding_window}.")
+    validation.optional(validation.positive_int)(self.sliding_window, 'ModelConfig.sliding_window')
+    validation.positive_float(self.rope_theta, 'ModelConfig.rope_theta')
+    validation.positive_float(self.norm_eps, 'ModelConfig.norm_eps')
     for name in ('dtype', 'param_dtype'):
-      if getattr(self, name) not in DTYPES:
-        raise ValueError(f"ModelConfig.{name} must be one of {sorted(DTYPES)}, got "
-                         f"{getattr(self, name)!r}.")
-    if self.attention not in ATTENTION_IMPLS:
-      raise ValueError(f"ModelConfig.attention must be one of {ATTENTION_IMPLS}, got "
-                       f"{self.attention!r}.")
+      validation.choice(DTYPES)(getattr(self, name), f'ModelConfig.{name}')
+    validation.choice(ATTENTION_IMPLS)(self.attention, 'ModelConfig.attention')
 
   @property
   def compute_dtype(self):

@@ -60,11 +60,12 @@ def make(factors, n_hat=0, attn_scale=1.0, *, head_dim: int | None = None) -> Ro
     raise ValueError(
         f"factors has length {factors.shape[0]} but head_dim={head_dim} needs head_dim // 2 = "
         f"{head_dim // 2}: pass one factor per rotary frequency.")
-  if not np.all(np.isfinite(factors)) or np.any(factors < 1.0):
-    bad = int(np.argmin(factors))
+  bad_F = ~np.isfinite(factors) | (factors < 1.0)
+  if np.any(bad_F):
+    bad = int(np.argmax(bad_F))
     raise ValueError(
-        f"factors must all be >= 1 (interpolation only); factors[{bad}] = {factors[bad]}. "
-        "Clip the factors to [1, lambda_max].")
+        f"factors must all be finite and >= 1 (interpolation only); factors[{bad}] = "
+        f"{factors[bad]}. Clip the factors to [1, lambda_max].")
   if int(n_hat) != n_hat or n_hat < 0:
     raise ValueError(f"n_hat must be a non-negative integer, got {n_hat}.")
   if not math.isfinite(attn_scale) or attn_scale <= 0:
@@ -175,6 +176,10 @@ def yarn_ramp(head_dim: int, theta: float, original_length: int, beta_fast: floa
   ramp is linear in the index i (the YaRN reference code and HF, whose trained checkpoints this
   must load); the paper's eq. 18 writes it linear in r instead.
   """
+  if not beta_fast > beta_slow > 0:
+    raise ValueError(f"yarn needs beta_fast > beta_slow > 0 (rotations over L0: dims above "
+                     f"beta_fast are kept, below beta_slow interpolated), got beta_fast="
+                     f"{beta_fast}, beta_slow={beta_slow}; the published values are 32 and 1.")
 
   def correction_dim(rotations):
     return head_dim * math.log(original_length / (rotations * 2 * math.pi)) / (2 * math.log(theta))
@@ -256,10 +261,56 @@ def longrope(*, factors, n_hat: int = 0, scale: float | None = None,
   return make(factors, n_hat, attn_scale, head_dim=head_dim)
 
 
+@dataclasses.dataclass(frozen=True)
+class Extension:
+  """A context extension: the original (pretraining) window L0, the target length L' and the
+  scale s = L' / L0 (at least 1), computed here only.
+
+  `base_length` is the window the model was last fine-tuned at (L1 in progressive extension;
+  L0 when None): a search on top of earlier factors spans `stage_scale` = L' / base_length.
+  """
+
+  original_length: int
+  target_length: int
+  base_length: int | None = None
+
+  def __post_init__(self):
+    _check_length("original_length", self.original_length)
+    _check_length("target_length", self.target_length)
+    if self.base_length is not None:
+      _check_length("base_length", self.base_length)
+
+  @classmethod
+  def by_multiple(cls, original_length: int, multiple: float, **kwargs) -> 'Extension':
+    """L' = int(multiple * L0): how configs name lengths."""
+    return cls(int(original_length), int(multiple * original_length), **kwargs)
+
+  @property
+  def scale(self) -> float:
+    """s = L' / L0, at least 1 (a length within the window needs no scaling)."""
+    return max(1.0, self.target_length / self.original_length)
+
+  @property
+  def stage_length(self) -> int:
+    """The window this stage extends from: base_length, else L0."""
+    return self.original_length if self.base_length is None else self.base_length
+
+  @property
+  def stage_scale(self) -> float:
+    """L' / stage_length: the span of a search on top of earlier factors."""
+    return self.target_length / self.stage_length
+
+  @property
+  def attention_scale(self) -> float:
+    """LongRoPE's attention scale for the whole extension, sqrt(1 + ln s / ln L0)."""
+    return longrope_attention_scale(self.scale, self.original_length)
+
+
 def method_kwargs(*, head_dim: int, theta: float, original_length: int, length: int) -> dict:
   """The context of an extension to `length` (`CONTEXT_KEYS`), for `get`."""
+  extension = Extension(original_length, length)
   return dict(head_dim=head_dim, theta=theta, original_length=original_length, length=length,
-              scale=max(1.0, length / original_length))
+              scale=extension.scale)
 
 
 # ----------------------------------------------------------------------------- application

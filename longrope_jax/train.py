@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from longrope_jax import checkpoint as ckpt_lib
 from longrope_jax import metrics as metrics_lib
 from longrope_jax import model as model_lib
+from longrope_jax import validation
 from longrope_jax.data import PackedBatches
 from longrope_jax.rope import RopeScaling
 
@@ -40,12 +41,19 @@ class OptimConfig:
   b2: float = 0.95
 
   def __post_init__(self):
-    if self.steps <= 0:
-      raise ValueError(f"steps must be positive, got {self.steps}.")
-    if not 0 <= self.warmup <= self.steps:
-      raise ValueError(f"warmup must be in [0, steps={self.steps}], got {self.warmup}.")
-    if self.lr <= 0:
-      raise ValueError(f"lr must be positive, got {self.lr}.")
+    validation.check_section(dataclasses.asdict(self), validation.OPTIM_RULES, 'OptimConfig')
+    validation.positive_float(self.b2, 'OptimConfig.b2')
+    if self.warmup >= self.steps:
+      raise validation.ConfigError('OptimConfig.warmup', f"OptimConfig.warmup ({self.warmup}) "
+                                   f"must be smaller than steps ({self.steps}).")
+
+  @classmethod
+  def from_config(cls, *sections) -> 'OptimConfig':
+    """The optimizer fields found in config sections, later sections overriding earlier ones
+    (fine-tuning takes its own steps and lr, and pretraining's weight decay and clip)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    values = {k: v for section in sections for k, v in section.items() if k in names}
+    return cls(**values)
 
 
 def make_schedule(cfg: OptimConfig) -> optax.Schedule:
@@ -117,7 +125,8 @@ def train(config: model_lib.ModelConfig, optim: OptimConfig, batches: PackedBatc
   if mngr.latest_step() is not None:
     state = ckpt_lib.restore(mngr, state)
     start = int(state['step'])
-    ckpt_lib.truncate_jsonl(metrics_path, lambda r: r.get('step', 0) <= start)
+  # Records past the resumed step (or all of them, killed before the first checkpoint) are redone.
+  ckpt_lib.truncate_jsonl(metrics_path, lambda r: r.get('step', 0) <= start)
   if start >= optim.steps:
     return state
 
@@ -164,12 +173,13 @@ def load_params(config: model_lib.ModelConfig, workdir: str | pathlib.Path,
   if mngr.latest_step() is None:
     raise FileNotFoundError(f"no checkpoint under {ckpt_lib.abspath(workdir) / ckpt_name}; "
                             "run the pretrain stage first.")
-  restored = mngr.restore(mngr.latest_step(), args=ckpt_lib.ocp.args.Composite(
-      state=ckpt_lib.ocp.args.StandardRestore()))
-  params = restored['state']['params']
   expected = jax.eval_shape(lambda: model_lib.init_params(config, jax.random.key(0)))
-  if jax.tree.structure(params) != jax.tree.structure(expected) or any(
-      a.shape != b.shape for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(expected))):
-    raise ValueError(f"the checkpoint under {mngr.directory} does not match the model config "
-                     "(different variant or sizes); use the config it was trained with.")
+  ckpt_lib.verify_step(mngr, mngr.latest_step())
+  mismatch = ckpt_lib.shape_mismatch(ckpt_lib.saved_shapes(mngr, mngr.latest_step())['params'],
+                                     expected)
+  if mismatch:
+    raise ckpt_lib.WorkdirError(
+        f"{mngr.directory} holds a model with {mismatch}: it does not match the model config "
+        "(another variant or sizes); use a fresh workdir, or the config it was trained with.")
+  params = ckpt_lib.restore(mngr, None)['params']
   return jax.tree.map(jnp.asarray, params)

@@ -1,5 +1,7 @@
 """Data: tokenizers, the stdlib corpus split, packing, eval windows and their errors."""
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -95,3 +97,26 @@ def test_copy_rows_repeat_a_random_unit_and_mix_with_passkey_rows():
                                 rows[~is_copy & ~is_passkey])
   with pytest.raises(ValueError, match='copy_fraction'):
     data_lib.PackedBatches(docs, 4, 256, passkey_fraction=0.5, copy_fraction=0.6, tokenizer=tok)
+
+
+def test_binary_corpus_warns_with_the_share_and_path(tmp_path):
+  rng = np.random.default_rng(0)
+  folder = tmp_path / 'blobs'
+  folder.mkdir()
+  for i in range(40):
+    (folder / f'blob{i}.bin').write_bytes(rng.integers(0, 256, 4096, dtype=np.uint8).tobytes())
+  with pytest.warns(UserWarning, match=rf'corpus {folder}: \d+% of its 163,840 bytes are NUL or '
+                                       r'not UTF-8, in 40 of 40 documents') as record:
+    data_lib.load_split('files', 'train', path=str(folder))
+  share = int(str(record[0].message).split(': ')[1].split('%')[0])
+  assert 40 <= share <= 100
+  assert data_lib.binary_share('héllo wörld\n'.encode()) == 0.0
+  assert data_lib.binary_share(b'\0\0ab') == 0.5
+
+
+def test_text_corpus_does_not_warn(tmp_path):
+  for i in range(30):
+    (tmp_path / f'doc{i}.txt').write_text(f'document {i}: naïve café, ünïcode text.\n' * 20)
+  with warnings.catch_warnings():
+    warnings.simplefilter('error')
+    data_lib.load_split('files', 'train', path=str(tmp_path))

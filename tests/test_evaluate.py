@@ -9,6 +9,7 @@ import pytest
 
 from longrope_jax import data as data_lib
 from longrope_jax import evaluate as eval_lib
+from longrope_jax import report as report_lib
 from longrope_jax import model as model_lib
 from longrope_jax import rope as rope_lib
 
@@ -54,7 +55,7 @@ def test_perplexity_vs_length_table_and_resume(params, docs):
   for name in m:
     for nll, ppl in zip(m[name]['nll'], m[name]['perplexity']):
       assert nll is None or ppl == pytest.approx(math.exp(nll))
-  table = eval_lib.markdown_table(results)
+  table = report_lib.markdown_table(results)
   assert table.splitlines()[0] == '| method | 64 (1x) | 128 (2x) | 256 (4x) |'
   assert '| longrope | - |' in table
   # A resumed evaluation reuses every cell it is given and computes nothing.

@@ -21,9 +21,9 @@ def test_search_entry_point_on_a_local_hf_checkpoint(tmp_path):
           f'--config.model.path={ckpt}', '--workdir', str(workdir),
           '--config.data.tokenizer=bytes', '--config.model.dtype=float32',
           '--config.model.attention=dense', '--config.search.multiple=2',
-          '--config.search.num_windows=2', '--config.search.population=4',
-          '--config.search.parents=2', '--config.search.mutations=1',
-          '--config.search.crossovers=1', '--config.search.generations=2',
+          '--config.search.num_windows=2', '--config.search.settings.population=4',
+          '--config.search.settings.parents=2', '--config.search.settings.mutations=1',
+          '--config.search.settings.crossovers=1', '--config.search.settings.generations=2',
           '--config.evaluate.num_windows=2']
   proc = subprocess.run(args, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]

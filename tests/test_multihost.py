@@ -27,14 +27,15 @@ def setup():
   """The toy model, deterministic params (numpy, no compile), windows and a population."""
   import jax
   from longrope_jax import model as model_lib
-  from longrope_jax import search as search_lib
+  from longrope_jax import rope as rope_lib
+  from longrope_jax import search_space
   config = model_lib.get_config('test', num_layers=1)
   shapes = jax.eval_shape(lambda: model_lib.init_params(config, jax.random.key(0)))
   rng = np.random.default_rng(0)
   params = jax.tree.map(lambda s: (0.1 * rng.standard_normal(s.shape)).astype(s.dtype), shapes)
   windows = rng.integers(0, config.vocab_size, (3, TARGET)).astype(np.int32)
-  space = search_lib.make_space(head_dim=config.head_dim, original_length=config.original_length,
-                                target_length=TARGET)
+  space = search_space.make_space(head_dim=config.head_dim,
+                                  extension=rope_lib.Extension(config.original_length, TARGET))
   genomes = space.encode(np.sort(rng.uniform(1, 2.5, (6, config.head_dim // 2)), -1),
                          rng.integers(0, 64, 6))
   return config, params, windows, space.rope(genomes)
@@ -45,7 +46,7 @@ def worker(port: str, process_id: int, out: str) -> None:
   jax.config.update('jax_num_cpu_devices', LOCAL_DEVICES)
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   from longrope_jax import mesh as mesh_lib
-  from longrope_jax import search as search_lib
+  from longrope_jax import fitness as fitness_lib
   assert mesh_lib.maybe_initialize_distributed(f'localhost:{port}', NUM_PROCESSES, process_id)
   assert jax.process_count() == NUM_PROCESSES and len(jax.devices()) == 4
   config, params, windows, population = setup()
@@ -53,7 +54,7 @@ def worker(port: str, process_id: int, out: str) -> None:
   for pop, seq in MESHES:
     mesh = mesh_lib.make_mesh(pop=pop, seq=seq)
     assert {d.process_index for d in mesh.devices.flat} == {0, 1}
-    fitness = search_lib.PopulationFitness(config, params, windows, length=TARGET,
+    fitness = fitness_lib.PopulationFitness(config, params, windows, length=TARGET,
                                            max_population=8, mesh=mesh)
     record[f'{pop}x{seq}'] = fitness(population).tolist()
   pathlib.Path(out).write_text(json.dumps(record))
@@ -95,9 +96,9 @@ def test_fitness_on_a_mesh_spanning_two_processes_equals_one_process(tmp_path):
            for i in range(NUM_PROCESSES)]
   # The single-process reference, computed here while the two processes start.
   from longrope_jax import mesh as mesh_lib
-  from longrope_jax import search as search_lib
+  from longrope_jax import fitness as fitness_lib
   config, params, windows, population = setup()
-  expected = search_lib.PopulationFitness(config, params, windows, length=TARGET,
+  expected = fitness_lib.PopulationFitness(config, params, windows, length=TARGET,
                                           max_population=8, mesh=mesh_lib.population_mesh(1))
   expected = expected(population)
   logs = []

@@ -44,7 +44,7 @@ def test_unknown_stage_and_locked_config(tmp_path):
   config = demo_config.get_config('test')
   with pytest.raises(ValueError, match='unknown stages'):
     pipeline.run(config, tmp_path, stages=('pretrain', 'finetune_everything'))
-  with pytest.raises(ValueError, match='unknown config variant'):
+  with pytest.raises(ValueError, match='unknown config argument'):
     demo_config.get_config('huge')
   # The entry point locks the config: a misspelled field fails loudly.
   proc = subprocess.run(

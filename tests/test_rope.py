@@ -419,3 +419,22 @@ def test_apply_rope_rejects_mismatched_head_dim_and_unvmapped_population():
   stacked = rope_lib.stack([rope_lib.none(head_dim=HEAD_DIM)] * 2)
   with pytest.raises(ValueError, match='vmap'):
     rope_lib.rope_angles(positions, stacked, theta=THETA)
+
+
+@pytest.mark.parametrize('beta_fast,beta_slow', [(1.0, 32.0), (4.0, 4.0), (2.0, 0.0)])
+def test_yarn_rejects_beta_fast_not_above_beta_slow(beta_fast, beta_slow):
+  with pytest.raises(ValueError, match=r'beta_fast > beta_slow > 0.*32 and 1'):
+    rope_lib.yarn(head_dim=16, scale=4.0, theta=1e4, original_length=256, beta_fast=beta_fast,
+                  beta_slow=beta_slow)
+  with pytest.raises(ValueError, match='beta_fast'):
+    rope_lib.yarn_ramp(16, 1e4, 256, beta_fast, beta_slow)
+
+
+@pytest.mark.parametrize('bad,index', [(np.inf, 2), (np.nan, 2), (-np.inf, 2), (0.5, 2)])
+def test_make_names_the_first_bad_factor(bad, index):
+  factors = [1.0, 1.5, bad, 2.0]
+  with pytest.raises(ValueError, match=rf'factors\[{index}\] = '):
+    rope_lib.make(factors)
+  factors = [1.0, 1.5, 1.2, bad]  # not the smallest, not the first: the bad one
+  with pytest.raises(ValueError, match=r'factors\[3\] = '):
+    rope_lib.make(factors)

@@ -9,13 +9,17 @@ import numpy as np
 import pytest
 
 from longrope_jax import evaluate as eval_lib
+from longrope_jax import fitness as fitness_lib
 from longrope_jax import mesh as mesh_lib
 from longrope_jax import model as model_lib
 from longrope_jax import rope as rope_lib
 from longrope_jax import search as search_lib
+from longrope_jax import search_space
+from longrope_jax import strategies
 
 CFG = model_lib.get_config('test', num_layers=1, dim=32, mlp_dim=64)  # F = 8 factors, L0 = 64
 L0, TARGET = CFG.original_length, 4 * CFG.original_length
+EXT = rope_lib.Extension(L0, TARGET)
 SMALL = search_lib.SearchConfig(population=8, parents=4, mutations=2, crossovers=2,
                                 generations=4)
 
@@ -40,8 +44,7 @@ def windows():
 
 
 def space(**kw):
-  return search_lib.make_space(head_dim=CFG.head_dim, original_length=L0, target_length=TARGET,
-                               **kw)
+  return search_space.make_space(head_dim=CFG.head_dim, extension=EXT, **kw)
 
 
 # ----------------------------------------------------------------------------- space
@@ -88,8 +91,8 @@ def test_genomes_round_trip_and_decode_to_a_stacked_rope():
 
 def test_seeds_are_pi_ntk_yarn_and_dynamic_ntk_at_the_target_length():
   s = space()
-  seeds = search_lib.seed_genomes(s, head_dim=CFG.head_dim, theta=CFG.rope_theta,
-                                  original_length=L0, target_length=TARGET)
+  seeds = search_space.seed_genomes(s, head_dim=CFG.head_dim, theta=CFG.rope_theta,
+                                    extension=EXT)
   assert list(seeds) == ['linear', 'ntk', 'yarn', 'dynamic_ntk']
   factors = {k: s.decode(g)[0] for k, g in seeds.items()}
   np.testing.assert_allclose(factors['linear'], 4.0)
@@ -113,15 +116,15 @@ def test_bad_search_settings_raise(params, windows):
   with pytest.raises(ValueError, match='smaller than search.parents'):
     search_lib.SearchConfig(population=16, parents=32)
   with pytest.raises(ValueError, match='must hold at least the parents'):
-    search_lib.PaperGA(space(), population_size=8, num_parents=16)
+    strategies.PaperGA(space(), population_size=8, num_parents=16)
   with pytest.raises(ValueError, match="unknown search strategy 'CMAES'"):
     search_lib.make_strategy(search_lib.SearchConfig(strategy='CMAES'), space())
   with pytest.raises(ValueError, match='unknown search settings'):
     search_lib.SearchConfig.from_config({'populaton': 8})
   with pytest.raises(ValueError, match="shorter than the target length L' = 256"):
-    search_lib.PopulationFitness(CFG, params, windows[:, :200], length=TARGET, max_population=4)
+    fitness_lib.PopulationFitness(CFG, params, windows[:, :200], length=TARGET, max_population=4)
   with pytest.raises(ValueError, match='shorter than the target length'):
-    search_lib.search(CFG, params, windows[:, :100], target_length=TARGET, settings=SMALL,
+    search_lib.search(CFG, params, windows[:, :100], extension=EXT, settings=SMALL,
                       progress=False)
 
 
@@ -132,20 +135,20 @@ def test_mutation_resamples_between_neighbours_and_keeps_monotone():
   parent = s.encode(np.linspace(1.0, 5.0, 8), 16)
   changed = np.zeros(9)
   for _ in range(300):
-    child = search_lib.mutate(s, parent, rng, 0.3)
+    child = strategies.mutate(s, parent, rng, 0.3)
     s.check(child)  # in bounds and monotone
     changed += child != parent
   assert 0.2 < changed[:8].mean() / 300 < 0.4  # about p = 0.3 of the genes move
   assert changed[8] > 0  # n_hat is mutated too
   # Each gene is drawn between its left neighbour (already mutated) and its right one.
   for _ in range(50):
-    child = search_lib.mutate(s, parent, rng, 1.0)
+    child = strategies.mutate(s, parent, rng, 1.0)
     left = np.concatenate([[0], child[:7]])
     right = np.concatenate([parent[1:8], [s.num_steps]])
     assert np.all((left <= child[:8]) & (child[:8] <= right))
   # PI (all neighbours equal) only moves from its ends inwards.
   pi = s.encode(np.full(8, 4.0))
-  moved = np.stack([search_lib.mutate(s, pi, rng, 0.3) for _ in range(200)])
+  moved = np.stack([strategies.mutate(s, pi, rng, 0.3) for _ in range(200)])
   inner = (moved[:, 1:7] != 300).any(axis=1)
   assert inner.any() and np.all(moved[inner, 0] < 300)  # only after the first gene moved down
   assert np.all(moved[:, 1:7] <= 300) and np.all(moved[:, 7] >= moved[:, 6])
@@ -156,25 +159,25 @@ def test_crossover_mixes_parents_and_rejects_non_monotone_children():
   rng = np.random.default_rng(2)
   a, b = s.encode(np.linspace(1, 2, 8), 0), s.encode(np.linspace(2, 5, 8), 64)
   for _ in range(50):
-    child = search_lib.crossover(s, a, b, rng)
+    child = strategies.crossover(s, a, b, rng)
     if child is not None:
       s.check(child)
       assert np.all((child == a) | (child == b))
   low, high = s.encode(np.full(8, 1.0)), s.encode(np.full(8, 5.0))
-  results = [search_lib.crossover(s, high, low, rng) for _ in range(50)]
+  results = [strategies.crossover(s, high, low, rng) for _ in range(50)]
   assert any(r is None for r in results)  # 5, 1 in a row is not monotone
 
 
 def test_paper_ga_keeps_top_parents_and_never_proposes_a_candidate_twice():
   s = space()
-  ga = search_lib.PaperGA(s)  # the paper's defaults: 64 = 32 parents + 16 + 16
+  seen = set()  # the search loop's archive of evaluated genomes
+  ga = strategies.PaperGA(s, archive=seen)  # the paper's defaults: 64 = 32 parents + 16 + 16
   assert (ga.population_size, ga.num_parents, ga.num_mutations, ga.num_crossovers) == \
       (64, 32, 16, 16)
   assert ga.default_params.mutation_prob == 0.3
-  seeds = search_lib.seed_genomes(s, head_dim=16, theta=CFG.rope_theta, original_length=L0,
-                                  target_length=TARGET)
+  seeds = search_space.seed_genomes(s, head_dim=16, theta=CFG.rope_theta, extension=EXT)
   key = jax.random.key(0)
-  population = search_lib.initial_population(s, seeds, 64, search_lib.numpy_rng(key))
+  population = strategies.initial_population(s, seeds, 64, strategies.numpy_rng(key))
   assert len({g.tobytes() for g in population}) == 64
   np.testing.assert_array_equal(population[:3], np.stack(list(seeds.values())[:3]))
 
@@ -183,7 +186,7 @@ def test_paper_ga_keeps_top_parents_and_never_proposes_a_candidate_twice():
     return (np.abs(factors - 3).mean(-1) + (n_hat != 8)).astype(np.float32)
 
   state = ga.init(key, population, toy_fitness(population))
-  seen = {g.tobytes() for g in population}
+  seen.update(g.tobytes() for g in population)
   best = initial_best = toy_fitness(population).min()
   for g in range(10):
     k_ask, k_tell = jax.random.split(jax.random.fold_in(key, g))
@@ -224,7 +227,7 @@ def test_evosax_strategies_propose_valid_candidates(name):
 
 def test_continuous_parametrization_without_monotone_constraint():
   s = space(monotone=False, search_n_hat=False)
-  strategy = search_lib.EvosaxStrategy('CMA_ES', s, population_size=8)
+  strategy = strategies.EvosaxStrategy('CMA_ES', s, population_size=8)
   assert strategy.num_dims == 8
   genomes = s.encode(np.random.default_rng(0).uniform(1, 5, size=(4, 8)))
   np.testing.assert_array_equal(strategy.from_latent(strategy.to_latent(genomes)), genomes)
@@ -235,7 +238,7 @@ def test_population_fitness_matches_the_evaluator(params, windows):
   s = space()
   genomes = s.encode(np.sort(np.random.default_rng(3).uniform(1, 5, (5, 8)), -1),
                      np.array([0, 4, 16, 64, 128]))
-  fitness = search_lib.PopulationFitness(CFG, params, windows, length=TARGET, max_population=8,
+  fitness = fitness_lib.PopulationFitness(CFG, params, windows, length=TARGET, max_population=8,
                                          doc_batch=2)
   nll = fitness(s.rope(genomes))
   expected = [eval_lib.mean_nll(CFG, params, windows, r) for r in rope_lib.unstack(s.rope(genomes))]
@@ -247,9 +250,9 @@ def test_fitness_is_the_same_on_one_and_eight_devices_and_compiles_once(params, 
   s = space()
   rng = np.random.default_rng(4)
   genomes = s.encode(np.sort(rng.uniform(1, 5, (13, 8)), -1), rng.integers(0, 200, 13))
-  one = search_lib.PopulationFitness(CFG, params, windows, length=TARGET, max_population=16,
+  one = fitness_lib.PopulationFitness(CFG, params, windows, length=TARGET, max_population=16,
                                      mesh=mesh_lib.population_mesh(1), chunk=4)
-  eight = search_lib.PopulationFitness(CFG, params, windows, length=TARGET, max_population=16,
+  eight = fitness_lib.PopulationFitness(CFG, params, windows, length=TARGET, max_population=16,
                                        mesh=mesh_lib.population_mesh(8), chunk=4)
   assert (one.capacity, one.chunk, eight.capacity, eight.chunk) == (16, 4, 16, 2)
   a, b = one(s.rope(genomes)), eight(s.rope(genomes))
@@ -266,8 +269,8 @@ def test_fitness_is_the_same_on_one_and_eight_devices_and_compiles_once(params, 
                                       pytest.param('CMA_ES', marks=pytest.mark.slow)])
 def test_a_whole_search_compiles_the_fitness_once(params, windows, strategy):
   settings = search_lib.SearchConfig(**dict(vars(SMALL), strategy=strategy, generations=5))
-  fitness = search_lib.PopulationFitness(CFG, params, windows, length=TARGET, max_population=8)
-  result = search_lib.search(CFG, params, windows, target_length=TARGET, settings=settings,
+  fitness = fitness_lib.PopulationFitness(CFG, params, windows, length=TARGET, max_population=8)
+  result = search_lib.search(CFG, params, windows, extension=EXT, settings=settings,
                              fitness=fitness, progress=False)
   assert fitness.traces == 1 and fitness._fn._cache_size() == 1
   assert result.generations == 5
@@ -283,14 +286,14 @@ def test_a_whole_search_compiles_the_fitness_once(params, windows, strategy):
 
 def test_max_evaluations_caps_the_budget(params, windows):
   settings = search_lib.SearchConfig(**dict(vars(SMALL), generations=50, max_evaluations=20))
-  result = search_lib.search(CFG, params, windows, target_length=TARGET, settings=settings,
+  result = search_lib.search(CFG, params, windows, extension=EXT, settings=settings,
                              progress=False)
   assert result.evaluations == 20 and result.generations == 3
 
 
 # ----------------------------------------------------------------------------- workdir
 def test_outputs_and_resume_of_a_finished_search(params, windows, tmp_path):
-  result = search_lib.search(CFG, params, windows, target_length=TARGET, settings=SMALL,
+  result = search_lib.search(CFG, params, windows, extension=EXT, settings=SMALL,
                              workdir=tmp_path, progress=False)
   saved = json.loads((tmp_path / 'best_factors.json').read_text())
   assert saved['factors'] == pytest.approx(result.factors.tolist())
@@ -303,18 +306,34 @@ def test_outputs_and_resume_of_a_finished_search(params, windows, tmp_path):
   assert (tmp_path / 'fitness.png').stat().st_size > 0
   assert (tmp_path / 'factors.png').stat().st_size > 0
   # A rerun finds the finished search and evaluates nothing.
-  fitness = search_lib.PopulationFitness(CFG, params, windows, length=TARGET, max_population=8)
-  again = search_lib.search(CFG, params, windows, target_length=TARGET, settings=SMALL,
+  fitness = fitness_lib.PopulationFitness(CFG, params, windows, length=TARGET, max_population=8)
+  again = search_lib.search(CFG, params, windows, extension=EXT, settings=SMALL,
                             workdir=tmp_path, fitness=fitness, progress=False)
   assert fitness.traces == 0
   np.testing.assert_array_equal(again.genome, result.genome)
   assert again.nll == result.nll and again.history == result.history
   with pytest.raises(ValueError, match='different generations'):
-    search_lib.search(CFG, params, windows, target_length=TARGET, progress=False,
+    search_lib.search(CFG, params, windows, extension=EXT, progress=False,
                       settings=search_lib.SearchConfig(**dict(vars(SMALL), generations=6)),
                       workdir=tmp_path)
   with pytest.raises(ValueError, match='different strategy'):
-    search_lib.search(CFG, params, windows, target_length=TARGET, progress=False,
+    search_lib.search(CFG, params, windows, extension=EXT, progress=False,
                       settings=search_lib.SearchConfig(**dict(vars(SMALL), strategy='SNES')),
                       workdir=tmp_path)
 
+
+
+def test_configured_mutation_prob_reaches_the_ga_ask(monkeypatch):
+  s = space()
+  strategy = search_lib.make_strategy(
+      search_lib.SearchConfig(population=8, parents=4, mutations=4, crossovers=0,
+                              mutation_prob=0.7), s)
+  probs = []
+  real = strategies.mutate
+  monkeypatch.setattr(strategies, 'mutate',
+                      lambda *a: probs.append(a[3]) or real(*a))
+  rng = np.random.default_rng(0)
+  population = s.encode(np.sort(rng.uniform(1, 5, (8, 8)), -1))
+  state = strategy.init(jax.random.key(0), population, np.arange(8, dtype=np.float32))
+  strategy.ask(jax.random.key(1), state)
+  assert probs and set(probs) == {0.7}

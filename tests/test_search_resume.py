@@ -16,12 +16,15 @@ import pytest
 
 from longrope_jax import checkpoint as ckpt_lib
 from longrope_jax import model as model_lib
+from longrope_jax import fitness as fitness_lib
 from longrope_jax import pipeline
+from longrope_jax import rope as rope_lib
 from longrope_jax import search as search_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CFG = model_lib.get_config('test', num_layers=1, dim=32, mlp_dim=64)
 TARGET = 4 * CFG.original_length
+EXT = rope_lib.Extension(CFG.original_length, TARGET)
 SETTINGS = search_lib.SearchConfig(population=8, parents=4, mutations=2, crossovers=2,
                                    generations=8)
 
@@ -49,7 +52,7 @@ def small_search(workdir, *, delay: float = 0.0, strategy: str = 'paper_ga',
     if on_generation is not None:
       on_generation(record)
 
-  return search_lib.search(CFG, params, windows, target_length=TARGET, settings=settings,
+  return search_lib.search(CFG, params, windows, extension=EXT, settings=settings,
                            workdir=workdir, progress=False, on_generation=hook, fitness=fitness)
 
 
@@ -58,7 +61,7 @@ _FITNESS = []
 
 def _shared_fitness(params, windows):
   if not _FITNESS:
-    _FITNESS.append(search_lib.PopulationFitness(CFG, params, windows, length=TARGET,
+    _FITNESS.append(fitness_lib.PopulationFitness(CFG, params, windows, length=TARGET,
                                                  max_population=SETTINGS.population))
   return _FITNESS[0]
 
@@ -150,7 +153,7 @@ def test_search_stage_writes_results_and_evaluate_includes_longrope(tmp_path):
   assert _demo_config(None).search.multiple == 8
   config.evaluate.multiples = (1, 4)
   config.evaluate.methods = ('none', 'linear')
-  config.search.generations = 2
+  config.search.settings.generations = 2
   run = pipeline.Run(config, tmp_path)
   params = random_params(run.model_config)  # stands in for a pretrained model
   ckpt_lib.save(ckpt_lib.manager(tmp_path / 'ckpt'), 1, dict(params=params))

@@ -6,6 +6,7 @@ import jax
 import numpy as np
 import pytest
 
+from longrope_jax import checkpoint as ckpt_lib
 from longrope_jax import data as data_lib
 from longrope_jax import model as model_lib
 from longrope_jax import rope as rope_lib
@@ -67,7 +68,7 @@ def test_load_params_errors(tmp_path, batches):
   with pytest.raises(FileNotFoundError, match='pretrain'):
     train_lib.load_params(CFG, tmp_path)
   _train(tmp_path, batches, steps=5)
-  with pytest.raises(ValueError, match='does not match the model config'):
+  with pytest.raises(ValueError, match=r'holds a model with .* does not match the model config'):
     train_lib.load_params(CFG.replace(dim=48), tmp_path)
 
 
@@ -76,3 +77,39 @@ def test_optim_config_errors():
     train_lib.OptimConfig(steps=10, warmup=20)
   with pytest.raises(ValueError, match='steps'):
     train_lib.OptimConfig(steps=0)
+
+
+def test_kill_before_the_first_checkpoint_logs_no_step_twice(tmp_path, batches):
+  class Interrupted(Exception):
+    pass
+
+  class Flaky:  # raises at step 7, before the first checkpoint (step 10)
+    def __init__(self, inner):
+      self.inner, self.batch_size, self.length = inner, inner.batch_size, inner.length
+
+    def batch(self, step):
+      if step == 7:
+        raise Interrupted
+      return self.inner.batch(step)
+
+  optim = train_lib.OptimConfig(steps=12, lr=1e-2, warmup=2)
+  run = lambda b: train_lib.train(CFG, optim, b, rope_lib.none(head_dim=CFG.head_dim), tmp_path,
+                                  ckpt_every=10, log_every=2)  # noqa: E731
+  with pytest.raises(Interrupted):
+    run(Flaky(batches))
+  assert [r['step'] for r in ckpt_lib.read_jsonl(tmp_path / 'metrics.jsonl')] == [2, 4, 6]
+  run(batches)
+  assert [r['step'] for r in ckpt_lib.read_jsonl(tmp_path / 'metrics.jsonl')] == [2, 4, 6, 8,
+                                                                                   10, 12]
+
+
+def test_restore_of_another_variant_names_both_shapes(tmp_path, batches):
+  _train(tmp_path, batches, steps=5)
+  other = CFG.replace(dim=48)
+  optim = train_lib.OptimConfig(steps=10, lr=1e-2, warmup=2)
+  with pytest.raises(ckpt_lib.WorkdirError) as e:
+    train_lib.train(other, optim, batches, rope_lib.none(head_dim=other.head_dim), tmp_path)
+  message = str(e.value)
+  assert message.startswith(f"{tmp_path / 'ckpt'} holds a model with")
+  assert 'embed/embedding: (258, 32) vs (258, 48)' in message and 'fresh workdir' in message
+  assert len(message) < 600  # not a tree diff

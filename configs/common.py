@@ -1,0 +1,139 @@
+"""Section builders shared by the configs, and `parse_arg` for `config.py:variant` strings.
+
+Each builder returns one config section with the project's defaults, overridable by keyword
+(`search_section(8, population=32)`); an unset value is None (a typed placeholder, so the command
+line can still set it). The search settings are the fields of `search.SearchConfig` itself, so a
+setting is declared once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+
+import ml_collections
+from ml_collections import config_dict
+
+from longrope_jax import search
+
+METHODS = ('none', 'linear', 'ntk', 'dynamic_ntk', 'yarn', 'llama3')
+
+
+def parse_arg(arg: str | None, *, positional: str | None = None, **spec) -> ml_collections.ConfigDict:
+  """Parses 'a=1,b,c=x' into a ConfigDict typed by `spec`'s defaults (big_vision's habit): a bare
+  name sets a bool field True; a bare value fills the `positional` field (a checkpoint path)."""
+  result = ml_collections.ConfigDict(spec)
+  for item in filter(None, (arg or '').split(',')):
+    key, eq, value = item.partition('=')
+    if not eq and isinstance(spec.get(key), bool):
+      result[key] = True
+    elif eq and key in spec:
+      result[key] = type(spec[key])(value) if not isinstance(spec[key], bool) else \
+          value.lower() in ('1', 'true', 'yes')
+    elif not eq and positional is not None:
+      result[positional] = item
+    else:
+      raise ValueError(f"unknown config argument {item!r}; this config takes "
+                       f"{', '.join(f'{k}={v!r}' for k, v in spec.items())}.")
+  return result
+
+
+def _section(defaults: dict, types_: dict, overrides: dict, name: str) -> ml_collections.ConfigDict:
+  unknown = sorted(set(overrides) - set(defaults))
+  if unknown:
+    raise ValueError(f"unknown {name} fields {unknown}; known: {sorted(defaults)}.")
+  section = ml_collections.ConfigDict()
+  for key, value in {**defaults, **overrides}.items():
+    if value is None:
+      section[key] = config_dict.placeholder(types_[key])
+    else:
+      section[key] = value
+  return section
+
+
+def _field_type(annotation) -> type:
+  """The non-None type of a dataclass field's annotation (int | None -> int)."""
+  args = [a for a in typing.get_args(annotation) if a is not type(None)]
+  if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+    annotation = args[0]
+  return typing.get_origin(annotation) or annotation
+
+
+def settings_section(**overrides) -> ml_collections.ConfigDict:
+  """`search.SearchConfig`'s fields (the paper's defaults) as a config section."""
+  hints = typing.get_type_hints(search.SearchConfig)
+  defaults = {f.name: f.default for f in dataclasses.fields(search.SearchConfig)}
+  return _section(defaults, {k: _field_type(hints[k]) for k in defaults}, overrides,
+                  'search.settings')
+
+
+def search_section(multiple: float, *, split: str = 'validation', num_windows: int = 5,
+                   **settings) -> ml_collections.ConfigDict:
+  """The search stage: target length multiple x L0, fitness documents, and its settings."""
+  return ml_collections.ConfigDict(dict(multiple=multiple, split=split, num_windows=num_windows,
+                                        settings=settings_section(**settings)))
+
+
+def model_section(variant: str, **overrides) -> ml_collections.ConfigDict:
+  """The model: a named variant, or a Hugging Face folder (`path`) whose config.json decides."""
+  defaults = dict(variant=variant, path=None, original_length=None, sliding_window=None,
+                  attention='blockwise', dtype='float32', param_dtype=None)
+  return _section(defaults, dict(path=str, original_length=int, sliding_window=int,
+                                 param_dtype=str), overrides, 'model')
+
+
+def data_section(**overrides) -> ml_collections.ConfigDict:
+  """The corpus (stdlib | files | tfds) and its tokenizer (bytes | a tokenizer.json | auto)."""
+  defaults = dict(source='stdlib', path=None, tfds_name=None, data_dir=None, text_key='text',
+                  tokenizer='bytes')
+  return _section(defaults, dict(path=str, tfds_name=str, data_dir=str), overrides, 'data')
+
+
+def pretrain_section(**overrides) -> ml_collections.ConfigDict:
+  defaults = dict(steps=800, batch_size=16, lr=4e-3, warmup=50, final_lr_ratio=0.1,
+                  weight_decay=0.1, clip=1.0, eval_every=200, ckpt_every=100, eval_windows=64,
+                  passkey_fraction=0.1, copy_fraction=0.0)
+  return _section(defaults, {}, overrides, 'pretrain')
+
+
+def evaluate_section(**overrides) -> ml_collections.ConfigDict:
+  defaults = dict(split='test', multiples=(1, 2, 4, 8), methods=METHODS, num_windows=8,
+                  batch_tokens=16384)
+  return _section(defaults, {}, overrides, 'evaluate')
+
+
+def passkey_section(**overrides) -> ml_collections.ConfigDict:
+  defaults = dict(multiples=(1, 2, 4, 8), methods=METHODS, depths=(0.0, 0.25, 0.5, 0.75, 1.0),
+                  trials=5)
+  return _section(defaults, {}, overrides, 'passkey')
+
+
+def progressive_section(multiple: float, *, finetune: dict | None = None,
+                        search_settings: dict | None = None,
+                        **overrides) -> ml_collections.ConfigDict:
+  """Progressive extension: fine-tune at the search length with the searched factors, search
+  again at `multiple` x L0 (with `search_settings`), readjust short factors for L0."""
+  defaults = dict(multiple=multiple, short_lambda_max=1.25, short_num_windows=16)
+  section = _section(defaults, {}, overrides, 'progressive')
+  tuning = dict(steps=200, batch_size=4, lr=1e-3, warmup=20, final_lr_ratio=0.1, ckpt_every=25)
+  section.finetune = _section(tuning, {}, finetune or {}, 'progressive.finetune')
+  section.search = settings_section(**(search_settings or {}))
+  return section
+
+
+def paper_model_config(arg: str | None, *, variant: str, multiple: float, doc_tokens: int,
+                       **model_overrides) -> ml_collections.ConfigDict:
+  """The paper's search (LongRoPE sec. 3.2 / 4.1) on a Hugging Face checkpoint: population 64,
+  32 parents, 16 + 16 children with p = 0.3, 40 generations; lambda in [1, 1.25 s] on a 0.01
+  grid, monotone; n_hat searched; fitness = perplexity of 5 PG19 validation books truncated to
+  L'; then every method on PG19 test books. `arg`: the checkpoint folder."""
+  a = parse_arg(arg, positional='path', path='')
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.stages = ('search', 'evaluate', 'report')
+  c.model = model_section(variant, path=a.path or None, dtype='bfloat16', **model_overrides)
+  c.data = data_section(source='tfds', tfds_name='local_text/pg19', tokenizer='auto')
+  c.search = search_section(multiple, num_windows=5, doc_batch=1, chunk=1, memory_gb=40.0)
+  c.evaluate = evaluate_section(num_windows=10, batch_tokens=doc_tokens)
+  return c

@@ -1,0 +1,129 @@
+"""Population fitness: the mean next-token NLL of every candidate of a stacked `RopeScaling` on
+the same windows, in one compiled call (vmap over candidates, candidates sharded over the 'pop'
+mesh axis, chunked to fit memory, documents micro-batched).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec
+
+from longrope_jax import mesh as mesh_lib
+from longrope_jax import model as model_lib
+from longrope_jax.rope import RopeScaling
+
+
+def auto_chunk(config: model_lib.ModelConfig, length: int, doc_batch: int,
+               memory_bytes: float) -> int:
+  """Candidates per device per step so one step's activations fit `memory_bytes` (rough f32
+  estimate: one layer's attention scores, MLP and residual activations, and the logits)."""
+  attn_keys = length if config.attention == 'dense' else min(length, config.block_k)
+  per_candidate = 4 * doc_batch * length * (config.num_heads * attn_keys + 6 * config.dim +
+                                            3 * config.mlp_dim + 2 * config.vocab_size)
+  return max(1, int(memory_bytes // per_candidate))
+
+
+class PopulationFitness:
+  """Mean next-token NLL of every candidate of a stacked `RopeScaling` on windows[N, L'].
+
+  One jitted call per population: candidates are placed round-robin over the 'pop' mesh axis
+  (`jax.shard_map`); on each device `lax.map` walks chunks of `chunk` candidates, `jax.vmap`
+  evaluates a chunk, `lax.scan` walks the documents `doc_batch` at a time, and a chunk holding no
+  candidate is skipped (`lax.cond`). Shapes are fixed by `max_population`, so a whole search
+  compiles once; `traces` counts compilations.
+  """
+
+  def __init__(self, config: model_lib.ModelConfig, params: Any, windows_NL: np.ndarray, *,
+               length: int | None = None, max_population: int,
+               mesh: jax.sharding.Mesh | None = None,
+               chunk: int | None = None, doc_batch: int = 1, memory_bytes: float = 2e9):
+    windows_NL = np.asarray(windows_NL)
+    if windows_NL.ndim != 2 or windows_NL.shape[0] < 1:
+      raise ValueError(f"eval windows must be i32[N, L] with N >= 1, got shape "
+                       f"{windows_NL.shape}.")
+    length = windows_NL.shape[1] if length is None else int(length)
+    if windows_NL.shape[1] < length:
+      raise ValueError(f"eval windows have {windows_NL.shape[1]} tokens, shorter than the target "
+                       f"length L' = {length}; use documents of at least L' tokens "
+                       "(data.eval_windows(docs, L', N)).")
+    if max_population < 1 or doc_batch < 1 or (chunk is not None and chunk < 1):
+      raise ValueError(f"max_population, doc_batch and chunk (None: from memory) must be >= 1, "
+                       f"got {max_population}, {doc_batch}, {chunk}.")
+    self.config, self.length = config, length
+    self.mesh = mesh_lib.population_mesh() if mesh is None else mesh
+    self.pop_devices = mesh_lib.population_axis_size(self.mesh)
+    local = -(-max_population // self.pop_devices)
+    chunk = chunk or auto_chunk(config, length, doc_batch, memory_bytes)
+    self.chunk = min(chunk, local)
+    self.local = -(-local // self.chunk) * self.chunk
+    self.capacity = self.local * self.pop_devices
+    windows_NL = windows_NL[:, :length].astype(np.int32)
+    N = windows_NL.shape[0]
+    doc_batch = min(doc_batch, N)
+    num_batches = -(-N // doc_batch)
+    pad = num_batches * doc_batch - N
+    windows_NL = np.concatenate([windows_NL, np.repeat(windows_NL[-1:], pad, axis=0)])
+    weights_N = np.concatenate([np.ones(N, np.float32), np.zeros(pad, np.float32)])
+    self.num_tokens = N * (length - 1)
+    replicated = mesh_lib.replicated_sharding(self.mesh)
+    self._params = jax.device_put(params, replicated)
+    self._windows_bBL = jax.device_put(windows_NL.reshape(num_batches, doc_batch, length),
+                                       replicated)
+    self._weights_bB = jax.device_put(weights_N.reshape(num_batches, doc_batch), replicated)
+    self.traces = 0
+    pop = PartitionSpec(mesh_lib.POP_AXIS)
+    self._fn = jax.jit(jax.shard_map(
+        self._local, mesh=self.mesh, in_specs=(PartitionSpec(), PartitionSpec(), PartitionSpec(),
+                                               pop, pop),
+        out_specs=pop))
+
+  def _local(self, params, windows_bBL, weights_bB, rope: RopeScaling, active_P):
+    """Summed NLL / token count per local candidate f32[P_local]; inactive slots get inf."""
+    self.traces += 1
+    num_chunks, C = self.local // self.chunk, self.chunk
+    config, num_tokens = self.config, self.num_tokens
+
+    def candidate_nll(one: RopeScaling):
+      def body(total, batch):
+        windows_BL, weights_B = batch
+        nll_B = model_lib.token_nll(config, params, windows_BL, one).sum(axis=-1)
+        return total + jnp.sum(nll_B * weights_B), None
+
+      zero = jnp.zeros_like(one.attn_scale)  # varies over 'pop', like the sum it starts
+      total, _ = jax.lax.scan(body, zero, (windows_bBL, weights_bB))
+      return total / num_tokens
+
+    def chunk_nll(inputs):
+      rope_C, active_C = inputs
+      return jax.lax.cond(jnp.any(active_C), jax.vmap(candidate_nll),
+                          lambda r: jnp.full_like(r.attn_scale, jnp.inf), rope_C)
+
+    rope_cC = jax.tree.map(lambda x: x.reshape(num_chunks, C, *x.shape[1:]), rope)
+    nll_cC = jax.lax.map(chunk_nll, (rope_cC, active_P.reshape(num_chunks, C)))
+    return jnp.where(active_P, nll_cC.reshape(-1), jnp.inf)
+
+  def slots(self, num: int) -> np.ndarray:
+    """Buffer slot of each of `num` candidates: round-robin over devices, front of each block."""
+    j = np.arange(num)
+    return (j % self.pop_devices) * self.local + j // self.pop_devices
+
+  def __call__(self, rope: RopeScaling) -> np.ndarray:
+    """Mean NLL f32[P] of a stacked RopeScaling with P <= capacity candidates."""
+    P = rope.factors.shape[0]
+    if not 1 <= P <= self.capacity:
+      raise ValueError(f"this fitness evaluates 1 to {self.capacity} candidates per call "
+                       f"(max_population), got {P}.")
+    slots = self.slots(P)
+    fill = np.zeros(self.capacity, np.int64)  # unused slots repeat candidate 0 (always valid)
+    fill[slots] = np.arange(P)
+    active = np.zeros(self.capacity, bool)
+    active[slots] = True
+    buffer = jax.tree.map(lambda x: np.asarray(x)[fill], rope)
+    sharding = mesh_lib.population_sharding(self.mesh)
+    buffer, active = jax.device_put((buffer, active), sharding)
+    nll = self._fn(self._params, self._windows_bBL, self._weights_bB, buffer, active)
+    return mesh_lib.to_host(nll)[slots]

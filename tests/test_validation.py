@@ -1,0 +1,217 @@
+"""One validation pass over the whole config: every bad value raises a ConfigError naming its
+dotted field, before any stage runs; the library's dataclasses use the same checks."""
+
+import copy
+
+import ml_collections
+import pytest
+
+from longrope_jax import model as model_lib
+from longrope_jax import train as train_lib
+from longrope_jax import validation
+
+SEARCH_SETTINGS = dict(
+    strategy='paper_ga', population=8, parents=4, mutations=2, crossovers=2, mutation_prob=0.3,
+    generations=3, max_evaluations=None, lambda_max=None, lambda_step=0.01, monotone=True,
+    search_n_hat=True, n_hat=0, n_hat_choices=None, attn_scale=None, es_std=1.0, doc_batch=1,
+    chunk=None, memory_gb=2.0, mesh_pop=None, attention=None)
+
+
+def _base() -> dict:
+  """The toy config in the layout after issue 13 (built here, not read from configs/)."""
+  return dict(
+      seed=0, overwrite=False, stages=('pretrain', 'search', 'evaluate', 'passkey', 'progressive',
+                      'progressive_evaluate', 'report'),
+      model=dict(variant='test', path=None, attention='dense', dtype='float32', param_dtype=None,
+                 original_length=None, sliding_window=None),
+      data=dict(source='stdlib', path=None, tfds_name=None, data_dir=None, text_key='text',
+                tokenizer='bytes'),
+      pretrain=dict(steps=20, batch_size=4, lr=4e-3, warmup=5, final_lr_ratio=0.1,
+                    weight_decay=0.1, clip=1.0, eval_every=10, ckpt_every=10, eval_windows=4,
+                    passkey_fraction=0.0, copy_fraction=0.0),
+      search=dict(multiple=4, split='validation', num_windows=2, settings=dict(SEARCH_SETTINGS)),
+      evaluate=dict(split='test', multiples=(1, 2, 4), methods=('none', 'linear', 'yarn'),
+                    num_windows=2, batch_tokens=16384),
+      passkey=dict(multiples=(2,), methods=('none', 'linear'), depths=(0.0, 1.0), trials=2),
+      progressive=dict(multiple=8, short_lambda_max=1.25, short_num_windows=2,
+                       finetune=dict(steps=4, batch_size=2, lr=1e-3, warmup=1,
+                                     final_lr_ratio=0.1, ckpt_every=2),
+                       search=dict(SEARCH_SETTINGS, population=4, parents=2, mutations=1,
+                                   crossovers=1, generations=2)))
+
+
+def _config(**changes) -> ml_collections.ConfigDict:
+  c = copy.deepcopy(_base())
+  for field, value in changes.items():
+    node = c
+    *parents, last = field.split('.')
+    for p in parents:
+      node = node[p]
+    if value is _DELETE:
+      del node[last]
+    else:
+      node[last] = value
+  return ml_collections.ConfigDict(c)
+
+
+_DELETE = object()
+
+
+def test_the_toy_config_is_valid():
+  validation.validate_config(_config())
+  assert validation.errors(_config()) == []
+
+
+def test_a_config_without_pretrain_is_valid():
+  validation.validate_config(_config(pretrain=_DELETE, stages=('search', 'evaluate', 'report')))
+
+
+# (field changed, bad value, field the error must name). The issue's cases come first.
+BAD = [
+    ('pretrain.batch_size', 0, 'pretrain.batch_size'),
+    ('pretrain.eval_every', 0, 'pretrain.eval_every'),
+    ('pretrain.ckpt_every', 0, 'pretrain.ckpt_every'),
+    ('evaluate.multiples', (0, 1), 'evaluate.multiples[0]'),
+    ('evaluate.num_windows', 0, 'evaluate.num_windows'),
+    ('seed', -1, 'seed'),
+    # types and ranges
+    ('seed', 1.5, 'seed'),
+    ('stages', (), 'stages'),
+    ('stages', ('pretrain', 'serach'), 'stages'),
+    ('overwrite', 'yes', 'overwrite'),
+    ('model.variant', 'llama9', 'model.variant'),
+    ('model.attention', 'flash', 'model.attention'),
+    ('model.dtype', 'float16', 'model.dtype'),
+    ('model.param_dtype', 'int8', 'model.param_dtype'),
+    ('model.original_length', 0, 'model.original_length'),
+    ('model.sliding_window', -4, 'model.sliding_window'),
+    ('data.source', 'web', 'data.source'),
+    ('data.text_key', '', 'data.text_key'),
+    ('pretrain.steps', 0, 'pretrain.steps'),
+    ('pretrain.steps', -5, 'pretrain.steps'),
+    ('pretrain.batch_size', True, 'pretrain.batch_size'),
+    ('pretrain.lr', 0.0, 'pretrain.lr'),
+    ('pretrain.lr', float('nan'), 'pretrain.lr'),
+    ('pretrain.warmup', -1, 'pretrain.warmup'),
+    ('pretrain.final_lr_ratio', 1.5, 'pretrain.final_lr_ratio'),
+    ('pretrain.weight_decay', -0.1, 'pretrain.weight_decay'),
+    ('pretrain.clip', 0.0, 'pretrain.clip'),
+    ('pretrain.eval_windows', 0, 'pretrain.eval_windows'),
+    ('pretrain.passkey_fraction', -0.1, 'pretrain.passkey_fraction'),
+    ('pretrain.copy_fraction', 2.0, 'pretrain.copy_fraction'),
+    ('search.multiple', 0.5, 'search.multiple'),
+    ('search.split', 'dev', 'search.split'),
+    ('search.num_windows', 0, 'search.num_windows'),
+    ('search.settings.strategy', 'CMAES', 'search.settings.strategy'),
+    ('search.settings.population', 0, 'search.settings.population'),
+    ('search.settings.parents', 0, 'search.settings.parents'),
+    ('search.settings.mutations', -1, 'search.settings.mutations'),
+    ('search.settings.crossovers', -1, 'search.settings.crossovers'),
+    ('search.settings.mutation_prob', 1.3, 'search.settings.mutation_prob'),
+    ('search.settings.generations', 0, 'search.settings.generations'),
+    ('search.settings.max_evaluations', 0, 'search.settings.max_evaluations'),
+    ('search.settings.lambda_max', 0.5, 'search.settings.lambda_max'),
+    ('search.settings.lambda_step', 0.0, 'search.settings.lambda_step'),
+    ('search.settings.monotone', 1, 'search.settings.monotone'),
+    ('search.settings.n_hat', -2, 'search.settings.n_hat'),
+    ('search.settings.n_hat_choices', (0, -4), 'search.settings.n_hat_choices[1]'),
+    ('search.settings.attn_scale', 0.0, 'search.settings.attn_scale'),
+    ('search.settings.es_std', -1.0, 'search.settings.es_std'),
+    ('search.settings.doc_batch', 0, 'search.settings.doc_batch'),
+    ('search.settings.chunk', 0, 'search.settings.chunk'),
+    ('search.settings.memory_gb', 0.0, 'search.settings.memory_gb'),
+    ('search.settings.mesh_pop', 0, 'search.settings.mesh_pop'),
+    ('search.settings.attention', 'flash', 'search.settings.attention'),
+    ('evaluate.split', 'train2', 'evaluate.split'),
+    ('evaluate.multiples', (), 'evaluate.multiples'),
+    ('evaluate.multiples', (1, -2), 'evaluate.multiples[1]'),
+    ('evaluate.methods', ('none', 'yarm'), 'evaluate.methods[1]'),
+    ('evaluate.batch_tokens', 0, 'evaluate.batch_tokens'),
+    ('passkey.multiples', (0,), 'passkey.multiples[0]'),
+    ('passkey.methods', ('ntk_aware',), 'passkey.methods[0]'),
+    ('passkey.depths', (0.0, 1.5), 'passkey.depths[1]'),
+    ('passkey.trials', 0, 'passkey.trials'),
+    ('progressive.multiple', 0, 'progressive.multiple'),
+    ('progressive.short_lambda_max', 0.9, 'progressive.short_lambda_max'),
+    ('progressive.short_num_windows', 0, 'progressive.short_num_windows'),
+    ('progressive.finetune.steps', 0, 'progressive.finetune.steps'),
+    ('progressive.finetune.batch_size', 0, 'progressive.finetune.batch_size'),
+    ('progressive.finetune.lr', -1e-3, 'progressive.finetune.lr'),
+    ('progressive.finetune.ckpt_every', 0, 'progressive.finetune.ckpt_every'),
+    ('progressive.search.population', 0, 'progressive.search.population'),
+    ('progressive.search.mutation_prob', -0.1, 'progressive.search.mutation_prob'),
+    # cross-field
+    ('pretrain.warmup', 20, 'pretrain.warmup'),
+    ('progressive.finetune.warmup', 4, 'progressive.finetune.warmup'),
+    ('pretrain.passkey_fraction', 0.7, 'pretrain.copy_fraction', {'pretrain.copy_fraction': 0.5}),
+    ('search.settings.population', 9, 'search.settings.population'),
+    ('search.settings.parents', 10, 'search.settings.parents'),
+    ('progressive.search.crossovers', 3, 'progressive.search.population'),
+    ('search.settings.n_hat_choices', (0, 4), 'search.settings.n_hat_choices',
+     {'search.settings.search_n_hat': False}),
+    ('data.source', 'files', 'data.path'),
+    ('data.source', 'tfds', 'data.tfds_name'),
+    ('data.tokenizer', 'auto', 'data.tokenizer'),
+    ('model.attention', 'ring', 'model.attention'),
+    ('search.settings.attention', 'ring', 'search.settings.attention'),
+    ('passkey.multiples', (1, 2), 'passkey.multiples[0]'),  # 64 tokens: no room for a prompt
+    ('pretrain.passkey_fraction', 0.1, 'pretrain.passkey_fraction'),  # same, in training
+    ('stages', ('pretrain', 'passkey'), 'passkey', {'passkey': _DELETE}),
+]
+
+
+@pytest.mark.parametrize('case', BAD, ids=[f'{c[0]}={c[1]!r}' for c in BAD])
+def test_bad_value_names_its_field(case):
+  field, value, named, *extra = case
+  config = _config(**{field: value}, **(extra[0] if extra else {}))
+  with pytest.raises(validation.ConfigError) as e:
+    validation.validate_config(config)
+  assert e.value.field == named
+  assert named in str(e.value)
+  assert isinstance(e.value, ValueError)
+
+
+def test_messages_say_the_fix():
+  with pytest.raises(ValueError) as e:
+    validation.validate_config(_config(**{'pretrain.batch_size': 0}))
+  assert str(e.value) == ("pretrain.batch_size must be a positive integer (>= 1), got 0; set "
+                          "pretrain.batch_size to a positive integer (>= 1) (e.g. "
+                          "--config.pretrain.batch_size=...).")
+  with pytest.raises(ValueError, match=r"parents \+ mutations \+ crossovers == population"):
+    validation.validate_config(_config(**{'search.settings.population': 9}))
+  with pytest.raises(ValueError, match="no mesh section; set mesh.seq"):
+    validation.validate_config(_config(**{'model.attention': 'ring'}))
+
+
+def test_ring_attention_with_a_seq_axis_passes():
+  validation.validate_config(_config(**{'model.attention': 'ring'}, mesh=dict(seq=4)))
+
+
+def test_errors_collects_every_bad_field():
+  found = validation.errors(_config(**{'pretrain.batch_size': 0, 'seed': -1,
+                                       'evaluate.num_windows': 0}))
+  assert sorted(e.field for e in found) == ['evaluate.num_windows', 'pretrain.batch_size', 'seed']
+
+
+def test_search_settings_rules_serve_a_flat_mapping():
+  validation.check_search_settings(SEARCH_SETTINGS, 'search')
+  with pytest.raises(validation.ConfigError, match='search.generations'):
+    validation.check_search_settings(dict(SEARCH_SETTINGS, generations=0), 'search')
+
+
+@pytest.mark.parametrize('field,value', [
+    ('dim', 0), ('num_layers', -1), ('vocab_size', 2.5), ('sliding_window', 0),
+    ('dtype', 'float16'), ('attention', 'flash'), ('rope_theta', 0.0)])
+def test_model_config_uses_the_shared_checks(field, value):
+  with pytest.raises(validation.ConfigError, match=f'ModelConfig.{field} must be'):
+    model_lib.get_config('test', **{field: value})
+
+
+@pytest.mark.parametrize('kwargs,field', [
+    (dict(steps=0), 'OptimConfig.steps'), (dict(steps=10, warmup=10), 'OptimConfig.warmup'),
+    (dict(steps=10, warmup=1, lr=0.0), 'OptimConfig.lr'),
+    (dict(steps=10, warmup=1, final_lr_ratio=2.0), 'OptimConfig.final_lr_ratio'),
+    (dict(steps=10, warmup=1, clip=-1.0), 'OptimConfig.clip')])
+def test_optim_config_uses_the_shared_checks(kwargs, field):
+  with pytest.raises(validation.ConfigError, match=field):
+    train_lib.OptimConfig(**kwargs)
