@@ -20,9 +20,11 @@ setup(
         "tqdm>=4.66",
         "numpy>=1.26",
         "chex>=0.1.90",
+        "tensorboardX>=2.6",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "nbclient>=0.10", "nbformat>=5.10",
+                 "ipykernel>=6.29", "tensorboard>=2.16"],
         "tfds": ["tensorflow-datasets>=4.9.7", "array-record>=0.5", "importlib_resources>=6"],
         "hf": ["safetensors>=0.4", "tokenizers>=0.19"],
         "compare": ["torch==2.13.0", "transformers>=4.56"],

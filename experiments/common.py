@@ -1,9 +1,10 @@
-"""Shared flag handling for the entry points: --config (ml_collections, locked), --workdir, and
-the distributed setting of a multi-process (multi-host) run."""
+"""Shared flag handling for the entry points: --config (ml_collections, locked), --workdir, the
+console's --log_level, and the distributed setting of a multi-process (multi-host) run."""
 
 from absl import flags
 from ml_collections import config_flags
 
+from longrope_jax import console
 from longrope_jax import mesh as mesh_lib
 
 CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs/*.py), '
@@ -11,6 +12,9 @@ CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file
 WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory: outputs go here and an '
                               'interrupted run resumes from it.')
 flags.mark_flags_as_required(['config', 'workdir'])
+LOG_LEVEL = flags.DEFINE_enum('log_level', 'warning', list(console.LOG_LEVELS),
+                              'Logging level of the library and its dependencies (absl, orbax, '
+                              'jax); info brings back their progress lines.')
 
 COORDINATOR_ADDRESS = flags.DEFINE_string(
     'coordinator_address', None, 'host:port of process 0 in a multi-process run (default: '
@@ -25,3 +29,11 @@ def initialize_distributed() -> bool:
   """Joins the multi-process runtime if the flags or environment ask for it (call first)."""
   return mesh_lib.maybe_initialize_distributed(COORDINATOR_ADDRESS.value, NUM_PROCESSES.value,
                                                PROCESS_ID.value)
+
+
+def setup() -> bool:
+  """Sets library logging to --log_level (unless absl's own --verbosity was given), then joins
+  the multi-process runtime if asked (call first in every entry point's main)."""
+  if not flags.FLAGS['verbosity'].present:
+    console.configure_logging(LOG_LEVEL.value)
+  return initialize_distributed()

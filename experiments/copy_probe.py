@@ -23,6 +23,7 @@ from longrope_jax import rope as rope_lib
 
 def main(argv):
   del argv
+  common.setup()
   run = pipeline.Run(common.CONFIG.value, common.WORKDIR.value)
   mc, tok = run.model_config, run.tokenizer
   params = run.params()

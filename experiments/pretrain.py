@@ -11,7 +11,7 @@ from longrope_jax import pipeline
 
 def main(argv):
   del argv
-  common.initialize_distributed()
+  common.setup()
   pipeline.run(common.CONFIG.value, common.WORKDIR.value, stages=('pretrain', 'report'))
 
 

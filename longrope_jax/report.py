@@ -11,23 +11,32 @@ from typing import Callable, Mapping
 
 
 def markdown_table(results: Mapping, metric: str = 'perplexity', digits: int = 3,
-                   best: Callable = min) -> str:
+                   best: Callable = min, strict: bool = False) -> str:
   """One row per method, one column per length (as a multiple of the original window); the
-  best value of each column (`best` = min or max) in bold."""
+  best value of each column (`best` = min or max) in bold, compared as printed (`digits`).
+
+  Nothing is bold in a column where every printed value is the same (all 0.00, or all methods
+  equal at L0) or where fewer than two methods were measured; with `strict`, only a single best
+  is bold (a tie at the top bolds none).
+  """
   lengths, L0 = results['lengths'], results['original_length']
+  methods = results['methods']
   header = '| method | ' + ' | '.join(f'{L} ({L / L0:g}x)' for L in lengths) + ' |'
   rows = [header, '|' + '---|' * (len(lengths) + 1)]
-  for name, values in results['methods'].items():
-    top = [best((results['methods'][m][metric][j] for m in results['methods']
-                 if results['methods'][m][metric][j] is not None), default=None)
-           for j in range(len(lengths))]
+  bold = []  # per column, the printed value to bold, or None
+  for j in range(len(lengths)):
+    shown = [round(v[metric][j], digits) for v in methods.values() if v[metric][j] is not None]
+    top = best(shown) if len(set(shown)) > 1 else None
+    bold.append(None if top is None or (strict and shown.count(top) > 1) else top)
+  for name, values in methods.items():
     cells = []
     for j, v in enumerate(values[metric]):
       if v is None:
         cells.append('-')
       else:
         text = f'{v:.{digits}f}'
-        cells.append(f'**{text}**' if top[j] is not None and v == top[j] else text)
+        cells.append(f'**{text}**' if bold[j] is not None and round(v, digits) == bold[j]
+                     else text)
     rows.append(f'| {name} | ' + ' | '.join(cells) + ' |')
   return '\n'.join(rows)
 

@@ -19,6 +19,7 @@ import optax
 from tqdm.auto import tqdm
 
 from longrope_jax import checkpoint as ckpt_lib
+from longrope_jax import metrics as metrics_lib
 from longrope_jax import model as model_lib
 from longrope_jax import validation
 from longrope_jax.data import PackedBatches
@@ -106,10 +107,11 @@ def train(config: model_lib.ModelConfig, optim: OptimConfig, batches: PackedBatc
           init_params: Any = None, eval_windows: np.ndarray | None = None,
           eval_every: int = 100, ckpt_every: int = 100, log_every: int = 10,
           desc: str = 'train', metrics_name: str = 'metrics.jsonl',
-          ckpt_name: str = 'ckpt') -> dict:
+          ckpt_name: str = 'ckpt', tb_workdir: str | pathlib.Path | None = None) -> dict:
   """Trains until `optim.steps`, resuming from `workdir/ckpt_name` if a checkpoint is there.
 
-  Appends {step, loss, bits_per_token, lr, ...} to workdir/metrics_name and returns the state.
+  Appends {step, loss, bits_per_token, lr, ...} to workdir/metrics_name, and writes the same
+  scalars as TensorBoard events to (tb_workdir or workdir)/tb/desc; returns the state.
   `init_params` (fine-tuning) is used only when no checkpoint exists yet.
   """
   workdir = ckpt_lib.abspath(workdir)
@@ -130,6 +132,8 @@ def train(config: model_lib.ModelConfig, optim: OptimConfig, batches: PackedBatc
   eval_nll = make_eval_nll(config) if eval_windows is not None else None
   schedule = make_schedule(optim)
   bar = tqdm(total=optim.steps, initial=start, desc=desc, dynamic_ncols=True)
+  writer = metrics_lib.MetricWriter(tb_workdir or workdir, desc,
+                                    purge_step=start + 1 if start else None)
   tokens_per_step = batches.batch_size * batches.length
   t0, window_losses = time.time(), []
   for step in range(start, optim.steps):
@@ -146,6 +150,7 @@ def train(config: model_lib.ModelConfig, optim: OptimConfig, batches: PackedBatc
         val = float(eval_nll(state['params'], jnp.asarray(eval_windows), rope))
         record.update(val_loss=val, val_bits_per_token=val / LN2)
       ckpt_lib.append_jsonl(metrics_path, record)
+      writer.write_scalars(done, {k: v for k, v in record.items() if k != 'step'})
       bar.set_postfix(loss=f'{loss:.3f}', bpt=f'{loss / LN2:.3f}',
                       **({'val_bpt': f"{record['val_bits_per_token']:.3f}"}
                          if 'val_bits_per_token' in record else {}))
@@ -153,7 +158,9 @@ def train(config: model_lib.ModelConfig, optim: OptimConfig, batches: PackedBatc
     bar.update(1)
     if done % ckpt_every == 0 or done == optim.steps:
       ckpt_lib.save(mngr, done, state)
+      writer.flush()
   bar.close()
+  writer.close()
   return state
 
 
