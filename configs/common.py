@@ -82,11 +82,12 @@ def search_section(multiple: float, *, split: str = 'validation', num_windows: i
 
 
 def model_section(variant: str, **overrides) -> ml_collections.ConfigDict:
-  """The model: a named variant, or a Hugging Face folder (`path`) whose config.json decides."""
-  defaults = dict(variant=variant, path=None, original_length=None, sliding_window=None,
+  """The model: a named variant, or a Hugging Face folder (`path`) whose config.json decides.
+  `sliding_window`: 'keep' (the model's own), 'none' (full causal attention) or a number."""
+  defaults = dict(variant=variant, path=None, original_length=None, sliding_window='keep',
                   attention='blockwise', dtype='float32', param_dtype=None)
-  return _section(defaults, dict(path=str, original_length=int, sliding_window=int,
-                                 param_dtype=str), overrides, 'model')
+  return _section(defaults, dict(path=str, original_length=int, param_dtype=str), overrides,
+                  'model')
 
 
 def data_section(**overrides) -> ml_collections.ConfigDict:
@@ -136,9 +137,10 @@ def paper_model_config(arg: str | None, *, variant: str, multiple: float, doc_to
   grid, monotone; n_hat searched; fitness = perplexity of 5 PG19 validation books truncated to
   L'; then every method on PG19 test books. `arg`: the checkpoint folder."""
   a = parse_arg(arg, positional='path', path='')
-  c = base_config(('search', 'evaluate', 'report'))
+  c = base_config(('search', 'evaluate', 'passkey', 'report'))
   c.model = model_section(variant, path=a.path or None, dtype='bfloat16', **model_overrides)
   c.data = data_section(source='tfds', tfds_name='local_text/pg19', tokenizer='auto')
   c.search = search_section(multiple, num_windows=5, doc_batch=1, chunk=1, memory_gb=40.0)
   c.evaluate = evaluate_section(num_windows=10, batch_tokens=doc_tokens)
+  c.passkey = passkey_section()
   return c

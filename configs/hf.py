@@ -22,9 +22,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # The checkpoint's config.json decides the shape; bf16 compute, params as stored.
   c.model = common.model_section('hf', dtype='bfloat16')
   c.data = common.data_section(tokenizer='auto')
+  # n_hat fixed at 0: transformers' longrope has no field for it, and these runs are meant to be
+  # exported (python -m experiments.export).
   c.search = common.search_section(8, num_windows=5, population=32, parents=16, mutations=8,
-                                   crossovers=8, generations=10, memory_gb=8.0)
+                                   crossovers=8, generations=10, memory_gb=8.0,
+                                   search_n_hat=False, n_hat=0)
   c.evaluate = common.evaluate_section(num_windows=8, batch_tokens=32768)
+  c.passkey = common.passkey_section()   # add 'passkey' to stages to run it
   if a.paper:
     c.search.settings.update(population=64, parents=32, mutations=16, crossovers=16,
                              generations=40)

@@ -17,8 +17,11 @@ import jax
 import ml_collections
 
 from longrope_jax import checkpoint as ckpt_lib
+from longrope_jax import console
 from longrope_jax import data as data_lib
 from longrope_jax import evaluate as eval_lib
+from longrope_jax import hf
+from longrope_jax import metrics as metrics_lib
 from longrope_jax import model as model_lib
 from longrope_jax import plots
 from longrope_jax import provenance
@@ -59,16 +62,19 @@ class Run:
     return self.config.model.path
 
   @functools.cached_property
-  def hf_checkpoint(self):
-    from longrope_jax import hf
+  def hf_checkpoint(self) -> hf.Checkpoint:
     return hf.load(self.hf_path, param_dtype=self.config.model.param_dtype,
-                   dtype=self.config.model.dtype)
+                   dtype=self.config.model.dtype,
+                   sliding_window=hf.parse_sliding_window(self.config.model.sliding_window))
 
   @functools.cached_property
   def model_config(self) -> model_lib.ModelConfig:
     c = self.config.model
     base = self.hf_checkpoint.config if self.hf_path else model_lib.get_config(c.variant)
-    overrides = dict(attention=c.attention, dtype=c.dtype, sliding_window=c.sliding_window)
+    overrides = dict(attention=c.attention, dtype=c.dtype)
+    window = hf.parse_sliding_window(c.sliding_window)
+    if not self.hf_path and window != hf.KEEP:
+      overrides['sliding_window'] = window
     if c.original_length is not None:  # the pretraining window, where config.json's differs
       overrides['original_length'] = c.original_length
     if base.vocab_size < self.tokenizer.vocab_size:
@@ -136,7 +142,11 @@ def pretrain(run: Run) -> None:
                   eval_windows=val, eval_every=c.eval_every, ckpt_every=c.ckpt_every,
                   desc='pretrain')
   records = ckpt_lib.read_jsonl(run.workdir / 'metrics.jsonl')
-  plots.training_curve(records, run.workdir / 'plots' / 'pretrain.png')
+  plots.training_curve(records, run.workdir / 'plots' / 'pretrain.png',
+                       caption=plots.measured_caption(
+                           what=f'Validation bits per token at L0 = {run.original_length}',
+                           split='validation', documents=c.eval_windows,
+                           machine=run.results().get('machine')))
   summary = dict(steps=c.steps, params=mc.num_params(),
                  tokens=c.steps * c.batch_size * run.original_length)
   prior = run.results().get('pretrain', {})
@@ -155,7 +165,11 @@ def evaluate(run: Run) -> dict:
     extra['longrope'] = longrope_source(run)
   results = _perplexity(run, 'perplexity', run.params(), c.methods, extra)
   plots.perplexity_vs_length(results, run.workdir / 'plots' / 'perplexity.png',
-                             title=f'Held-out perplexity vs length ({c.split} split)')
+                             title=f'Held-out perplexity vs length ({c.split} split)',
+                             caption=plots.measured_caption(
+                                 what='Per-token perplexity on the first L tokens',
+                                 split=c.split, documents=c.num_windows,
+                                 machine=run.results().get('machine')))
   return results
 
 
@@ -174,6 +188,7 @@ def _perplexity(run: Run, key: str, params: Any, methods, extra: dict) -> dict:
                                                                           nll=nll)))
   results['split'] = c.split
   run.save_result(key, results)
+  metrics_lib.write_per_length(run.workdir, key, results)
   return results
 
 
@@ -200,7 +215,11 @@ def passkey(run: Run) -> dict:
                                   rope_lib.none(head_dim=mc.head_dim), seed=run.config.seed)
       if lengths else []))
   run.save_result('passkey', results)
-  plots.passkey_heatmaps(results, run.workdir / 'plots' / 'passkey.png')
+  metrics_lib.write_per_length(run.workdir, 'passkey', results, metric='mean', tag='passkey')
+  plots.passkey_heatmaps(results, run.workdir / 'plots' / 'passkey.png',
+                         caption=plots.measured_caption(
+                             what=f'Accuracy over {c.trials} keys per cell, greedy decoding',
+                             machine=run.results().get('machine')))
   return results
 
 
@@ -211,9 +230,12 @@ def search(run: Run) -> dict:
   extension = run.extension(c.multiple)
   windows = data_lib.eval_windows(run.documents(c.split), extension.target_length,
                                   c.num_windows, seed=run.config.seed)
-  result = search_lib.search(run.model_config, run.params(), windows, extension=extension,
-                             settings=search_lib.SearchConfig.from_config(c.settings),
-                             workdir=run.workdir / 'search', seed=run.config.seed)
+  with metrics_lib.MetricWriter(run.workdir, 'search') as writer:
+    result = search_lib.search(
+        run.model_config, run.params(), windows, extension=extension,
+        settings=search_lib.SearchConfig.from_config(c.settings), workdir=run.workdir / 'search',
+        seed=run.config.seed,
+        on_generation=lambda record: metrics_lib.write_search_generation(writer, record))
   summary = dict(result.to_json(), split=c.split, num_windows=c.num_windows)
   run.save_result('search', summary)
   return summary
@@ -236,7 +258,7 @@ def progressive(run: Run) -> dict:
   train_lib.train(run.model_config, train_lib.OptimConfig.from_config(c.finetune),
                   batches, first.rope(), workdir, seed=run.config.seed,
                   init_params=run.params(), ckpt_every=c.finetune.ckpt_every, log_every=10,
-                  desc=f'finetune@{L1}')
+                  desc=f'finetune@{L1}', tb_workdir=run.workdir)
   params = train_lib.load_params(run.model_config, workdir)
 
   # Second search on top of the first stage's factors, on the model fine-tuned at L1.
@@ -250,8 +272,10 @@ def progressive(run: Run) -> dict:
                            workdir=workdir / 'search_long', seed=run.config.seed)
 
   # Short-context readjustment: factors for L0 itself on the fine-tuned model.
-  short_settings = dataclasses.replace(settings, lambda_max=c.short_lambda_max, attn_scale=1.0,
-                                       search_n_hat=False, n_hat=0)
+  # Under the long factors' attention scale: transformers' longrope applies one attention factor
+  # to short and long factors alike, so this is what an exported model computes at L <= L0.
+  short_settings = dataclasses.replace(settings, lambda_max=c.short_lambda_max,
+                                       attn_scale=long.attn_scale, search_n_hat=False, n_hat=0)
   short_extension = run.extension(1)
   windows0 = data_lib.eval_windows(run.documents(run.config.search.split),
                                    short_extension.target_length, c.short_num_windows,
@@ -324,10 +348,53 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
   decisions = provenance.prepare(config, stages, r.workdir,
                                  overwrite=config.get('overwrite', False))
   r.write_config()
+  if jax.process_index() == 0:
+    r.save_result('machine', console.machine_info())
+  seconds = {}
   for d in decisions:
-    changes = f": {'; '.join(d.changes)}" if d.changes else ''
-    print(f'== {d.stage} ({d.action}{changes}) ==', flush=True)
+    details = dict(stage_details(r, d.stage), workdir=f"{d.action}{': ' if d.changes else ''}"
+                   f"{'; '.join(d.changes)}")
+    console.stage_header(d.stage, details)
+    t0 = time.time()
     provenance.begin(r.workdir, d)
     STAGES[d.stage](r)
     provenance.finish(r.workdir, d)
+    seconds[d.stage] = time.time() - t0
+  console.summary(r.results(), seconds,
+                  report_path=r.workdir / 'report.md' if 'report' in stages else None,
+                  tensorboard_dir=r.workdir / metrics_lib.TB_DIR)
   return r
+
+
+def stage_details(run: Run, stage: str) -> dict:
+  """What a stage will do, for its console header."""
+  c, L0 = run.config, run.original_length
+  searched = ['longrope'] if 'search' in run.results() or 'search' in c.stages else []
+  if stage == 'pretrain':
+    p = c.pretrain
+    return {'model': f'{c.model.variant}, {run.model_config.num_params():,} parameters',
+            'steps': f'{p.steps} x {p.batch_size} rows x L0 = {L0} tokens',
+            'validation': f'{p.eval_windows} windows every {p.eval_every} steps'}
+  if stage == 'search':
+    s = c.search.settings
+    return {'target': f'{run.extension(c.search.multiple).target_length} tokens '
+                      f'({c.search.multiple:g}x L0 = {L0})',
+            'strategy': f'{s.strategy}, population {s.population}, {s.generations} generations',
+            'fitness': f'mean NLL on {c.search.num_windows} {c.search.split} documents'}
+  if stage == 'evaluate':
+    e = c.evaluate
+    return {'lengths': run.lengths(e.multiples), 'methods': list(e.methods) + searched,
+            'documents': f'{e.num_windows} {e.split} documents per length'}
+  if stage == 'passkey':
+    k = c.passkey
+    return {'lengths': run.lengths(k.multiples), 'methods': list(k.methods) + searched,
+            'keys': f'{k.trials} per depth at depths {", ".join(f"{d:g}" for d in k.depths)}'}
+  if stage == 'progressive':
+    return {'fine-tune': f'{c.progressive.finetune.steps} steps at '
+                         f'{run.extension(c.search.multiple).target_length} tokens with the '
+                         'searched factors',
+            'search': f'again for {run.extension(c.progressive.multiple).target_length} tokens, '
+                      'then short factors for L0'}
+  if stage == 'report':
+    return {'writes': [str(run.workdir / 'report.md'), str(run.workdir / 'plots')]}
+  return {}

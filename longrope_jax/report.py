@@ -83,6 +83,9 @@ def progressive_summary(base: Mapping, prog: Mapping) -> list[str]:
 def render(results: Mapping, *, model: str) -> str:
   """report.md from results.json; `model` is the opening line describing model and corpus."""
   lines = ['# longrope-jax run report', '', model, '']
+  if 'machine' in results:
+    from longrope_jax import console
+    lines += [f"Measured on: {console.describe_machine(results['machine'])}.", '']
   if 'pretrain' in results:
     p = results['pretrain']
     lines += ['## Pretraining', '',
@@ -101,7 +104,7 @@ def render(results: Mapping, *, model: str) -> str:
               f"Accuracy over {r['trials']} keys at each of {len(r['depths'])} depths "
               f"({', '.join(f'{d:g}' for d in r['depths'])}) per length; greedy decoding with the "
               "KV cache; best per column in bold.", '',
-              markdown_table(r, metric='mean', digits=2, best=max), '',
+              markdown_table(r, metric='mean', digits=2, best=max, strict=True), '',
               '![passkey](plots/passkey.png)', '']
     if r.get('answer_nll', {}).get('nll'):
       a = r['answer_nll']

@@ -360,6 +360,7 @@ def write_outputs(result: SearchResult, directory: str | pathlib.Path,
   ckpt_lib.write_text(directory / 'best_factors.csv',
                       ''.join(f'{f:.2f}\n' for f in result.factors))
   plots.fitness_curve(result.history, directory / 'fitness.png',
+                      seeds={name: s['perplexity'] for name, s in result.seeds.items()},
                       title=f'{result.strategy} search at {result.scale:g}x (validation)')
   if model_config is not None:
     kwargs = rope_lib.method_kwargs(head_dim=model_config.head_dim, theta=model_config.rope_theta,

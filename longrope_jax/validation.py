@@ -150,6 +150,16 @@ def _splits() -> Iterable[str]:
   return data.SPLITS
 
 
+def sliding_window(value: Any, field: str) -> None:
+  """'keep' (the checkpoint's or variant's window), 'none' (no window) or a positive integer."""
+  from longrope_jax import hf
+  try:
+    hf.parse_sliding_window(value)
+  except ValueError:
+    fail(field, value, "'keep', 'none' or a positive number of tokens",
+         f"set --config.{field}=keep (the model's own window) or none (full causal attention)")
+
+
 def strategy(value: Any, field: str) -> None:
   """'paper_ga' or the name of an evosax 0.3 algorithm."""
   if value == PAPER_GA:
@@ -205,7 +215,7 @@ RULES: dict[str, Check] = {
     'model.dtype': choice(_dtypes),
     'model.param_dtype': optional(choice(_dtypes)),
     'model.original_length': optional(positive_int),
-    'model.sliding_window': optional(positive_int),
+    'model.sliding_window': sliding_window,
     'data.source': choice(('stdlib', 'files', 'tfds')),
     'data.path': optional(string),
     'data.tfds_name': optional(string),

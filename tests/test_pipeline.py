@@ -7,6 +7,8 @@ import sys
 import pytest
 
 from configs import demo as demo_config
+from longrope_jax import console
+from longrope_jax import metrics as metrics_lib
 from longrope_jax import pipeline
 
 
@@ -24,6 +26,14 @@ def test_demo_test_config_runs_end_to_end_and_resumes(tmp_path):
   report = (tmp_path / 'report.md').read_text()
   assert '| method | 64 (1x) | 128 (2x) | 256 (4x) |' in report
   assert '## Passkey retrieval' in report
+  assert f"Measured on: {console.describe_machine(results['machine'])}." in report
+  # TensorBoard: every stage's scalars, read back without TensorFlow
+  tb = {stage: metrics_lib.read_scalars(tmp_path / 'tb' / stage)
+        for stage in ('pretrain', 'search', 'perplexity', 'passkey')}
+  assert [s for s, _ in tb['pretrain']['val_bits_per_token']] == [10, 20]
+  assert len(tb['search']['search/best_perplexity']) == results['search']['generations'] + 1
+  assert [s for s, _ in tb['perplexity']['perplexity/longrope']] == [128, 256]
+  assert [s for s, _ in tb['passkey']['passkey/none']] == results['passkey']['lengths']
   # Everything is done: a second run recomputes nothing and gives the same results.
   mtime = (tmp_path / 'ckpt').stat().st_mtime
   pipeline.run(config, tmp_path)
