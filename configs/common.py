@@ -98,9 +98,12 @@ def pretrain_section(**overrides) -> ml_collections.ConfigDict:
 
 
 def evaluate_section(**overrides) -> ml_collections.ConfigDict:
+  """Perplexity vs length: the first L tokens of the same `num_windows` documents at every
+  length (documents as long as the longest); `stride` None is the truncated setting, a stride
+  slides windows of L tokens over each document's span instead."""
   defaults = dict(split='test', multiples=(1, 2, 4, 8), methods=METHODS, num_windows=8,
-                  batch_tokens=16384)
-  return _section(defaults, {}, overrides, 'evaluate')
+                  batch_tokens=16384, stride=None)
+  return _section(defaults, dict(stride=int), overrides, 'evaluate')
 
 
 def passkey_section(**overrides) -> ml_collections.ConfigDict:

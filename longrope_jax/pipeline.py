@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 import jax
 import ml_collections
+import numpy as np
 
 from longrope_jax import checkpoint as ckpt_lib
 from longrope_jax import data as data_lib
@@ -161,20 +162,39 @@ def evaluate(run: Run) -> dict:
   return results
 
 
-def _perplexity(run: Run, key: str, params: Any, methods, extra: dict) -> dict:
-  """Perplexity vs length of `methods` and `extra` sources, cached per cell in eval/<key>.jsonl
-  and saved as results.json[key]."""
+def _perplexity(run: Run, key: str, params: Any, methods, extra: dict, *,
+                multiples=None, stride: int | None = None, save: bool = True) -> dict:
+  """Perplexity vs length of `methods` and `extra` sources at `multiples` (default
+  evaluate.multiples) on one set of documents as long as the longest of these and
+  evaluate.multiples (so tables of one run pair document by document), truncated, or sliding by
+  `stride` (default evaluate.stride). Cached per cell in eval/<key>.jsonl (cells of another
+  protocol, or without per-document values, are dropped and recomputed); saved as
+  results.json[key] if `save`."""
   c = run.config.evaluate
+  multiples = tuple(c.multiples if multiples is None else multiples)
+  lengths = run.lengths(multiples)
+  protocol = dict(split=c.split, num_windows=c.num_windows, seed=run.config.seed,
+                  document_length=max(run.lengths(tuple(c.multiples) + multiples)),
+                  stride=c.stride if stride is None else stride)
   cache_path = run.workdir / 'eval' / f'{key}.jsonl'
-  done = {(r['method'], r['length']): r['nll'] for r in ckpt_lib.read_jsonl(cache_path)}
+  current = lambda r: r.get('protocol') == protocol and 'nll_per_document' in r  # noqa: E731
+  ckpt_lib.truncate_jsonl(cache_path, current)
+  done = {(r['method'], r['length']): r['nll_per_document']
+          for r in ckpt_lib.read_jsonl(cache_path)}
+
+  def on_result(method, length, docs_nll):
+    nll = None if docs_nll is None else float(np.mean(docs_nll))
+    ckpt_lib.append_jsonl(cache_path, dict(method=method, length=length, nll=nll,
+                                           nll_per_document=docs_nll, protocol=protocol))
+
   results = eval_lib.perplexity_vs_length(
-      run.model_config, params, run.documents(c.split), run.lengths(c.multiples),
-      methods=methods, extra=extra, num_windows=c.num_windows, seed=run.config.seed,
-      batch_tokens=c.batch_tokens, done=done,
-      on_result=lambda m, L, nll: ckpt_lib.append_jsonl(cache_path, dict(method=m, length=L,
-                                                                          nll=nll)))
+      run.model_config, params, run.documents(c.split), lengths, methods=methods, extra=extra,
+      num_windows=c.num_windows, seed=run.config.seed, batch_tokens=c.batch_tokens,
+      document_length=protocol['document_length'], stride=protocol['stride'], done=done,
+      on_result=on_result)
   results['split'] = c.split
-  run.save_result(key, results)
+  if save:
+    run.save_result(key, results)
   return results
 
 

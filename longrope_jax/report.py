@@ -1,35 +1,133 @@
-"""The run report: results dicts (results.json) in, markdown out. Nothing here computes a result.
+"""The run report: results dicts (results.json) in, markdown out. Nothing here runs a model.
 
-`markdown_table` renders a perplexity or passkey table, `search_summary` a search record,
+`markdown_table` renders a perplexity or passkey table, `paired_bootstrap` / `comparison_table`
+the paired confidence intervals over documents, `search_summary` a search record,
 `progressive_summary` the two checks of progressive extension, and `render` the whole report.md.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable, Mapping
+from typing import Callable, Iterable, Mapping
+
+import numpy as np
+
+RESAMPLES = 2000
+
+
+def paired_bootstrap(a_N, b_N, *, resamples: int = RESAMPLES, level: float = 0.95,
+                     seed: int = 0) -> tuple[float, float, float]:
+  """Mean of a - b over N paired documents and its `level` percentile bootstrap interval
+  (documents resampled with replacement, the same draw for a and b): (mean, low, high)."""
+  a_N, b_N = np.asarray(a_N, np.float64), np.asarray(b_N, np.float64)
+  if a_N.ndim != 1 or a_N.shape != b_N.shape or a_N.size == 0:
+    raise ValueError(f"paired_bootstrap needs two equal-length 1-D samples (the same documents), "
+                     f"got shapes {a_N.shape} and {b_N.shape}.")
+  d_N = a_N - b_N
+  idx_RN = np.random.default_rng(seed).integers(0, d_N.size, size=(resamples, d_N.size))
+  low, high = np.quantile(d_N[idx_RN].mean(axis=1), [(1 - level) / 2, (1 + level) / 2])
+  return float(d_N.mean()), float(low), float(high)
+
+
+def _per_document(results: Mapping, name: str, j: int):
+  values = results['methods'][name].get('nll_per_document')
+  return None if values is None else values[j]
+
+
+def _resolved_best(results: Mapping, metric: str, j: int, best: Callable) -> str | None:
+  """The best of two or more methods in column j, if its paired interval against the runner-up
+  excludes zero (without per-document values, as passkey's: if it is not tied)."""
+  column = {m: v[metric][j] for m, v in results['methods'].items() if v[metric][j] is not None}
+  if not column:
+    return None
+  ranked = sorted(column, key=column.get, reverse=best is max)
+  if len(ranked) == 1:  # nothing to be best against
+    return None
+  first, second = (_per_document(results, m, j) for m in ranked[:2])
+  if first is None or second is None:  # no per-document values (passkey): plain best
+    return ranked[0] if column[ranked[0]] != column[ranked[1]] else None
+  _, low, high = paired_bootstrap(first, second)
+  return ranked[0] if low > 0 or high < 0 else None
 
 
 def markdown_table(results: Mapping, metric: str = 'perplexity', digits: int = 3,
                    best: Callable = min) -> str:
   """One row per method, one column per length (as a multiple of the original window); the
-  best value of each column (`best` = min or max) in bold."""
+  best value of each column (`best` = min or max) in bold where it is resolved: with
+  per-document NLLs, where its 95% paired bootstrap interval against the runner-up excludes 0."""
   lengths, L0 = results['lengths'], results['original_length']
   header = '| method | ' + ' | '.join(f'{L} ({L / L0:g}x)' for L in lengths) + ' |'
   rows = [header, '|' + '---|' * (len(lengths) + 1)]
+  top = [_resolved_best(results, metric, j, best) for j in range(len(lengths))]
   for name, values in results['methods'].items():
-    top = [best((results['methods'][m][metric][j] for m in results['methods']
-                 if results['methods'][m][metric][j] is not None), default=None)
-           for j in range(len(lengths))]
     cells = []
     for j, v in enumerate(values[metric]):
       if v is None:
         cells.append('-')
       else:
         text = f'{v:.{digits}f}'
-        cells.append(f'**{text}**' if top[j] is not None and v == top[j] else text)
+        cells.append(f'**{text}**' if top[j] == name else text)
     rows.append(f'| {name} | ' + ' | '.join(cells) + ' |')
   return '\n'.join(rows)
+
+
+def paired_comparison(results: Mapping, ours: str, *, others: Iterable[str] | None = None,
+                      against: Mapping | None = None) -> list[dict]:
+  """At each length where `ours` has a value: the best of `others` (default: every other
+  method; from `against` when given, results on the same documents) by perplexity, and the
+  mean per-document NLL difference ours - best with its 95% paired bootstrap interval."""
+  against = results if against is None else against
+  rows = []
+  for j, L in enumerate(results['lengths']):
+    mine = _per_document(results, ours, j)
+    if mine is None or L not in against['lengths']:
+      continue
+    k = against['lengths'].index(L)
+    names = [m for m in (against['methods'] if others is None else others)
+             if m != ours and m in against['methods'] and _per_document(against, m, k) is not None]
+    if not names:
+      continue
+    rival = min(names, key=lambda m: against['methods'][m]['nll'][k])
+    diff, low, high = paired_bootstrap(mine, _per_document(against, rival, k))
+    rows.append(dict(length=L, multiple=L / results['original_length'], ours=ours,
+                     perplexity=results['methods'][ours]['perplexity'][j], rival=rival,
+                     rival_perplexity=against['methods'][rival]['perplexity'][k], diff=diff,
+                     low=low, high=high, documents=len(mine)))
+  return rows
+
+
+def _verdict(row: Mapping) -> str:
+  return 'lower' if row['high'] < 0 else 'higher' if row['low'] > 0 else 'not resolved'
+
+
+def comparison_table(rows: list[dict]) -> str:
+  """`paired_comparison` rows as markdown: difference in nats per token, and as a perplexity
+  ratio exp(diff) - 1 in percent, each with its 95% interval."""
+  lines = ['| length | ours | perplexity | best other | perplexity | ΔNLL nats/token [95% CI] | '
+           'Δperplexity [95% CI] | ours is |', '|---|---|---|---|---|---|---|---|']
+  pct = lambda x: f'{100 * math.expm1(x):+.1f}%'  # noqa: E731
+  for r in rows:
+    lines.append(f"| {r['length']} ({r['multiple']:g}x) | {r['ours']} | {r['perplexity']:.3f} | "
+                 f"{r['rival']} | {r['rival_perplexity']:.3f} | {r['diff']:+.4f} "
+                 f"[{r['low']:+.4f}, {r['high']:+.4f}] | {pct(r['diff'])} "
+                 f"[{pct(r['low'])}, {pct(r['high'])}] | {_verdict(r)} |")
+  return '\n'.join(lines)
+
+
+def _protocol(r: Mapping) -> str:
+  """How a perplexity table was measured, in words."""
+  n, q = r['num_windows'], r.get('num_qualified')
+  docs = (f"the same {n} `{r['split']}` documents at every length (drawn from the {q} at least "
+          f"{r['document_length']} tokens long)" if q is not None else
+          f"{n} `{r['split']}` documents per length")
+  if r.get('stride'):
+    return (f"Per-token perplexity of the first {r['document_length']} tokens of {docs}, "
+            f"predicted by windows of L tokens sliding by {r['stride']}")
+  return f"Per-token perplexity on the first L tokens of {docs}"
+
+
+BOLD_RULE = ('best per column in bold where its 95% paired bootstrap interval over documents '
+             f'({RESAMPLES} resamples) against the runner-up excludes zero')
 
 
 def search_summary(record: Mapping, directory: str = 'search') -> str:
@@ -82,10 +180,12 @@ def render(results: Mapping, *, model: str) -> str:
               '', '![pretraining](plots/pretrain.png)', '']
   if 'perplexity' in results:
     r = results['perplexity']
-    lines += ['## Perplexity vs length (held-out)', '',
-              f"Per-token perplexity on the first L tokens of {r['num_windows']} "
-              f"`{r['split']}` documents per length; best per column in bold.", '',
+    lines += ['## Perplexity vs length (held-out)', '', f"{_protocol(r)}; {BOLD_RULE}.", '',
               markdown_table(r), '', '![perplexity](plots/perplexity.png)', '']
+    rows = paired_comparison(r, 'longrope') if 'longrope' in r['methods'] else []
+    if rows:
+      lines += ['LongRoPE against the best other method at each length (difference of mean '
+                'per-document NLL; negative: LongRoPE lower):', '', comparison_table(rows), '']
   if 'passkey' in results:
     r = results['passkey']
     lines += ['## Passkey retrieval', '',
