@@ -25,6 +25,7 @@ from longrope_jax import plots
 from longrope_jax import report as report_lib
 from longrope_jax import rope as rope_lib
 from longrope_jax import search as search_lib
+from longrope_jax import search_space
 from longrope_jax import train as train_lib
 
 
@@ -251,17 +252,7 @@ def progressive(run: Run) -> dict:
   first = run.searched()
   L1 = first.target_length
   workdir = run.workdir / 'progressive'
-  pretraining = run.config.pretrain
-  batches = data_lib.PackedBatches(run.documents('train'), c.finetune.batch_size, L1,
-                                   seed=run.config.seed + 1,
-                                   passkey_fraction=pretraining.passkey_fraction,
-                                   copy_fraction=pretraining.copy_fraction,
-                                   tokenizer=run.tokenizer)
-  train_lib.train(run.model_config, train_lib.OptimConfig.from_config(pretraining, c.finetune),
-                  batches, first.rope(), workdir, seed=run.config.seed,
-                  init_params=run.params(), ckpt_every=c.finetune.ckpt_every, log_every=10,
-                  desc=f'finetune@{L1}')
-  params = train_lib.load_params(run.model_config, workdir)
+  params = finetune(run, first.rope(), workdir)
 
   # Second search on top of the first stage's factors, on the model fine-tuned at L1.
   settings = search_lib.SearchConfig.from_config(c.search)
@@ -303,6 +294,165 @@ def progressive_evaluate(run: Run) -> dict:
                       'longrope_progressive_no_short': factors.long})
 
 
+def finetune(run: Run, rope: rope_lib.RopeScaling, workdir: pathlib.Path) -> Any:
+  """Fine-tunes a copy of the base model at the search length with `rope` and the budget of
+  progressive.finetune (the same batches for every method); resumes from workdir/ckpt and
+  returns the fine-tuned params."""
+  c = run.config.progressive.finetune
+  pretraining = run.config.pretrain
+  L1 = run.searched().target_length
+  batches = data_lib.PackedBatches(run.documents('train'), c.batch_size, L1,
+                                   seed=run.config.seed + 1,
+                                   passkey_fraction=pretraining.passkey_fraction,
+                                   copy_fraction=pretraining.copy_fraction,
+                                   tokenizer=run.tokenizer)
+  train_lib.train(run.model_config, train_lib.OptimConfig.from_config(pretraining, c),
+                  batches, rope, workdir, seed=run.config.seed, init_params=run.params(),
+                  ckpt_every=c.ckpt_every, log_every=10, desc=f'finetune@{L1}')
+  return train_lib.load_params(run.model_config, workdir)
+
+
+def seed_windows(token_docs: list, length: int, num: int, count: int,
+                 seed: int) -> tuple[list[np.ndarray], bool]:
+  """`count` sets of fitness windows i32[num, length] (first `length` tokens of documents),
+  disjoint when the split has count x num documents that long (else drawn independently per
+  set); and whether they are disjoint."""
+  long_enough = [i for i, d in enumerate(token_docs) if len(d) >= length]
+  if len(long_enough) < num:
+    raise ValueError(f"only {len(long_enough)} search.split documents have {length} tokens but "
+                     f"search.num_windows = {num}; lower it.")
+  if len(long_enough) >= count * num:
+    order = np.random.default_rng(seed).permutation(long_enough)
+    chosen = [sorted(order[k * num:(k + 1) * num].tolist()) for k in range(count)]
+    return [np.stack([token_docs[i][:length] for i in c]).astype(np.int32) for c in chosen], True
+  return [data_lib.eval_windows(token_docs, length, num, seed + k) for k in range(count)], False
+
+
+def seeds(run: Run) -> dict:
+  """The search repeated with search.num_seeds seeds, each on its own fitness documents (disjoint
+  where the split allows), each resumable in workdir/search/seed_k; every seed's factors on the
+  held-out documents at the search length, beside the methods (results 'seeds',
+  'seeds_perplexity')."""
+  c = run.config.search
+  if c.num_seeds < 2:
+    raise ValueError(f"search.num_seeds = {c.num_seeds}; the seeds stage needs at least 2 (3 or "
+                     "more to speak of a spread).")
+  extension = run.extension(c.multiple)
+  settings = search_lib.SearchConfig.from_config(c.settings)
+  windows, disjoint = seed_windows(run.documents(c.split), extension.target_length,
+                                   c.num_windows, c.num_seeds, run.config.seed)
+  searches = {}
+  for k, windows_NL in enumerate(windows):
+    result = search_lib.search(run.model_config, run.params(), windows_NL, extension=extension,
+                               settings=settings, workdir=run.workdir / 'search' / f'seed_{k}',
+                               seed=run.config.seed + k)
+    searches[f'seed_{k}'] = result.to_json()
+  held_out = _perplexity(run, 'seeds_perplexity', run.params(), run.config.evaluate.methods,
+                         {k: search_lib.SearchResult.from_json(r).rope()
+                          for k, r in searches.items()}, multiples=(c.multiple,))
+  summary = dict(num_seeds=c.num_seeds, disjoint=disjoint, num_windows=c.num_windows,
+                 split=c.split, target_length=extension.target_length, searches=searches)
+  run.save_result('seeds', summary)
+  return held_out
+
+
+def finetuned(run: Run) -> dict:
+  """The paper's comparison: copies of the base model fine-tuned at the search length with each
+  of finetuned.methods (same budget and batches, progressive.finetune; 'longrope' = the searched
+  factors, sharing workdir/progressive's fine-tune), each evaluated at finetuned.multiples with
+  its own scaling: the fine-tuned one up to the fine-tuning length, the method re-derived for
+  longer ones (LongRoPE keeps its factors); the progressive row beside them when present."""
+  c = run.config.finetuned
+  mc = run.model_config
+  first = run.searched()
+  L1 = first.target_length
+  methods = {}
+  for method in c.methods:
+    if method == 'longrope':
+      rope, workdir = first.rope(), run.workdir / 'progressive'
+      source = lambda length, rope=rope: rope  # noqa: E731
+    else:
+      rope = eval_lib.method_rope(method, config=mc, length=L1)
+      workdir = run.workdir / 'finetuned' / method
+      source = lambda length, rope=rope, method=method: (  # noqa: E731
+          rope if length <= L1 else eval_lib.method_rope(method, config=mc, length=length))
+    params = finetune(run, rope, workdir)
+    r = _perplexity(run, f'finetuned_{method}', params, (), {f'{method} (ft)': source},
+                    multiples=c.multiples, save=False)
+    methods.update(r['methods'])
+  if 'progressive' in run.results():
+    record = run.results()['progressive']
+    factors = rope_lib.LongRopeFactors(
+        search_lib.SearchResult.from_json(record['short']).rope(),
+        search_lib.SearchResult.from_json(record['long']).rope(), run.original_length)
+    r = _perplexity(run, 'finetuned_progressive', train_lib.load_params(mc, run.workdir /
+                                                                         'progressive'),
+                    (), {'longrope_progressive': factors.select}, multiples=c.multiples,
+                    save=False)
+    methods.update(r['methods'])
+  results = dict(r, methods=methods, finetune_length=L1,
+                 finetune_steps=run.config.progressive.finetune.steps)
+  run.save_result('finetuned', results)
+  plots.perplexity_vs_length(results, run.workdir / 'plots' / 'finetuned.png',
+                             title=f'Fine-tuned at {L1} tokens: perplexity vs length')
+  return results
+
+
+def ablations(run: Run) -> dict:
+  """LongRoPE's Table 11 on the base model at the search length: uniform PI (with and without
+  LongRoPE's attention scale), per-dimension factors with n_hat fixed at 0 (a search of its own,
+  workdir/search/ablation_n_hat_0), per-dimension factors plus searched n_hat (the search), and
+  the search's best initial seed; held-out perplexity at the evaluate.multiples >= the search's
+  (results 'ablations')."""
+  c = run.config.search
+  mc = run.model_config
+  first = run.searched()
+  extension = run.extension(c.multiple)
+  settings = search_lib.SearchConfig.from_config(c.settings)
+  windows = data_lib.eval_windows(run.documents(c.split), extension.target_length,
+                                  c.num_windows, seed=run.config.seed)  # the search's own
+  fixed = search_lib.search(mc, run.params(), windows, extension=extension,
+                            settings=dataclasses.replace(settings, search_n_hat=False, n_hat=0),
+                            workdir=run.workdir / 'search' / 'ablation_n_hat_0',
+                            seed=run.config.seed)
+  # The search's space, to decode its best seed genome as the search saw it.
+  space = search_space.make_space(head_dim=mc.head_dim, extension=extension,
+                                  lambda_max=settings.lambda_max, step=settings.lambda_step,
+                                  monotone=settings.monotone,
+                                  search_n_hat=settings.search_n_hat, n_hat=settings.n_hat,
+                                  n_hat_choices=settings.n_hat_choices,
+                                  attn_scale=settings.attn_scale)
+  genomes = search_space.seed_genomes(space, head_dim=mc.head_dim, theta=mc.rope_theta,
+                                      extension=extension)
+  best_seed = min(first.seeds, key=lambda m: first.seeds[m]['nll'])
+  s = extension.scale
+  rows = {
+      'PI (uniform)': rope_lib.linear(head_dim=mc.head_dim, scale=s),
+      'PI (uniform) + attention scale': rope_lib.make(np.full(mc.head_dim // 2, s), 0,
+                                                      space.attn_scale),
+      'per-dim, n_hat = 0 (searched)': fixed.rope(),
+      'per-dim + n_hat (searched)': first.rope(),
+      f'best seed ({best_seed})': rope_lib.unstack(space.rope(genomes[best_seed][None]))[0],
+  }
+  multiples = [m for m in run.config.evaluate.multiples if m >= c.multiple]
+  results = _perplexity(run, 'ablations', run.params(), (), rows, multiples=multiples,
+                        save=False)
+  results['validation_perplexity'] = {
+      'per-dim, n_hat = 0 (searched)': fixed.perplexity,
+      'per-dim + n_hat (searched)': first.perplexity,
+      f'best seed ({best_seed})': first.seeds[best_seed]['perplexity']}
+  run.save_result('ablations', results)
+  return results
+
+
+def evaluate_sliding(run: Run) -> dict:
+  """The evaluate stage's methods with windows sliding by evaluate.sliding_stride over each
+  document's span (LongRoPE's official evaluation offers it), beside the truncated table."""
+  extra = {'longrope': longrope_source(run)} if 'search' in run.results() else {}
+  return _perplexity(run, 'perplexity_sliding', run.params(), run.config.evaluate.methods, extra,
+                     stride=run.config.evaluate.sliding_stride)
+
+
 def longrope_source(run: Run) -> Callable[[int], rope_lib.RopeScaling | None]:
   """The searched factors at every length beyond L0 (None at L <= L0, where no scaling is
   needed)."""
@@ -329,6 +479,10 @@ STAGES: dict[str, Callable[[Run], Any]] = {
     'passkey': passkey,
     'progressive': progressive,
     'progressive_evaluate': progressive_evaluate,
+    'evaluate_sliding': evaluate_sliding,
+    'seeds': seeds,
+    'finetuned': finetuned,
+    'ablations': ablations,
     'report': report,
 }
 

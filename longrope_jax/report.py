@@ -169,6 +169,75 @@ def progressive_summary(base: Mapping, prog: Mapping) -> list[str]:
   return lines + [''] if lines else []
 
 
+def seeds_summary(seeds: Mapping, held_out: Mapping) -> list[str]:
+  """The search repeated with several seeds: each seed's validation fitness and held-out
+  perplexity at the search length, its paired interval against the best method, and the
+  spread over seeds."""
+  L, L0 = seeds['target_length'], held_out['original_length']
+  j = held_out['lengths'].index(L)
+  names = list(seeds['searches'])
+  methods = [m for m in held_out['methods'] if m not in names]
+  lines = ['| seed | n_hat | validation perplexity | held-out perplexity | best method | '
+           'ΔNLL vs it [95% CI] | seed is |', '|---|---|---|---|---|---|---|']
+  ppl, diffs = [], []
+  for name in names:
+    record = seeds['searches'][name]
+    (row,) = [r for r in paired_comparison(held_out, name, others=methods) if r['length'] == L]
+    ppl.append(row['perplexity'])
+    diffs.append(row['diff'])
+    lines.append(f"| {name} | {record['n_hat']} | {record['perplexity']:.4f} | "
+                 f"{row['perplexity']:.3f} | {row['rival']} {row['rival_perplexity']:.3f} | "
+                 f"{row['diff']:+.4f} [{row['low']:+.4f}, {row['high']:+.4f}] | "
+                 f"{_verdict(row)} |")
+  ppl, diffs = np.asarray(ppl), np.asarray(diffs)
+  spread = lambda x, d: (f'{x.mean():.{d}f} ± {x.std(ddof=1):.{d}f} (sd over seeds; '  # noqa
+                         f'range {x.min():.{d}f} to {x.max():.{d}f})')
+  docs = ('disjoint' if seeds['disjoint'] else
+          'drawn independently: the split is too small for disjoint sets')
+  return [f"{len(names)} searches at {L} tokens ({L / L0:g}x), each on its own "
+          f"{seeds['num_windows']} `{seeds['split']}` fitness documents ({docs}). Held out: "
+          f"{_protocol(held_out)}.", '', *lines, '',
+          f"Held-out perplexity over seeds: {spread(ppl, 3)}; ΔNLL against the best method: "
+          f"{spread(diffs, 4)} nats/token.", '']
+
+
+def finetuned_summary(r: Mapping) -> list[str]:
+  """The fine-tuned comparison table and LongRoPE's rows against the best fine-tuned baseline."""
+  ours = [m for m in r['methods'] if m.startswith('longrope')]
+  baselines = [m for m in r['methods'] if m not in ours]
+  lines = [f"Copies of the base model fine-tuned {r['finetune_steps']} steps at "
+           f"{r['finetune_length']} tokens with each method (same budget, same batches), each "
+           "evaluated with its own scaling: the fine-tuned one up to the fine-tuning length, the "
+           "method re-derived for longer ones (LongRoPE keeps its searched factors; "
+           "`longrope_progressive` is the progressive stage's model and factors). "
+           f"{_protocol(r)}; {BOLD_RULE}.", '', markdown_table(r), '']
+  for name in ours:
+    rows = paired_comparison(r, name, others=baselines)
+    if rows:
+      lines += [f'`{name}` against the best fine-tuned baseline:', '', comparison_table(rows),
+                '']
+  return lines
+
+
+ABLATION_REFERENCE = 'per-dim + n_hat (searched)'
+
+
+def ablations_summary(r: Mapping) -> list[str]:
+  """LongRoPE Table 11's shape: each variant's held-out perplexity, and the full search against
+  each other variant with its paired interval."""
+  lines = [f"On the base model, factors for the search length. {_protocol(r)}; {BOLD_RULE}.",
+           '', markdown_table(r), '']
+  fitness = r.get('validation_perplexity', {})
+  if fitness:
+    lines += ['Validation (fitness) perplexity: ' + '; '.join(
+        f'{name} {v:.4f}' for name, v in fitness.items()) + '.', '']
+  rows = [row for other in r['methods'] if other != ABLATION_REFERENCE
+          for row in paired_comparison(r, ABLATION_REFERENCE, others=[other])]
+  if rows:
+    lines += [f'`{ABLATION_REFERENCE}` against each variant:', '', comparison_table(rows), '']
+  return lines
+
+
 def render(results: Mapping, *, model: str) -> str:
   """report.md from results.json; `model` is the opening line describing model and corpus."""
   lines = ['# longrope-jax run report', '', model, '']
@@ -186,6 +255,18 @@ def render(results: Mapping, *, model: str) -> str:
     if rows:
       lines += ['LongRoPE against the best other method at each length (difference of mean '
                 'per-document NLL; negative: LongRoPE lower):', '', comparison_table(rows), '']
+  if 'perplexity_sliding' in results:
+    r = results['perplexity_sliding']
+    lines += ['## Perplexity vs length, sliding windows', '', f"{_protocol(r)}; {BOLD_RULE}.",
+              '', markdown_table(r), '']
+    rows = paired_comparison(r, 'longrope') if 'longrope' in r['methods'] else []
+    if rows:
+      lines += [comparison_table(rows), '']
+  if 'seeds' in results and 'seeds_perplexity' in results:
+    lines += ['## Search seeds', ''] + seeds_summary(results['seeds'],
+                                                      results['seeds_perplexity'])
+  if 'ablations' in results:
+    lines += ['## Ablations (LongRoPE Table 11)', ''] + ablations_summary(results['ablations'])
   if 'passkey' in results:
     r = results['passkey']
     lines += ['## Passkey retrieval', '',
@@ -213,6 +294,8 @@ def render(results: Mapping, *, model: str) -> str:
                 "the other rows are the base model without fine-tuning.", '',
                 markdown_table(merged), '']
       lines += progressive_summary(base, prog)
+  if 'finetuned' in results:
+    lines += ['## Fine-tuned baselines', ''] + finetuned_summary(results['finetuned'])
   if 'search' in results:
     lines += [f"## LongRoPE search ({results['search']['split']} split)", '',
               search_summary(results['search']), '']
