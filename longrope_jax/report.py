@@ -130,6 +130,14 @@ BOLD_RULE = ('best per column in bold where its 95% paired bootstrap interval ov
              f'({RESAMPLES} resamples) against the runner-up excludes zero')
 
 
+def _caption(r: Mapping) -> str:
+  """The protocol and the bold rule, with a warning where too few documents make the percentile
+  bootstrap's interval too narrow to trust."""
+  few = (f" (only {r['num_windows']} documents: intervals this small-sample are optimistic)"
+         if r['num_windows'] < 10 else '')
+  return f'{_protocol(r)}; {BOLD_RULE}{few}.'
+
+
 def search_summary(record: Mapping, directory: str = 'search') -> str:
   """Validation fitness of the seeds and of the best candidate."""
   lines = [f"Strategy `{record['strategy']}`, {record['generations']} generations, "
@@ -209,8 +217,8 @@ def finetuned_summary(r: Mapping) -> list[str]:
            f"{r['finetune_length']} tokens with each method (same budget, same batches), each "
            "evaluated with its own scaling: the fine-tuned one up to the fine-tuning length, the "
            "method re-derived for longer ones (LongRoPE keeps its searched factors; "
-           "`longrope_progressive` is the progressive stage's model and factors). "
-           f"{_protocol(r)}; {BOLD_RULE}.", '', markdown_table(r), '']
+           "`longrope_progressive` is the progressive stage's model and factors). " + _caption(r),
+           '', markdown_table(r), '']
   for name in ours:
     rows = paired_comparison(r, name, others=baselines)
     if rows:
@@ -225,8 +233,8 @@ ABLATION_REFERENCE = 'per-dim + n_hat (searched)'
 def ablations_summary(r: Mapping) -> list[str]:
   """LongRoPE Table 11's shape: each variant's held-out perplexity, and the full search against
   each other variant with its paired interval."""
-  lines = [f"On the base model, factors for the search length. {_protocol(r)}; {BOLD_RULE}.",
-           '', markdown_table(r), '']
+  lines = ['On the base model, factors for the search length. ' + _caption(r), '',
+           markdown_table(r), '']
   fitness = r.get('validation_perplexity', {})
   if fitness:
     lines += ['Validation (fitness) perplexity: ' + '; '.join(
@@ -249,7 +257,7 @@ def render(results: Mapping, *, model: str) -> str:
               '', '![pretraining](plots/pretrain.png)', '']
   if 'perplexity' in results:
     r = results['perplexity']
-    lines += ['## Perplexity vs length (held-out)', '', f"{_protocol(r)}; {BOLD_RULE}.", '',
+    lines += ['## Perplexity vs length (held-out)', '', _caption(r), '',
               markdown_table(r), '', '![perplexity](plots/perplexity.png)', '']
     rows = paired_comparison(r, 'longrope') if 'longrope' in r['methods'] else []
     if rows:
@@ -257,7 +265,7 @@ def render(results: Mapping, *, model: str) -> str:
                 'per-document NLL; negative: LongRoPE lower):', '', comparison_table(rows), '']
   if 'perplexity_sliding' in results:
     r = results['perplexity_sliding']
-    lines += ['## Perplexity vs length, sliding windows', '', f"{_protocol(r)}; {BOLD_RULE}.",
+    lines += ['## Perplexity vs length, sliding windows', '', _caption(r),
               '', markdown_table(r), '']
     rows = paired_comparison(r, 'longrope') if 'longrope' in r['methods'] else []
     if rows:

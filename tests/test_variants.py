@@ -88,3 +88,18 @@ def test_finetuned_variant_with_progressive(base_run, tmp_path):
   assert not (workdir / 'finetuned' / 'longrope').exists()
   assert '## Fine-tuned baselines' in report
   assert '`longrope (ft)` against the best fine-tuned baseline:' in report
+
+
+def test_old_cache_lines_are_recomputed_not_misread(base_run, tmp_path):
+  workdir = tmp_path / 'old_cache'
+  shutil.copytree(base_run, workdir)
+  before = json.loads((workdir / 'results.json').read_text())['perplexity']
+  # A cache from before per-document values (and before one set of documents per curve).
+  cache = workdir / 'eval' / 'perplexity.jsonl'
+  cache.write_text(''.join(json.dumps(dict(method=m, length=L, nll=0.5)) + '\n'
+                           for m in before['methods'] for L in before['lengths']))
+  pipeline.run(demo_config.get_config('test'), workdir, stages=('evaluate',))
+  after = json.loads((workdir / 'results.json').read_text())['perplexity']
+  assert after['methods']['none']['nll'] == before['methods']['none']['nll']
+  assert 0.5 not in after['methods']['none']['nll']
+  assert all('protocol' in json.loads(line) for line in cache.read_text().splitlines())
