@@ -164,19 +164,22 @@ def evaluate(run: Run) -> dict:
 
 
 def _perplexity(run: Run, key: str, params: Any, methods, extra: dict, *,
-                multiples=None, stride: int | None = None, save: bool = True) -> dict:
+                multiples=None, stride: int | None = None, depends: Any = None,
+                save: bool = True) -> dict:
   """Perplexity vs length of `methods` and `extra` sources at `multiples` (default
   evaluate.multiples) on one set of documents as long as the longest of these and
   evaluate.multiples (so tables of one run pair document by document), truncated, or sliding by
   `stride` (default evaluate.stride). Cached per cell in eval/<key>.jsonl (cells of another
-  protocol, or without per-document values, are dropped and recomputed); saved as
-  results.json[key] if `save`."""
+  protocol or other `depends` (JSON: what the sources were built from), or without per-document
+  values, are dropped and recomputed); saved as results.json[key] if `save`."""
   c = run.config.evaluate
   multiples = tuple(c.multiples if multiples is None else multiples)
   lengths = run.lengths(multiples)
   protocol = dict(split=c.split, num_windows=c.num_windows, seed=run.config.seed,
                   document_length=max(run.lengths(tuple(c.multiples) + multiples)),
                   stride=c.stride if stride is None else stride)
+  if depends is not None:
+    protocol['depends'] = json.loads(json.dumps(depends))
   cache_path = run.workdir / 'eval' / f'{key}.jsonl'
   current = lambda r: r.get('protocol') == protocol and 'nll_per_document' in r  # noqa: E731
   ckpt_lib.truncate_jsonl(cache_path, current)
@@ -349,7 +352,8 @@ def seeds(run: Run) -> dict:
     searches[f'seed_{k}'] = result.to_json()
   held_out = _perplexity(run, 'seeds_perplexity', run.params(), run.config.evaluate.methods,
                          {k: search_lib.SearchResult.from_json(r).rope()
-                          for k, r in searches.items()}, multiples=(c.multiple,))
+                          for k, r in searches.items()}, multiples=(c.multiple,),
+                         depends={k: r['factors'] + [r['n_hat']] for k, r in searches.items()})
   summary = dict(num_seeds=c.num_seeds, disjoint=disjoint, num_windows=c.num_windows,
                  split=c.split, target_length=extension.target_length, searches=searches)
   run.save_result('seeds', summary)
@@ -366,6 +370,7 @@ def finetuned(run: Run) -> dict:
   mc = run.model_config
   first = run.searched()
   L1 = first.target_length
+  searched = run.results()['search']['factors'] + [first.n_hat]  # what the fine-tunes start from
   methods = {}
   for method in c.methods:
     if method == 'longrope':
@@ -378,7 +383,7 @@ def finetuned(run: Run) -> dict:
           rope if length <= L1 else eval_lib.method_rope(method, config=mc, length=length))
     params = finetune(run, rope, workdir)
     r = _perplexity(run, f'finetuned_{method}', params, (), {f'{method} (ft)': source},
-                    multiples=c.multiples, save=False)
+                    multiples=c.multiples, depends=searched, save=False)
     methods.update(r['methods'])
   if 'progressive' in run.results():
     record = run.results()['progressive']
@@ -388,6 +393,7 @@ def finetuned(run: Run) -> dict:
     r = _perplexity(run, 'finetuned_progressive', train_lib.load_params(mc, run.workdir /
                                                                          'progressive'),
                     (), {'longrope_progressive': factors.select}, multiples=c.multiples,
+                    depends=dict(long=record['long']['factors'], short=record['short']['factors']),
                     save=False)
     methods.update(r['methods'])
   results = dict(r, methods=methods, finetune_length=L1,
@@ -436,7 +442,8 @@ def ablations(run: Run) -> dict:
   }
   multiples = [m for m in run.config.evaluate.multiples if m >= c.multiple]
   results = _perplexity(run, 'ablations', run.params(), (), rows, multiples=multiples,
-                        save=False)
+                        depends=[np.asarray(r.factors).round(6).tolist() + [int(r.n_hat)]
+                                 for r in rows.values()], save=False)
   results['validation_perplexity'] = {
       'per-dim, n_hat = 0 (searched)': fixed.perplexity,
       'per-dim + n_hat (searched)': first.perplexity,

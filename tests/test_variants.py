@@ -59,7 +59,8 @@ def test_ablations_and_sliding_variants(base_run, tmp_path):
   ab = results['ablations']
   assert ab['lengths'] == [256]
   rows = ab['methods']
-  assert {'PI (uniform)', 'per-dim, n_hat = 0 (searched)', 'per-dim + n_hat (searched)'} <= set(rows)
+  assert {'PI (uniform)', 'per-dim, n_hat = 0 (searched)',
+          'per-dim + n_hat (searched)'} <= set(rows)
   assert any(name.startswith('best seed (') for name in rows)
   # The full search row is the main search's factors on the same documents as the main table.
   assert rows['per-dim + n_hat (searched)']['nll'][0] == pytest.approx(
