@@ -302,6 +302,12 @@ def render(results: Mapping, *, model: str) -> str:
                 "the other rows are the base model without fine-tuning.", '',
                 markdown_table(merged), '']
       lines += progressive_summary(base, prog)
+      rows = paired_comparison(prog, 'longrope_progressive', others=list(base['methods']),
+                               against=base)
+      same_documents = all(prog.get(k) == base.get(k) for k in ('document_length', 'stride'))
+      if rows and prog.get('num_qualified') is not None and same_documents:
+        lines += ['`longrope_progressive` against the best method without fine-tuning:', '',
+                  comparison_table(rows), '']
   if 'finetuned' in results:
     lines += ['## Fine-tuned baselines', ''] + finetuned_summary(results['finetuned'])
   if 'search' in results:
