@@ -182,11 +182,10 @@ def seeds_summary(seeds: Mapping, held_out: Mapping) -> list[str]:
   perplexity at the search length, its paired interval against the best method, and the
   spread over seeds."""
   L, L0 = seeds['target_length'], held_out['original_length']
-  j = held_out['lengths'].index(L)
   names = list(seeds['searches'])
   methods = [m for m in held_out['methods'] if m not in names]
-  lines = ['| seed | n_hat | validation perplexity | held-out perplexity | best method | '
-           'ΔNLL vs it [95% CI] | seed is |', '|---|---|---|---|---|---|---|']
+  lines = ['| seed | n_hat | fitness perplexity (its own documents) | held-out perplexity | '
+           'best method | ΔNLL vs it [95% CI] | seed is |', '|---|---|---|---|---|---|---|']
   ppl, diffs = [], []
   for name in names:
     record = seeds['searches'][name]
@@ -203,8 +202,8 @@ def seeds_summary(seeds: Mapping, held_out: Mapping) -> list[str]:
   docs = ('disjoint' if seeds['disjoint'] else
           'drawn independently: the split is too small for disjoint sets')
   return [f"{len(names)} searches at {L} tokens ({L / L0:g}x), each on its own "
-          f"{seeds['num_windows']} `{seeds['split']}` fitness documents ({docs}). Held out: "
-          f"{_protocol(held_out)}.", '', *lines, '',
+          f"{seeds['num_windows']} `{seeds['split']}` fitness documents ({docs}). Held-out "
+          f"columns: {_protocol(held_out)}.", '', *lines, '',
           f"Held-out perplexity over seeds: {spread(ppl, 3)}; ΔNLL against the best method: "
           f"{spread(diffs, 4)} nats/token.", '']
 
