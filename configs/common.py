@@ -75,9 +75,11 @@ def settings_section(**overrides) -> ml_collections.ConfigDict:
 
 
 def search_section(multiple: float, *, split: str = 'validation', num_windows: int = 5,
-                   **settings) -> ml_collections.ConfigDict:
-  """The search stage: target length multiple x L0, fitness documents, and its settings."""
+                   num_seeds: int = 3, **settings) -> ml_collections.ConfigDict:
+  """The search stage: target length multiple x L0, fitness documents, and its settings;
+  `num_seeds`: how many times the seeds stage repeats it (disjoint fitness documents)."""
   return ml_collections.ConfigDict(dict(multiple=multiple, split=split, num_windows=num_windows,
+                                        num_seeds=num_seeds,
                                         settings=settings_section(**settings)))
 
 
@@ -105,9 +107,13 @@ def pretrain_section(**overrides) -> ml_collections.ConfigDict:
 
 
 def evaluate_section(**overrides) -> ml_collections.ConfigDict:
+  """Perplexity vs length: the first L tokens of the same `num_windows` documents at every
+  length (documents as long as the longest); `stride` None is the truncated setting, a stride
+  slides windows of L tokens over each document's span instead (`sliding_stride`: the stride
+  of the evaluate_sliding stage, next to the main table; LongRoPE's evaluation uses 256)."""
   defaults = dict(split='test', multiples=(1, 2, 4, 8), methods=METHODS, num_windows=8,
-                  batch_tokens=16384)
-  return _section(defaults, {}, overrides, 'evaluate')
+                  batch_tokens=16384, stride=None, sliding_stride=256)
+  return _section(defaults, dict(stride=int), overrides, 'evaluate')
 
 
 def passkey_section(**overrides) -> ml_collections.ConfigDict:
@@ -128,6 +134,13 @@ def progressive_section(multiple: float, *, finetune: dict | None = None,
   section.finetune = _section(tuning, {}, finetune or {}, 'progressive.finetune')
   section.search = settings_section(**(search_settings or {}))
   return section
+
+
+def finetuned_section(**overrides) -> ml_collections.ConfigDict:
+  """Fine-tuned baselines: `methods` each fine-tuned at the search length with the budget of
+  progressive.finetune ('longrope' = the searched factors), evaluated at `multiples`."""
+  defaults = dict(methods=('linear', 'yarn', 'longrope'), multiples=(1, 2, 4, 8, 16, 32))
+  return _section(defaults, {}, overrides, 'finetuned')
 
 
 def paper_model_config(arg: str | None, *, variant: str, multiple: float, doc_tokens: int,

@@ -5,6 +5,12 @@ extended 8x and beyond. Nothing is downloaded.
   python -m experiments.run --config configs/demo.py:test --workdir /tmp/demo_test   # seconds
   python -m experiments.run --config configs/demo.py:progressive --workdir runs/demo
 
+Opt-in reproduction variants (combinable, `:seeds,finetuned`, and with `test`; each resumes):
+  :seeds        the search repeated with search.num_seeds seeds on disjoint fitness documents
+  :finetuned    PI, YaRN and LongRoPE each fine-tuned at 8x with one budget, evaluated 1x-32x
+  :ablations    uniform PI / per-dim factors / + n_hat / best seed (LongRoPE Table 11)
+  :sliding      the perplexity table again with windows sliding by evaluate.sliding_stride
+
 Any field can be overridden: --config.pretrain.steps=200 --config.search.settings.population=32
 """
 
@@ -14,8 +20,10 @@ from configs import common
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  """`arg`: empty, `test` (every stage on a toy model in seconds) and/or `progressive`."""
-  a = common.parse_arg(arg, test=False, progressive=False)
+  """`arg`: empty, `test` (every stage on a toy model in seconds) and/or any of `progressive`,
+  `seeds`, `finetuned`, `ablations`, `sliding`."""
+  a = common.parse_arg(arg, test=False, progressive=False, seeds=False, finetuned=False,
+                       ablations=False, sliding=False)
   c = common.base_config(('pretrain', 'search', 'evaluate', 'passkey', 'report'))
   # demo: L0 = 256 bytes. Pretraining is dense; evaluation blockwise.
   c.model = common.model_section('demo')
@@ -37,17 +45,32 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       32, search_settings=dict(c.search.settings.items(), population=12, parents=6, mutations=3,
                                crossovers=3, generations=6))
 
+  # Fine-tuned baselines (variant :finetuned): each of these fine-tuned at the search length
+  # with progressive.finetune's budget, then evaluated from 1x to 32x.
+  c.finetuned = common.finetuned_section()
+
+  stages = ['pretrain', 'search', 'evaluate', 'passkey']
+  if a.sliding:
+    stages.append('evaluate_sliding')
+  if a.seeds:
+    stages.append('seeds')
+  if a.ablations:
+    stages.append('ablations')
   if a.progressive:
-    c.stages = ('pretrain', 'search', 'evaluate', 'passkey', 'progressive',
-                'progressive_evaluate', 'report')
+    stages += ['progressive', 'progressive_evaluate']
+  if a.finetuned:
+    stages.append('finetuned')
+  if a.progressive or a.finetuned:  # one set of documents, as long as 32x, for every table
     c.evaluate.multiples = (1, 2, 4, 8, 16, 32)
+  c.stages = tuple(stages + ['report'])
 
   if a.test:  # a seconds-long run of every stage, for tests and smoke checks
     c.model.variant = 'test'
     c.model.attention = 'dense'
     c.pretrain.update(steps=20, batch_size=4, warmup=5, eval_every=10, ckpt_every=10,
                       eval_windows=4, passkey_fraction=0.0)
-    c.evaluate.update(multiples=(1, 2, 4), num_windows=2)
+    c.evaluate.update(multiples=(1, 2, 4), num_windows=2, sliding_stride=32)
+    c.finetuned.update(multiples=(1, 2, 4, 8))
     # The test model's 64-token window is too short for a passkey prompt.
     c.passkey.update(multiples=(2,), depths=(0.0, 1.0), trials=2)
     c.search.update(multiple=4, num_windows=2)

@@ -47,20 +47,87 @@ def nll_sum_fn(config: model_lib.ModelConfig) -> Callable:
                                                                       rope).sum(axis=-1))
 
 
-def mean_nll(config: model_lib.ModelConfig, params: Any, windows_NL: np.ndarray,
-             rope: RopeScaling, *, batch_tokens: int = 16384) -> float:
-  """Mean next-token NLL (nats) over windows[N, L], in micro-batches of equal shape."""
+def document_nll(config: model_lib.ModelConfig, params: Any, windows_NL: np.ndarray,
+                 rope: RopeScaling, *, batch_tokens: int = 16384) -> np.ndarray:
+  """Mean next-token NLL (nats) of each window[N, L]: f64[N], in micro-batches of equal shape."""
   N, L = windows_NL.shape
   batch = min(N, batch_size_for(L, batch_tokens))
   fn = nll_sum_fn(config)
-  total = 0.0
+  sums = []
   for start in range(0, N, batch):
     chunk = windows_NL[start:start + batch]
     real = chunk.shape[0]
     if real < batch:  # pad to the compiled shape; padded rows are dropped below
       chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - real, axis=0)])
-    total += float(jnp.sum(fn(params, jnp.asarray(chunk), rope)[:real]))
-  return total / (N * (L - 1))
+    sums.append(np.asarray(fn(params, jnp.asarray(chunk), rope), np.float64)[:real])
+  return np.concatenate(sums) / (L - 1)
+
+
+def mean_nll(config: model_lib.ModelConfig, params: Any, windows_NL: np.ndarray,
+             rope: RopeScaling, *, batch_tokens: int = 16384) -> float:
+  """Mean next-token NLL (nats) over windows[N, L] (every window has L - 1 predictions)."""
+  return float(document_nll(config, params, windows_NL, rope, batch_tokens=batch_tokens).mean())
+
+
+def sliding_windows(spans_ND: np.ndarray, length: int,
+                    stride: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Windows of `length` tokens every `stride` tokens over each span (the last one ends at D), and
+  which predictions each scores: every token after the first is scored once, with the longest
+  context its window gives (Hugging Face's strided perplexity, as LongRoPE's evaluation offers).
+
+  Returns windows i32[N * W, length], scored bool[N * W, length - 1] and doc i32[N * W].
+  """
+  N, D = spans_ND.shape
+  if not 0 < stride <= length <= D:
+    raise ValueError(f"a sliding-window evaluation needs 0 < evaluate.stride ({stride}) <= the "
+                     f"length ({length}) <= the document span ({D}); lower evaluate.stride.")
+  starts = list(range(0, D - length + 1, stride))
+  if starts[-1] != D - length:
+    starts.append(D - length)
+  scored_WT = np.zeros((len(starts), length - 1), bool)
+  scored_until = 0  # predictions of tokens < scored_until are done
+  for w, s in enumerate(starts):
+    target = s + 1 + np.arange(length - 1)  # absolute index of each prediction's target
+    scored_WT[w] = target >= max(scored_until, 1)
+    scored_until = s + length
+  windows = np.stack([spans_ND[:, s:s + length] for s in starts], axis=1)  # [N, W, L]
+  return (windows.reshape(-1, length).astype(np.int32), np.tile(scored_WT, (N, 1)),
+          np.repeat(np.arange(N, dtype=np.int32), len(starts)))
+
+
+def sliding_document_nll(config: model_lib.ModelConfig, params: Any, spans_ND: np.ndarray,
+                         length: int, stride: int, rope: RopeScaling, *,
+                         batch_tokens: int = 16384) -> np.ndarray:
+  """Mean NLL (nats) of every token of each span after the first, predicted by windows of
+  `length` tokens sliding by `stride` (`sliding_windows`): f64[N]."""
+  windows_BL, scored_BT, doc_B = sliding_windows(spans_ND, length, stride)
+  B, L = windows_BL.shape
+  batch = min(B, batch_size_for(L, batch_tokens))
+  fn = nll_fn(config)
+  sums = np.zeros(spans_ND.shape[0])
+  for start in range(0, B, batch):
+    chunk = windows_BL[start:start + batch]
+    real = chunk.shape[0]
+    if real < batch:
+      chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - real, axis=0)])
+    nll_BT = np.asarray(fn(params, jnp.asarray(chunk), rope), np.float64)[:real]
+    np.add.at(sums, doc_B[start:start + real], (nll_BT * scored_BT[start:start + real]).sum(-1))
+  return sums / (spans_ND.shape[1] - 1)
+
+
+def eval_documents(token_docs: list[np.ndarray], length: int, num: int, *,
+                   seed: int = 0) -> tuple[np.ndarray, int]:
+  """The first `length` tokens of `num` documents at least `length` long, i32[num, length], and
+  how many documents qualified: one fixed set of documents for every evaluated length."""
+  qualified = sum(len(d) >= length for d in token_docs)
+  if qualified < num:
+    raise ValueError(
+        f"evaluate.num_windows = {num} documents of at least {length} tokens are needed (the "
+        f"longest evaluated length, so every length sees the same documents) but only "
+        f"{qualified} of the split's {len(token_docs)} qualify; lower evaluate.num_windows or "
+        f"the longest of evaluate.multiples, or choose a split with longer documents "
+        f"(evaluate.split).")
+  return data_lib.eval_windows(token_docs, length, num, seed), qualified
 
 
 def method_rope(name: str, *, config: model_lib.ModelConfig, length: int,
@@ -77,34 +144,59 @@ def perplexity_vs_length(config: model_lib.ModelConfig, params: Any,
                          methods: Iterable[str] = DEFAULT_METHODS,
                          extra: Mapping[str, RopeSource] | None = None,
                          num_windows: int = 16, seed: int = 0, batch_tokens: int = 16384,
-                         progress: bool = True, done: Mapping[tuple[str, int], float] | None = None,
-                         on_result: Callable[[str, int, float | None], None] | None = None) -> dict:
-  """NLL of each method at each length on the same windows (the first L tokens of documents).
+                         document_length: int | None = None, stride: int | None = None,
+                         progress: bool = True,
+                         done: Mapping[tuple[str, int], list[float] | None] | None = None,
+                         on_result: Callable[[str, int, list[float] | None], None] | None = None
+                         ) -> dict:
+  """NLL of each method at each length on ONE set of documents (LongRoPE's protocol).
 
-  `done` maps (method, length) to NLLs already computed (a resumed run skips them); `on_result`
-  is called with each new (method, length, nll) so a caller can persist it.
-  Returns {'lengths': [...], 'original_length': L0, 'num_windows': n, 'methods': {name: {'nll': [...],
-  'bits_per_token': [...], 'perplexity': [...]}}}; a method skipped at a length holds None.
+  `num_windows` documents at least `document_length` tokens long (default: the longest length)
+  are drawn once by `seed`; at length L each method sees the first L tokens of every one
+  (`stride` None, the truncated setting), or, with a `stride`, the whole first-`document_length`
+  span through windows of L tokens sliding by `stride` (`sliding_document_nll`).
+  `done` maps (method, length) to per-document NLLs already computed (a resumed run skips them);
+  `on_result` is called with each new (method, length, per-document NLLs) to persist it.
+  Returns {'lengths', 'original_length', 'num_windows', 'num_qualified', 'document_length',
+  'stride', 'methods': {name: {'nll', 'bits_per_token', 'perplexity', 'nll_per_document'}}}
+  (lists over lengths; a method skipped at a length holds None).
   """
   lengths = sorted(set(int(L) for L in lengths))
+  document_length = int(document_length or max(lengths))
+  if document_length < max(lengths):
+    raise ValueError(f"document_length {document_length} is shorter than the longest evaluated "
+                     f"length {max(lengths)}.")
   methods = list(methods)
   sources: dict[str, RopeSource] = {
       m: (lambda L, m=m: method_rope(m, config=config, length=L)) for m in methods}
   sources.update(extra or {})
-  windows = {L: data_lib.eval_windows(token_docs, L, num_windows, seed) for L in lengths}
-  results = {name: dict(nll=[], bits_per_token=[], perplexity=[]) for name in sources}
+  spans_ND, qualified = eval_documents(token_docs, document_length, num_windows, seed=seed)
+  if stride is not None:
+    sliding_windows(spans_ND[:1], min(lengths), stride)  # fails early on a bad stride
+
+  def per_document(L: int, rope: RopeScaling) -> list[float]:
+    if stride is None:
+      nll_N = document_nll(config, params, spans_ND[:, :L], rope, batch_tokens=batch_tokens)
+    else:
+      nll_N = sliding_document_nll(config, params, spans_ND, L, stride, rope,
+                                   batch_tokens=batch_tokens)
+    return nll_N.tolist()
+
+  results = {name: dict(nll=[], bits_per_token=[], perplexity=[], nll_per_document=[])
+             for name in sources}
   bar = tqdm(total=len(lengths) * len(sources), desc='perplexity', disable=not progress,
              dynamic_ncols=True)
   for L in lengths:
     for name, source in sources.items():
       if done is not None and (name, L) in done:
-        nll = done[(name, L)]
+        docs_nll = done[(name, L)]
       else:
         rope = source(L) if callable(source) else source
-        nll = None if rope is None else mean_nll(config, params, windows[L], rope,
-                                                 batch_tokens=batch_tokens)
+        docs_nll = None if rope is None else per_document(L, rope)
         if on_result is not None:
-          on_result(name, L, nll)
+          on_result(name, L, docs_nll)
+      nll = None if docs_nll is None else float(np.mean(docs_nll))
+      results[name]['nll_per_document'].append(docs_nll)
       results[name]['nll'].append(nll)
       results[name]['bits_per_token'].append(None if nll is None else nll / LN2)
       results[name]['perplexity'].append(None if nll is None else math.exp(nll))
@@ -112,7 +204,8 @@ def perplexity_vs_length(config: model_lib.ModelConfig, params: Any,
       bar.update(1)
   bar.close()
   return dict(lengths=lengths, original_length=config.original_length,
-              num_windows=num_windows, methods=results)
+              num_windows=num_windows, num_qualified=qualified,
+              document_length=document_length, stride=stride, methods=results)
 
 
 # ----------------------------------------------------------------------------- passkey retrieval

@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 import jax
 import ml_collections
+import numpy as np
 
 from longrope_jax import checkpoint as ckpt_lib
 from longrope_jax import console
@@ -28,6 +29,7 @@ from longrope_jax import provenance
 from longrope_jax import report as report_lib
 from longrope_jax import rope as rope_lib
 from longrope_jax import search as search_lib
+from longrope_jax import search_space
 from longrope_jax import train as train_lib
 from longrope_jax import validation
 
@@ -173,22 +175,43 @@ def evaluate(run: Run) -> dict:
   return results
 
 
-def _perplexity(run: Run, key: str, params: Any, methods, extra: dict) -> dict:
-  """Perplexity vs length of `methods` and `extra` sources, cached per cell in eval/<key>.jsonl
-  and saved as results.json[key]."""
+def _perplexity(run: Run, key: str, params: Any, methods, extra: dict, *,
+                multiples=None, stride: int | None = None, depends: Any = None,
+                save: bool = True) -> dict:
+  """Perplexity vs length of `methods` and `extra` sources at `multiples` (default
+  evaluate.multiples) on one set of documents as long as the longest of these and
+  evaluate.multiples (so tables of one run pair document by document), truncated, or sliding by
+  `stride` (default evaluate.stride). Cached per cell in eval/<key>.jsonl (cells of another
+  protocol or other `depends` (JSON: what the sources were built from), or without per-document
+  values, are dropped and recomputed); saved as results.json[key] if `save`."""
   c = run.config.evaluate
+  multiples = tuple(c.multiples if multiples is None else multiples)
+  lengths = run.lengths(multiples)
+  protocol = dict(split=c.split, num_windows=c.num_windows, seed=run.config.seed,
+                  document_length=max(run.lengths(tuple(c.multiples) + multiples)),
+                  stride=c.stride if stride is None else stride)
+  if depends is not None:
+    protocol['depends'] = json.loads(json.dumps(depends))
   cache_path = run.workdir / 'eval' / f'{key}.jsonl'
-  done = {(r['method'], r['length']): r['nll']
-          for r in ckpt_lib.read_jsonl(cache_path, required=('method', 'length', 'nll'))}
+  current = lambda r: r.get('protocol') == protocol and 'nll_per_document' in r  # noqa: E731
+  ckpt_lib.truncate_jsonl(cache_path, current)
+  done = {(r['method'], r['length']): r['nll_per_document']
+          for r in ckpt_lib.read_jsonl(cache_path)}
+
+  def on_result(method, length, docs_nll):
+    nll = None if docs_nll is None else float(np.mean(docs_nll))
+    ckpt_lib.append_jsonl(cache_path, dict(method=method, length=length, nll=nll,
+                                           nll_per_document=docs_nll, protocol=protocol))
+
   results = eval_lib.perplexity_vs_length(
-      run.model_config, params, run.documents(c.split), run.lengths(c.multiples),
-      methods=methods, extra=extra, num_windows=c.num_windows, seed=run.config.seed,
-      batch_tokens=c.batch_tokens, done=done,
-      on_result=lambda m, L, nll: ckpt_lib.append_jsonl(cache_path, dict(method=m, length=L,
-                                                                          nll=nll)))
+      run.model_config, params, run.documents(c.split), lengths, methods=methods, extra=extra,
+      num_windows=c.num_windows, seed=run.config.seed, batch_tokens=c.batch_tokens,
+      document_length=protocol['document_length'], stride=protocol['stride'], done=done,
+      on_result=on_result)
   results['split'] = c.split
-  run.save_result(key, results)
-  metrics_lib.write_per_length(run.workdir, key, results)
+  if save:
+    run.save_result(key, results)
+    metrics_lib.write_per_length(run.workdir, key, results)
   return results
 
 
@@ -250,16 +273,7 @@ def progressive(run: Run) -> dict:
   first = run.searched()
   L1 = first.target_length
   workdir = run.workdir / 'progressive'
-  batches = data_lib.PackedBatches(run.documents('train'), c.finetune.batch_size, L1,
-                                   seed=run.config.seed + 1,
-                                   passkey_fraction=c.finetune.passkey_fraction,
-                                   copy_fraction=c.finetune.copy_fraction,
-                                   tokenizer=run.tokenizer)
-  train_lib.train(run.model_config, train_lib.OptimConfig.from_config(c.finetune),
-                  batches, first.rope(), workdir, seed=run.config.seed,
-                  init_params=run.params(), ckpt_every=c.finetune.ckpt_every, log_every=10,
-                  desc=f'finetune@{L1}', tb_workdir=run.workdir)
-  params = train_lib.load_params(run.model_config, workdir)
+  params = finetune(run, first.rope(), workdir)
 
   # Second search on top of the first stage's factors, on the model fine-tuned at L1.
   settings = search_lib.SearchConfig.from_config(c.search)
@@ -303,6 +317,168 @@ def progressive_evaluate(run: Run) -> dict:
                       'longrope_progressive_no_short': factors.long})
 
 
+def finetune(run: Run, rope: rope_lib.RopeScaling, workdir: pathlib.Path) -> Any:
+  """Fine-tunes a copy of the base model at the search length with `rope` and the budget of
+  progressive.finetune (the same batches for every method); resumes from workdir/ckpt and
+  returns the fine-tuned params."""
+  c = run.config.progressive.finetune
+  L1 = run.searched().target_length
+  batches = data_lib.PackedBatches(run.documents('train'), c.batch_size, L1,
+                                   seed=run.config.seed + 1,
+                                   passkey_fraction=c.passkey_fraction,
+                                   copy_fraction=c.copy_fraction, tokenizer=run.tokenizer)
+  train_lib.train(run.model_config, train_lib.OptimConfig.from_config(c), batches, rope, workdir,
+                  seed=run.config.seed, init_params=run.params(), ckpt_every=c.ckpt_every,
+                  log_every=10, desc=f'finetune_{workdir.name}@{L1}',
+                  tb_workdir=run.workdir)
+  return train_lib.load_params(run.model_config, workdir)
+
+
+def seed_windows(token_docs: list, length: int, num: int, count: int,
+                 seed: int) -> tuple[list[np.ndarray], bool]:
+  """`count` sets of fitness windows i32[num, length] (first `length` tokens of documents),
+  disjoint when the split has count x num documents that long (else drawn independently per
+  set); and whether they are disjoint."""
+  long_enough = [i for i, d in enumerate(token_docs) if len(d) >= length]
+  if len(long_enough) < num:
+    raise ValueError(f"only {len(long_enough)} search.split documents have {length} tokens but "
+                     f"search.num_windows = {num}; lower it.")
+  if len(long_enough) >= count * num:
+    order = np.random.default_rng(seed).permutation(long_enough)
+    chosen = [sorted(order[k * num:(k + 1) * num].tolist()) for k in range(count)]
+    return [np.stack([token_docs[i][:length] for i in c]).astype(np.int32) for c in chosen], True
+  return [data_lib.eval_windows(token_docs, length, num, seed + k) for k in range(count)], False
+
+
+def seeds(run: Run) -> dict:
+  """The search repeated with search.num_seeds seeds, each on its own fitness documents (disjoint
+  where the split allows), each resumable in workdir/seeds/seed_k; every seed's factors on the
+  held-out documents at the search length, beside the methods (results 'seeds',
+  'seeds_perplexity')."""
+  c = run.config.search
+  if c.num_seeds < 2:
+    raise ValueError(f"search.num_seeds = {c.num_seeds}; the seeds stage needs at least 2 (3 or "
+                     "more to speak of a spread).")
+  extension = run.extension(c.multiple)
+  settings = search_lib.SearchConfig.from_config(c.settings)
+  windows, disjoint = seed_windows(run.documents(c.split), extension.target_length,
+                                   c.num_windows, c.num_seeds, run.config.seed)
+  searches = {}
+  for k, windows_NL in enumerate(windows):
+    result = search_lib.search(run.model_config, run.params(), windows_NL, extension=extension,
+                               settings=settings, workdir=run.workdir / 'seeds' / f'seed_{k}',
+                               seed=run.config.seed + k)
+    searches[f'seed_{k}'] = result.to_json()
+  held_out = _perplexity(run, 'seeds_perplexity', run.params(), run.config.evaluate.methods,
+                         {k: search_lib.SearchResult.from_json(r).rope()
+                          for k, r in searches.items()}, multiples=(c.multiple,),
+                         depends={k: r['factors'] + [r['n_hat']] for k, r in searches.items()})
+  summary = dict(num_seeds=c.num_seeds, disjoint=disjoint, num_windows=c.num_windows,
+                 split=c.split, target_length=extension.target_length, searches=searches)
+  run.save_result('seeds', summary)
+  return held_out
+
+
+def finetuned(run: Run) -> dict:
+  """The paper's comparison: copies of the base model fine-tuned at the search length with each
+  of finetuned.methods (same budget and batches, progressive.finetune; 'longrope' = the searched
+  factors, sharing workdir/progressive's fine-tune), each evaluated at finetuned.multiples with
+  its own scaling: the fine-tuned one up to the fine-tuning length, the method re-derived for
+  longer ones (LongRoPE keeps its factors); the progressive row beside them when present."""
+  c = run.config.finetuned
+  mc = run.model_config
+  first = run.searched()
+  L1 = first.target_length
+  searched = run.results()['search']['factors'] + [first.n_hat]  # what the fine-tunes start from
+  methods = {}
+  for method in c.methods:
+    if method == 'longrope':
+      rope, workdir = first.rope(), run.workdir / 'progressive'
+      source = lambda length, rope=rope: rope  # noqa: E731
+    else:
+      rope = eval_lib.method_rope(method, config=mc, length=L1)
+      workdir = run.workdir / 'finetuned' / method
+      source = lambda length, rope=rope, method=method: (  # noqa: E731
+          rope if length <= L1 else eval_lib.method_rope(method, config=mc, length=length))
+    params = finetune(run, rope, workdir)
+    r = _perplexity(run, f'finetuned_{method}', params, (), {f'{method} (ft)': source},
+                    multiples=c.multiples, depends=searched, save=False)
+    methods.update(r['methods'])
+  if 'progressive' in run.results():
+    record = run.results()['progressive']
+    factors = rope_lib.LongRopeFactors(
+        search_lib.SearchResult.from_json(record['short']).rope(),
+        search_lib.SearchResult.from_json(record['long']).rope(), run.original_length)
+    r = _perplexity(run, 'finetuned_progressive', train_lib.load_params(mc, run.workdir /
+                                                                         'progressive'),
+                    (), {'longrope_progressive': factors.select}, multiples=c.multiples,
+                    depends=dict(long=record['long']['factors'], short=record['short']['factors']),
+                    save=False)
+    methods.update(r['methods'])
+  results = dict(r, methods=methods, finetune_length=L1,
+                 finetune_steps=run.config.progressive.finetune.steps)
+  run.save_result('finetuned', results)
+  plots.perplexity_vs_length(results, run.workdir / 'plots' / 'finetuned.png',
+                             title=f'Fine-tuned at {L1} tokens: perplexity vs length')
+  return results
+
+
+def ablations(run: Run) -> dict:
+  """LongRoPE's Table 11 on the base model at the search length: uniform PI (with and without
+  LongRoPE's attention scale), per-dimension factors with n_hat fixed at 0 (a search of its own,
+  workdir/ablations/search_n_hat_0), per-dimension factors plus searched n_hat (the search), and
+  the search's best initial seed; held-out perplexity at the evaluate.multiples >= the search's
+  (results 'ablations')."""
+  c = run.config.search
+  mc = run.model_config
+  first = run.searched()
+  extension = run.extension(c.multiple)
+  settings = search_lib.SearchConfig.from_config(c.settings)
+  windows = data_lib.eval_windows(run.documents(c.split), extension.target_length,
+                                  c.num_windows, seed=run.config.seed)  # the search's own
+  fixed = search_lib.search(mc, run.params(), windows, extension=extension,
+                            settings=dataclasses.replace(settings, search_n_hat=False, n_hat=0),
+                            workdir=run.workdir / 'ablations' / 'search_n_hat_0',
+                            seed=run.config.seed)
+  # The search's space, to decode its best seed genome as the search saw it.
+  space = search_space.make_space(head_dim=mc.head_dim, extension=extension,
+                                  lambda_max=settings.lambda_max, step=settings.lambda_step,
+                                  monotone=settings.monotone,
+                                  search_n_hat=settings.search_n_hat, n_hat=settings.n_hat,
+                                  n_hat_choices=settings.n_hat_choices,
+                                  attn_scale=settings.attn_scale)
+  genomes = search_space.seed_genomes(space, head_dim=mc.head_dim, theta=mc.rope_theta,
+                                      extension=extension)
+  best_seed = min(first.seeds, key=lambda m: first.seeds[m]['nll'])
+  s = extension.scale
+  rows = {
+      'PI (uniform)': rope_lib.linear(head_dim=mc.head_dim, scale=s),
+      'PI (uniform) + attention scale': rope_lib.make(np.full(mc.head_dim // 2, s), 0,
+                                                      space.attn_scale),
+      'per-dim, n_hat = 0 (searched)': fixed.rope(),
+      'per-dim + n_hat (searched)': first.rope(),
+      f'best seed ({best_seed})': rope_lib.unstack(space.rope(genomes[best_seed][None]))[0],
+  }
+  multiples = [m for m in run.config.evaluate.multiples if m >= c.multiple]
+  results = _perplexity(run, 'ablations', run.params(), (), rows, multiples=multiples,
+                        depends=[np.asarray(r.factors).round(6).tolist() + [int(r.n_hat)]
+                                 for r in rows.values()], save=False)
+  results['validation_perplexity'] = {
+      'per-dim, n_hat = 0 (searched)': fixed.perplexity,
+      'per-dim + n_hat (searched)': first.perplexity,
+      f'best seed ({best_seed})': first.seeds[best_seed]['perplexity']}
+  run.save_result('ablations', results)
+  return results
+
+
+def evaluate_sliding(run: Run) -> dict:
+  """The evaluate stage's methods with windows sliding by evaluate.sliding_stride over each
+  document's span (LongRoPE's official evaluation offers it), beside the truncated table."""
+  extra = {'longrope': longrope_source(run)} if 'search' in run.results() else {}
+  return _perplexity(run, 'perplexity_sliding', run.params(), run.config.evaluate.methods, extra,
+                     stride=run.config.evaluate.sliding_stride)
+
+
 def longrope_source(run: Run) -> Callable[[int], rope_lib.RopeScaling | None]:
   """The searched factors at every length beyond L0 (None at L <= L0, where no scaling is
   needed)."""
@@ -329,6 +505,10 @@ STAGES: dict[str, Callable[[Run], Any]] = {
     'passkey': passkey,
     'progressive': progressive,
     'progressive_evaluate': progressive_evaluate,
+    'evaluate_sliding': evaluate_sliding,
+    'seeds': seeds,
+    'finetuned': finetuned,
+    'ablations': ablations,
     'report': report,
 }
 

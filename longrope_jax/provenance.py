@@ -38,7 +38,7 @@ class StageSpec:
     reading that upstream stage (evaluate's 'longrope' cells read the search), so a change there
     alone drops those cells instead of the whole cache.
   upstream: stages whose results this stage reads.
-  outputs: workdir paths the stage owns (deleted when it recomputes).
+  outputs: workdir paths (or glob patterns) the stage owns (deleted when it recomputes).
   results: results.json keys it owns.
   """
 
@@ -92,6 +92,29 @@ STAGES: dict[str, StageSpec] = {
         cells=('evaluate.multiples',),
         upstream=('progressive',), outputs=('eval/progressive.jsonl',),
         results=('progressive_perplexity',)),
+    'evaluate_sliding': StageSpec(
+        reads=('seed', *_MODEL, 'model.attention', 'data', 'evaluate'),
+        ignore=('evaluate.batch_tokens', 'evaluate.stride'),
+        cells=('evaluate.multiples', 'evaluate.methods'),
+        upstream=('pretrain', 'search'), outputs=('eval/perplexity_sliding.jsonl',),
+        results=('perplexity_sliding',), method_upstream=(('search', 'longrope'),)),
+    'seeds': StageSpec(
+        reads=('seed', *_MODEL, 'model.attention', 'data', 'search', 'evaluate'),
+        ignore=('evaluate.batch_tokens', *(f'search.settings.{k}' for k in _SEARCH_PERF)),
+        upstream=('pretrain',), outputs=('seeds', 'eval/seeds_perplexity.jsonl'),
+        results=('seeds',)),
+    'finetuned': StageSpec(
+        reads=('seed', *_MODEL, 'model.attention', 'data', 'evaluate', 'progressive.finetune',
+               'finetuned'),
+        ignore=('evaluate.batch_tokens', 'progressive.finetune.ckpt_every'),
+        upstream=('pretrain', 'search'),
+        outputs=('finetuned', 'eval/finetuned_*.jsonl', 'plots/finetuned.png'),
+        results=('finetuned',)),
+    'ablations': StageSpec(
+        reads=('seed', *_MODEL, 'model.attention', 'data', 'search', 'evaluate'),
+        ignore=('evaluate.batch_tokens', *(f'search.settings.{k}' for k in _SEARCH_PERF)),
+        upstream=('pretrain', 'search'), outputs=('ablations', 'eval/ablations.jsonl'),
+        results=('ablations',)),
     # Rewritten from results.json on every run: nothing cached, so always kept.
     'report': StageSpec(reads=(), outputs=('report.md',)),
 }
@@ -308,9 +331,8 @@ def invalidate(workdir: str | pathlib.Path, decision: Decision) -> list[pathlib.
   only, method = {u: m for u, m in spec.method_upstream}, None
   if len(decision.changes) == 1 and decision.changes[0].startswith('upstream '):
     method = only.get(decision.changes[0].split()[1])  # only that method's cells are stale
-  for rel in spec.outputs:
-    path = workdir / rel
-    if method is not None and rel.endswith('.jsonl'):
+  for path in (p for rel in spec.outputs for p in sorted(workdir.glob(rel))):
+    if method is not None and path.suffix == '.jsonl':
       if path.exists():
         ckpt_lib.truncate_jsonl(path, lambda r: r.get('method') != method)
     elif path.is_dir():

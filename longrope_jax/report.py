@@ -1,44 +1,142 @@
-"""The run report: results dicts (results.json) in, markdown out. Nothing here computes a result.
+"""The run report: results dicts (results.json) in, markdown out. Nothing here runs a model.
 
-`markdown_table` renders a perplexity or passkey table, `search_summary` a search record,
+`markdown_table` renders a perplexity or passkey table, `paired_bootstrap` / `comparison_table`
+the paired confidence intervals over documents, `search_summary` a search record,
 `progressive_summary` the two checks of progressive extension, and `render` the whole report.md.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable, Mapping
+from typing import Callable, Iterable, Mapping
+
+import numpy as np
+
+RESAMPLES = 2000
+
+
+def paired_bootstrap(a_N, b_N, *, resamples: int = RESAMPLES, level: float = 0.95,
+                     seed: int = 0) -> tuple[float, float, float]:
+  """Mean of a - b over N paired documents and its `level` percentile bootstrap interval
+  (documents resampled with replacement, the same draw for a and b): (mean, low, high)."""
+  a_N, b_N = np.asarray(a_N, np.float64), np.asarray(b_N, np.float64)
+  if a_N.ndim != 1 or a_N.shape != b_N.shape or a_N.size == 0:
+    raise ValueError(f"paired_bootstrap needs two equal-length 1-D samples (the same documents), "
+                     f"got shapes {a_N.shape} and {b_N.shape}.")
+  d_N = a_N - b_N
+  idx_RN = np.random.default_rng(seed).integers(0, d_N.size, size=(resamples, d_N.size))
+  low, high = np.quantile(d_N[idx_RN].mean(axis=1), [(1 - level) / 2, (1 + level) / 2])
+  return float(d_N.mean()), float(low), float(high)
+
+
+def _per_document(results: Mapping, name: str, j: int):
+  values = results['methods'][name].get('nll_per_document')
+  return None if values is None else values[j]
+
+
+def _resolved_best(results: Mapping, metric: str, j: int, best: Callable) -> str | None:
+  """The best of two or more methods in column j, if its paired interval against the runner-up
+  excludes zero (without per-document values, as passkey's: if it is not tied)."""
+  column = {m: v[metric][j] for m, v in results['methods'].items() if v[metric][j] is not None}
+  if not column:
+    return None
+  ranked = sorted(column, key=column.get, reverse=best is max)
+  if len(ranked) == 1:  # nothing to be best against
+    return None
+  first, second = (_per_document(results, m, j) for m in ranked[:2])
+  if first is None or second is None:  # no per-document values (passkey): plain best
+    return ranked[0] if column[ranked[0]] != column[ranked[1]] else None
+  _, low, high = paired_bootstrap(first, second)
+  return ranked[0] if low > 0 or high < 0 else None
 
 
 def markdown_table(results: Mapping, metric: str = 'perplexity', digits: int = 3,
                    best: Callable = min, strict: bool = False) -> str:
   """One row per method, one column per length (as a multiple of the original window); the
-  best value of each column (`best` = min or max) in bold, compared as printed (`digits`).
-
-  Nothing is bold in a column where every printed value is the same (all 0.00, or all methods
-  equal at L0) or where fewer than two methods were measured; with `strict`, only a single best
-  is bold (a tie at the top bolds none).
-  """
+  best value of each column (`best` = min or max) in bold where it is resolved: with
+  per-document NLLs, where its 95% paired bootstrap interval against the runner-up excludes 0."""
   lengths, L0 = results['lengths'], results['original_length']
   methods = results['methods']
   header = '| method | ' + ' | '.join(f'{L} ({L / L0:g}x)' for L in lengths) + ' |'
   rows = [header, '|' + '---|' * (len(lengths) + 1)]
-  bold = []  # per column, the printed value to bold, or None
-  for j in range(len(lengths)):
-    shown = [round(v[metric][j], digits) for v in methods.values() if v[metric][j] is not None]
-    top = best(shown) if len(set(shown)) > 1 else None
-    bold.append(None if top is None or (strict and shown.count(top) > 1) else top)
-  for name, values in methods.items():
+  top = [_resolved_best(results, metric, j, best) for j in range(len(lengths))]
+  for name, values in results['methods'].items():
     cells = []
     for j, v in enumerate(values[metric]):
       if v is None:
         cells.append('-')
       else:
         text = f'{v:.{digits}f}'
-        cells.append(f'**{text}**' if bold[j] is not None and round(v, digits) == bold[j]
-                     else text)
+        cells.append(f'**{text}**' if top[j] == name else text)
     rows.append(f'| {name} | ' + ' | '.join(cells) + ' |')
   return '\n'.join(rows)
+
+
+def paired_comparison(results: Mapping, ours: str, *, others: Iterable[str] | None = None,
+                      against: Mapping | None = None) -> list[dict]:
+  """At each length where `ours` has a value: the best of `others` (default: every other
+  method; from `against` when given, results on the same documents) by perplexity, and the
+  mean per-document NLL difference ours - best with its 95% paired bootstrap interval."""
+  against = results if against is None else against
+  rows = []
+  for j, L in enumerate(results['lengths']):
+    mine = _per_document(results, ours, j)
+    if mine is None or L not in against['lengths']:
+      continue
+    k = against['lengths'].index(L)
+    names = [m for m in (against['methods'] if others is None else others)
+             if m != ours and m in against['methods'] and _per_document(against, m, k) is not None]
+    if not names:
+      continue
+    rival = min(names, key=lambda m: against['methods'][m]['nll'][k])
+    diff, low, high = paired_bootstrap(mine, _per_document(against, rival, k))
+    rows.append(dict(length=L, multiple=L / results['original_length'], ours=ours,
+                     perplexity=results['methods'][ours]['perplexity'][j], rival=rival,
+                     rival_perplexity=against['methods'][rival]['perplexity'][k], diff=diff,
+                     low=low, high=high, documents=len(mine)))
+  return rows
+
+
+def _verdict(row: Mapping) -> str:
+  return 'lower' if row['high'] < 0 else 'higher' if row['low'] > 0 else 'not resolved'
+
+
+def comparison_table(rows: list[dict]) -> str:
+  """`paired_comparison` rows as markdown: difference in nats per token, and as a perplexity
+  ratio exp(diff) - 1 in percent, each with its 95% interval."""
+  lines = ['| length | ours | perplexity | best other | perplexity | ΔNLL nats/token [95% CI] | '
+           'Δperplexity [95% CI] | ours is |', '|---|---|---|---|---|---|---|---|']
+  pct = lambda x: f'{100 * math.expm1(x):+.1f}%'  # noqa: E731
+  for r in rows:
+    lines.append(f"| {r['length']} ({r['multiple']:g}x) | {r['ours']} | {r['perplexity']:.3f} | "
+                 f"{r['rival']} | {r['rival_perplexity']:.3f} | {r['diff']:+.4f} "
+                 f"[{r['low']:+.4f}, {r['high']:+.4f}] | {pct(r['diff'])} "
+                 f"[{pct(r['low'])}, {pct(r['high'])}] | {_verdict(r)} |")
+  return '\n'.join(lines)
+
+
+def _protocol(r: Mapping) -> str:
+  """How a perplexity table was measured, in words."""
+  n, q = r['num_windows'], r.get('num_qualified')
+  docs = (f"the same {n} `{r['split']}` documents at every length (drawn from the {q} at least "
+          f"{r['document_length']} tokens long)" if q is not None else
+          f"{n} `{r['split']}` documents per length")
+  if r.get('stride'):
+    return (f"Per-token perplexity of the first {r['document_length']} tokens of {docs}, "
+            f"predicted by windows of L tokens sliding by {r['stride']}")
+  return f"Per-token perplexity on the first L tokens of {docs}"
+
+
+BOLD_RULE = ('best per column in bold where its 95% paired bootstrap interval over documents '
+             f'({RESAMPLES} resamples) against the runner-up excludes zero')
+
+
+def _caption(r: Mapping) -> str:
+  """The protocol and the bold rule, with a warning where too few documents make the percentile
+  bootstrap's interval too narrow to trust."""
+  few = (f" (only {r['num_windows']} documents: intervals this small-sample are optimistic)"
+         if r['num_windows'] < 10 else '')
+  return f'{_protocol(r)}; {BOLD_RULE}{few}.'
 
 
 def search_summary(record: Mapping, directory: str = 'search') -> str:
@@ -80,6 +178,74 @@ def progressive_summary(base: Mapping, prog: Mapping) -> list[str]:
   return lines + [''] if lines else []
 
 
+def seeds_summary(seeds: Mapping, held_out: Mapping) -> list[str]:
+  """The search repeated with several seeds: each seed's validation fitness and held-out
+  perplexity at the search length, its paired interval against the best method, and the
+  spread over seeds."""
+  L, L0 = seeds['target_length'], held_out['original_length']
+  names = list(seeds['searches'])
+  methods = [m for m in held_out['methods'] if m not in names]
+  lines = ['| seed | n_hat | fitness perplexity (its own documents) | held-out perplexity | '
+           'best method | ΔNLL vs it [95% CI] | seed is |', '|---|---|---|---|---|---|---|']
+  ppl, diffs = [], []
+  for name in names:
+    record = seeds['searches'][name]
+    (row,) = [r for r in paired_comparison(held_out, name, others=methods) if r['length'] == L]
+    ppl.append(row['perplexity'])
+    diffs.append(row['diff'])
+    lines.append(f"| {name} | {record['n_hat']} | {record['perplexity']:.4f} | "
+                 f"{row['perplexity']:.3f} | {row['rival']} {row['rival_perplexity']:.3f} | "
+                 f"{row['diff']:+.4f} [{row['low']:+.4f}, {row['high']:+.4f}] | "
+                 f"{_verdict(row)} |")
+  ppl, diffs = np.asarray(ppl), np.asarray(diffs)
+  spread = lambda x, d: (f'{x.mean():.{d}f} ± {x.std(ddof=1):.{d}f} (sd over seeds; '  # noqa
+                         f'range {x.min():.{d}f} to {x.max():.{d}f})')
+  docs = ('disjoint' if seeds['disjoint'] else
+          'drawn independently: the split is too small for disjoint sets')
+  return [f"{len(names)} searches at {L} tokens ({L / L0:g}x), each on its own "
+          f"{seeds['num_windows']} `{seeds['split']}` fitness documents ({docs}). Held-out "
+          f"columns: {_protocol(held_out)}.", '', *lines, '',
+          f"Held-out perplexity over seeds: {spread(ppl, 3)}; ΔNLL against the best method: "
+          f"{spread(diffs, 4)} nats/token.", '']
+
+
+def finetuned_summary(r: Mapping) -> list[str]:
+  """The fine-tuned comparison table and LongRoPE's rows against the best fine-tuned baseline."""
+  ours = [m for m in r['methods'] if m.startswith('longrope')]
+  baselines = [m for m in r['methods'] if m not in ours]
+  lines = [f"Copies of the base model fine-tuned {r['finetune_steps']} steps at "
+           f"{r['finetune_length']} tokens with each method (same budget, same batches), each "
+           "evaluated with its own scaling: the fine-tuned one up to the fine-tuning length, the "
+           "method re-derived for longer ones (LongRoPE keeps its searched factors; "
+           "`longrope_progressive` is the progressive stage's model and factors). " + _caption(r),
+           '', markdown_table(r), '']
+  for name in ours:
+    rows = paired_comparison(r, name, others=baselines)
+    if rows:
+      lines += [f'`{name}` against the best fine-tuned baseline:', '', comparison_table(rows),
+                '']
+  return lines
+
+
+ABLATION_REFERENCE = 'per-dim + n_hat (searched)'
+
+
+def ablations_summary(r: Mapping) -> list[str]:
+  """LongRoPE Table 11's shape: each variant's held-out perplexity, and the full search against
+  each other variant with its paired interval."""
+  lines = ['On the base model, factors for the search length. ' + _caption(r), '',
+           markdown_table(r), '']
+  fitness = r.get('validation_perplexity', {})
+  if fitness:
+    lines += ['Validation (fitness) perplexity: ' + '; '.join(
+        f'{name} {v:.4f}' for name, v in fitness.items()) + '.', '']
+  rows = [row for other in r['methods'] if other != ABLATION_REFERENCE
+          for row in paired_comparison(r, ABLATION_REFERENCE, others=[other])]
+  if rows:
+    lines += [f'`{ABLATION_REFERENCE}` against each variant:', '', comparison_table(rows), '']
+  return lines
+
+
 def render(results: Mapping, *, model: str) -> str:
   """report.md from results.json; `model` is the opening line describing model and corpus."""
   lines = ['# longrope-jax run report', '', model, '']
@@ -94,10 +260,24 @@ def render(results: Mapping, *, model: str) -> str:
               '', '![pretraining](plots/pretrain.png)', '']
   if 'perplexity' in results:
     r = results['perplexity']
-    lines += ['## Perplexity vs length (held-out)', '',
-              f"Per-token perplexity on the first L tokens of {r['num_windows']} "
-              f"`{r['split']}` documents per length; best per column in bold.", '',
+    lines += ['## Perplexity vs length (held-out)', '', _caption(r), '',
               markdown_table(r), '', '![perplexity](plots/perplexity.png)', '']
+    rows = paired_comparison(r, 'longrope') if 'longrope' in r['methods'] else []
+    if rows:
+      lines += ['LongRoPE against the best other method at each length (difference of mean '
+                'per-document NLL; negative: LongRoPE lower):', '', comparison_table(rows), '']
+  if 'perplexity_sliding' in results:
+    r = results['perplexity_sliding']
+    lines += ['## Perplexity vs length, sliding windows', '', _caption(r),
+              '', markdown_table(r), '']
+    rows = paired_comparison(r, 'longrope') if 'longrope' in r['methods'] else []
+    if rows:
+      lines += [comparison_table(rows), '']
+  if 'seeds' in results and 'seeds_perplexity' in results:
+    lines += ['## Search seeds', ''] + seeds_summary(results['seeds'],
+                                                      results['seeds_perplexity'])
+  if 'ablations' in results:
+    lines += ['## Ablations (LongRoPE Table 11)', ''] + ablations_summary(results['ablations'])
   if 'passkey' in results:
     r = results['passkey']
     lines += ['## Passkey retrieval', '',
@@ -125,6 +305,14 @@ def render(results: Mapping, *, model: str) -> str:
                 "the other rows are the base model without fine-tuning.", '',
                 markdown_table(merged), '']
       lines += progressive_summary(base, prog)
+      rows = paired_comparison(prog, 'longrope_progressive', others=list(base['methods']),
+                               against=base)
+      same_documents = all(prog.get(k) == base.get(k) for k in ('document_length', 'stride'))
+      if rows and prog.get('num_qualified') is not None and same_documents:
+        lines += ['`longrope_progressive` against the best method without fine-tuning:', '',
+                  comparison_table(rows), '']
+  if 'finetuned' in results:
+    lines += ['## Fine-tuned baselines', ''] + finetuned_summary(results['finetuned'])
   if 'search' in results:
     lines += [f"## LongRoPE search ({results['search']['split']} split)", '',
               search_summary(results['search']), '']

@@ -160,3 +160,52 @@ def test_passkey_answer_nll_scores_exactly_the_answer_digits(params):
     logp = jax.nn.log_softmax(logits[0, len(prompt) - 1:-1], -1)
     rows.append(-np.asarray(logp[np.arange(5), answer]))
   np.testing.assert_allclose(nll, np.mean(rows, 0), rtol=1e-4)
+
+
+def test_every_length_sees_the_same_documents(params, docs):
+  results = eval_lib.perplexity_vs_length(CFG, params, docs, [64, 128, 256], methods=('none',),
+                                          num_windows=3, seed=1, progress=False)
+  # The 4 documents of >= 256 tokens qualify; 3 are drawn once and truncated at each length.
+  assert results['num_qualified'] == 4 and results['document_length'] == 256
+  spans = data_lib.eval_windows(docs, 256, 3, seed=1)
+  rope = rope_lib.none(head_dim=CFG.head_dim)
+  for j, L in enumerate([64, 128, 256]):
+    per_doc = results['methods']['none']['nll_per_document'][j]
+    np.testing.assert_allclose(per_doc, eval_lib.document_nll(CFG, params, spans[:, :L], rope),
+                               rtol=1e-6)
+    assert results['methods']['none']['nll'][j] == pytest.approx(np.mean(per_doc))
+  with pytest.raises(ValueError, match=r'evaluate.num_windows = 3 .* only 2 of the split'):
+    eval_lib.perplexity_vs_length(CFG, params, docs, [64, 520], methods=('none',),
+                                  num_windows=3, progress=False)
+
+
+def test_sliding_windows_score_every_token_once():
+  spans = np.arange(22).reshape(2, 11)
+  windows, scored, doc = eval_lib.sliding_windows(spans, 4, 3)
+  # Starts 0, 3, 6 and a last window ending at the span's end (7).
+  np.testing.assert_array_equal(windows[:4, 0], [0, 3, 6, 7])
+  np.testing.assert_array_equal(scored[:4], [[1, 1, 1], [1, 1, 1], [1, 1, 1], [0, 0, 1]])
+  np.testing.assert_array_equal(doc, [0] * 4 + [1] * 4)
+  _, scored, _ = eval_lib.sliding_windows(spans[:, :10], 4, 2)
+  np.testing.assert_array_equal(scored[:4], [[1, 1, 1], [0, 1, 1], [0, 1, 1], [0, 1, 1]])
+  assert scored.sum() == 2 * 9  # every prediction of each span once
+  with pytest.raises(ValueError, match='evaluate.stride'):
+    eval_lib.sliding_windows(spans, 4, 5)
+
+
+def test_sliding_mode_matches_truncated_at_the_span_and_adds_context(params, docs):
+  kw = dict(methods=('none',), num_windows=2, progress=False)
+  truncated = eval_lib.perplexity_vs_length(CFG, params, docs, [64, 256], **kw)
+  sliding = eval_lib.perplexity_vs_length(CFG, params, docs, [64, 256], stride=32, **kw)
+  t, s = truncated['methods']['none']['nll'], sliding['methods']['none']['nll']
+  # At the span's own length one window covers it: the two modes agree.
+  assert s[1] == pytest.approx(t[1], rel=1e-6)
+  # At 64 the sliding mode scores all 255 predictions of the span, not the first 63.
+  spans = data_lib.eval_windows(docs, 256, 2)
+  rope = rope_lib.none(head_dim=CFG.head_dim)
+  windows, scored, doc = eval_lib.sliding_windows(spans, 64, 32)
+  nll = np.asarray(eval_lib.nll_fn(CFG)(params, jnp.asarray(windows), rope))
+  expected = [(nll * scored)[doc == i].sum() / 255 for i in range(2)]
+  np.testing.assert_allclose(sliding['methods']['none']['nll_per_document'][0], expected,
+                             rtol=1e-5)
+  assert sliding['stride'] == 32 and truncated['stride'] is None
