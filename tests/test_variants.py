@@ -48,9 +48,9 @@ def test_seeds_variant(base_run, tmp_path):
   assert all(len(held['methods'][f'seed_{k}']['nll_per_document'][0]) == 2 for k in range(3))
   assert '## Search seeds' in report and 'Held-out perplexity over seeds: ' in report
   # Resumes: nothing is searched again.
-  mtime = (workdir / 'search' / 'seed_2' / 'ckpt').stat().st_mtime
+  mtime = (workdir / 'seeds' / 'seed_2' / 'ckpt').stat().st_mtime
   pipeline.run(demo_config.get_config('test,seeds'), workdir, stages=('seeds',))
-  assert (workdir / 'search' / 'seed_2' / 'ckpt').stat().st_mtime == mtime
+  assert (workdir / 'seeds' / 'seed_2' / 'ckpt').stat().st_mtime == mtime
   assert json.loads((workdir / 'results.json').read_text())['seeds'] == seeds
 
 
