@@ -117,9 +117,11 @@ def evaluate_section(**overrides) -> ml_collections.ConfigDict:
 
 
 def passkey_section(**overrides) -> ml_collections.ConfigDict:
+  """Passkey retrieval; the sweep is skipped when the answer's teacher-forced NLL is above
+  `skip_fraction` of a guess (the model does not copy; None: always run it)."""
   defaults = dict(multiples=(1, 2, 4, 8), methods=METHODS, depths=(0.0, 0.25, 0.5, 0.75, 1.0),
-                  trials=5)
-  return _section(defaults, {}, overrides, 'passkey')
+                  trials=5, skip_fraction=0.5)
+  return _section(defaults, dict(skip_fraction=float), overrides, 'passkey')
 
 
 def progressive_section(multiple: float, *, finetune: dict | None = None,

@@ -72,7 +72,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.evaluate.update(multiples=(1, 2, 4), num_windows=2, sliding_stride=32)
     c.finetuned.update(multiples=(1, 2, 4, 8))
     # The test model's 64-token window is too short for a passkey prompt.
-    c.passkey.update(multiples=(2,), depths=(0.0, 1.0), trials=2)
+    c.passkey.update(multiples=(2,), depths=(0.0, 1.0), trials=2, skip_fraction=None)
     c.search.update(multiple=4, num_windows=2)
     # dense: shorter than one attention block
     c.search.settings.update(population=8, parents=4, mutations=2, crossovers=2, generations=3,

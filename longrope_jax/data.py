@@ -254,6 +254,7 @@ FILLER = ('The grass is green.', 'The sky is blue.', 'The sun is yellow.', 'Here
 KEY_MARK = '#'
 QUESTION = f' What is the pass key? The pass key is {KEY_MARK}'
 PASSKEY_MIN_LENGTH = 112  # a byte-level prompt and answer need 107 tokens
+PASSKEY_DIGITS = 5  # digits of a passkey
 
 
 def passkey_line(key: str) -> str:
@@ -261,7 +262,7 @@ def passkey_line(key: str) -> str:
 
 
 def passkey_sample(rng: np.random.Generator, length: int, depth: float, tokenizer: Tokenizer,
-                   digits: int = 5) -> tuple[np.ndarray, np.ndarray]:
+                   digits: int = PASSKEY_DIGITS) -> tuple[np.ndarray, np.ndarray]:
   """The passkey task (Mohtashami & Jaggi, 2023; LongRoPE section 4.3) at about `length` tokens.
 
   A random `digits`-digit key is stated once at relative `depth` in repeated filler sentences,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import pathlib
 import time
 from typing import Any, Callable
@@ -216,10 +217,29 @@ def _perplexity(run: Run, key: str, params: Any, methods, extra: dict, *,
 
 
 def passkey(run: Run) -> dict:
-  """Passkey retrieval accuracy per method, length and depth (resumable per cell)."""
+  """Passkey retrieval accuracy per method, length and depth (resumable per cell).
+
+  First the teacher-forced NLL of the answer at the shortest length without scaling: a model
+  whose total over the key stays above passkey.skip_fraction of a guess (5 ln 10 for 5 digits)
+  does not copy, so the sweep (all zeros) is skipped and the stage says so."""
   c = run.config.passkey
   mc = run.model_config
   lengths = run.lengths(c.multiples)
+  answer_length = min(lengths, default=run.original_length)
+  answer_nll = (eval_lib.passkey_answer_nll(mc, run.params(), run.tokenizer, answer_length,
+                                            rope_lib.none(head_dim=mc.head_dim),
+                                            seed=run.config.seed) if lengths else [])
+  guess = data_lib.PASSKEY_DIGITS * math.log(10)
+  answer = dict(length=answer_length, nll=answer_nll, total=float(sum(answer_nll)), guess=guess)
+  if c.skip_fraction is not None and answer_nll and answer['total'] > c.skip_fraction * guess:
+    print(f"passkey: skipped; the model does not copy the key (teacher-forced NLL of the answer "
+          f"{answer['total']:.2f} nats at {answer_length} tokens, a guess is {guess:.2f}; "
+          f"the sweep runs above passkey.skip_fraction = {c.skip_fraction} of a guess).",
+          flush=True)
+    results = dict(skipped=True, lengths=lengths, original_length=run.original_length,
+                   depths=list(c.depths), trials=c.trials, methods={}, answer_nll=answer)
+    run.save_result('passkey', results)
+    return results
   cache_path = run.workdir / 'eval' / 'passkey.jsonl'
   done = {(r['method'], r['length']): r['accuracy']
           for r in ckpt_lib.read_jsonl(cache_path, required=('method', 'length', 'accuracy'))}
@@ -231,12 +251,7 @@ def passkey(run: Run) -> dict:
       trials=c.trials, seed=run.config.seed, done=done,
       on_result=lambda m, L, acc: ckpt_lib.append_jsonl(cache_path, dict(method=m, length=L,
                                                                           accuracy=acc)))
-  # Where accuracy is 0, the answer's per-digit NLL at the shortest length (no scaling) says
-  # whether the model copies the key at all.
-  results['answer_nll'] = dict(length=min(lengths, default=run.original_length), nll=(
-      eval_lib.passkey_answer_nll(mc, run.params(), run.tokenizer, min(lengths),
-                                  rope_lib.none(head_dim=mc.head_dim), seed=run.config.seed)
-      if lengths else []))
+  results['answer_nll'] = answer
   run.save_result('passkey', results)
   metrics_lib.write_per_length(run.workdir, 'passkey', results, metric='mean', tag='passkey')
   plots.passkey_heatmaps(results, run.workdir / 'plots' / 'passkey.png',

@@ -77,7 +77,7 @@ STAGES: dict[str, StageSpec] = {
         results=('perplexity',), method_upstream=(('search', 'longrope'),)),
     'passkey': StageSpec(
         reads=('seed', *_MODEL, 'data.tokenizer', 'passkey'),
-        cells=('passkey.multiples', 'passkey.methods'),
+        cells=('passkey.multiples', 'passkey.methods', 'passkey.skip_fraction'),
         upstream=('pretrain', 'search'), outputs=('eval/passkey.jsonl', 'plots/passkey.png'),
         results=('passkey',), method_upstream=(('search', 'longrope'),)),
     'progressive': StageSpec(

@@ -278,7 +278,15 @@ def render(results: Mapping, *, model: str) -> str:
                                                       results['seeds_perplexity'])
   if 'ablations' in results:
     lines += ['## Ablations (LongRoPE Table 11)', ''] + ablations_summary(results['ablations'])
-  if 'passkey' in results:
+  if results.get('passkey', {}).get('skipped'):
+    a = results['passkey']['answer_nll']
+    lines += ['## Passkey retrieval', '',
+              f"Skipped: the base model does not copy the key. The teacher-forced NLL of the "
+              f"answer at {a['length']} tokens without scaling is {a['total']:.2f} nats "
+              f"({', '.join(f'{x:.2f}' for x in a['nll'])} per token) against {a['guess']:.2f} "
+              "for a guess among digits, so every accuracy would be 0. Retrieval needs a model "
+              "that copies (induction heads); see the README's passkey section.", '']
+  elif 'passkey' in results:
     r = results['passkey']
     lines += ['## Passkey retrieval', '',
               f"Accuracy over {r['trials']} keys at each of {len(r['depths'])} depths "

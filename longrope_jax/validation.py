@@ -247,6 +247,7 @@ RULES: dict[str, Check] = {
     'passkey.methods': tuple_of(choice(_methods), nonempty=False),
     'passkey.depths': tuple_of(fraction),
     'passkey.trials': positive_int,
+    'passkey.skip_fraction': optional(positive_float),
     'progressive.multiple': at_least(1.0),
     'progressive.short_lambda_max': at_least(1.0),
     'progressive.short_num_windows': positive_int,

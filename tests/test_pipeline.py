@@ -40,6 +40,13 @@ def test_demo_test_config_runs_end_to_end_and_resumes(tmp_path):
   assert json.loads((tmp_path / 'results.json').read_text())['perplexity'] == ppl
   assert (tmp_path / 'ckpt').stat().st_mtime == mtime
   assert run.results()['pretrain']['steps'] == 20
+  # A model that does not copy: the passkey stage says so and skips its sweep of zeros.
+  config.passkey.skip_fraction = 0.5
+  pipeline.run(config, tmp_path, stages=('passkey', 'report'))
+  skipped = json.loads((tmp_path / 'results.json').read_text())['passkey']
+  assert skipped['skipped'] and skipped['methods'] == {}
+  assert skipped['answer_nll']['total'] > 0.5 * skipped['answer_nll']['guess']
+  assert 'Skipped: the base model does not copy' in (tmp_path / 'report.md').read_text()
   # The copying diagnostic reads the same workdir.
   proc = subprocess.run(
       [sys.executable, '-m', 'experiments.copy_probe', '--config', 'configs/demo.py:test',
@@ -79,7 +86,8 @@ def test_progressive_stages_on_the_toy_config(tmp_path):
   assert prog['long']['scale'] == 8
   short = np.asarray(prog['short']['factors'])
   assert np.all((short >= 1.0) & (short <= 1.25 + 1e-9))
-  assert prog['short']['n_hat'] == 0 and prog['short']['attn_scale'] == 1.0
+  # one attention scale for short and long factors, as transformers' longrope applies
+  assert prog['short']['n_hat'] == 0 and prog['short']['attn_scale'] == prog['long']['attn_scale']
   ppl = results['progressive_perplexity']['methods']
   assert all(v is not None for v in ppl['longrope_progressive']['nll'])
   # Up to L0 the switch takes the short factors, beyond it the long ones.
