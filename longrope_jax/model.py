@@ -10,17 +10,38 @@ compiled forward serves every scaling method and every search candidate at a giv
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from longrope_jax import attention as attention_lib
+from longrope_jax import ring_attention as ring_lib
 from longrope_jax.rope import RopeScaling, apply_rope
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
-ATTENTION_IMPLS = ('dense', 'blockwise', 'ring', 'fused')  # fused: jax.nn.dot_product_attention
+
+# name -> fn(q, k, v, q_pos, k_pos, *, window, block_q, block_k) -> out[B, T, N, H]
+# ring: T split over the 'seq' axis of the current mesh (`jax.set_mesh`);
+# fused: jax.nn.dot_product_attention (cuDNN on a GPU).
+ATTENTION: dict[str, Callable[..., jax.Array]] = {
+    'dense': attention_lib.dense_attention,
+    'blockwise': attention_lib.blockwise_attention,
+    'ring': ring_lib.ring_attention,
+    'fused': attention_lib.fused_attention,
+}
+ATTENTION_IMPLS = tuple(ATTENTION)
+
+
+def attend(q_BTNH, k_BSKH, v_BSKH, q_pos_BT, k_pos_BS, *, impl: str = 'dense',
+           window: int | None = None, block_q: int = 512, block_k: int = 512) -> jax.Array:
+  """Causal GQA out[B, T, N, H] by the implementation registered as `impl` in ATTENTION."""
+  if impl not in ATTENTION:
+    raise ValueError(f"Unknown attention implementation {impl!r}; choose one of "
+                     f"{sorted(ATTENTION)}.")
+  return ATTENTION[impl](q_BTNH, k_BSKH, v_BSKH, q_pos_BT, k_pos_BS, window=window,
+                         block_q=block_q, block_k=block_k)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,10 +172,9 @@ class Attention(nn.Module):
     else:
       cache = update_cache(cache, k_BTKH, v_BTKH, positions_BT)
       k_BSKH, v_BSKH, k_pos_BS = cache['k'], cache['v'], cache['pos']
-    out_BTNH = attention_lib.attend(q_BTNH, k_BSKH, v_BSKH, positions_BT, k_pos_BS,
-                                    impl=c.attention if cache is None else 'dense',
-                                    window=c.sliding_window, block_q=c.block_q,
-                                    block_k=c.block_k)
+    out_BTNH = attend(q_BTNH, k_BSKH, v_BSKH, positions_BT, k_pos_BS,
+                      impl=c.attention if cache is None else 'dense', window=c.sliding_window,
+                      block_q=c.block_q, block_k=c.block_k)
     out_MD = out_BTNH.reshape(B * T, -1) @ wo_NHD.astype(dt).reshape(-1, D)
     return out_MD.reshape(B, T, D), cache
 
