@@ -126,13 +126,3 @@ def test_ring_rejects_missing_mesh_axis():
     ring_lib.ring_attention(q, k, v, pos, pos, mesh=data_mesh)
   with pytest.raises(ValueError, match='No device mesh'):
     model_lib.attend(q, k, v, pos, pos, impl='ring')
-
-
-def test_make_mesh():
-  mesh = mesh_lib.make_mesh(pop=2, seq=4)
-  assert mesh.axis_names == ('pop', 'seq') and dict(mesh.shape) == {'pop': 2, 'seq': 4}
-  assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
-  with pytest.raises(ValueError, match='devices needed'):
-    mesh_lib.make_mesh(pop=4, seq=4)
-  with pytest.raises(ValueError, match='seq must be a positive integer'):
-    mesh_lib.make_mesh(seq=0)
