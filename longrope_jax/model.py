@@ -295,7 +295,7 @@ def init_params(config: ModelConfig, key: jax.Array) -> Any:
   tokens = jnp.zeros((1, 8), jnp.int32)
   positions = jnp.arange(8, dtype=jnp.int32)[None]
   rope = rope_lib.none(head_dim=config.head_dim)
-  decoder = Decoder(config, scan_layers=False)
+  decoder = Decoder(config.replace(attention='dense'), scan_layers=False)  # no mesh needed
   init = jax.jit(lambda k: stack_layers(decoder.init(k, tokens, positions, rope)['params'],
                                         config.num_layers))
   return init(key)
