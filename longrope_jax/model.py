@@ -263,6 +263,9 @@ class Decoder(nn.Module):
     x_BTD = embed(tokens_BT).astype(jnp.float32)
     layer = _layer_class(c)
     if self.scan_layers:
+      # The carry must vary over the manual mesh axes (shard_map over 'pop' in the search) the way
+      # the layer's output does: adding rope's zero makes x vary like rope (exact: x + 0 = x).
+      x_BTD = x_BTD + jnp.zeros_like(rope.attn_scale, x_BTD.dtype)
       layers = nn.scan(layer, variable_axes={'params': 0}, split_rngs={'params': True},
                        in_axes=(nn.broadcast, nn.broadcast, 0), length=c.num_layers)
       x_BTD, cache = layers(c, name=LAYERS)(x_BTD, positions_BT, rope, cache)
