@@ -57,8 +57,7 @@ def main():
   parser.add_argument('--out', default=str(pathlib.Path(__file__).parent / 'results' / 'forward.json'))
   args = parser.parse_args()
 
-  from longrope_jax import attention as attention_lib
-  impl = args.attention or ('blockwise' if 'blockwise' in attention_lib.IMPLEMENTATIONS else 'dense')
+  impl = args.attention or 'blockwise'
   cfg = model_lib.get_config(args.variant, attention=impl)
   params = model_lib.init_params(cfg, jax.random.key(0))
   rope = rope_lib.yarn(head_dim=cfg.head_dim, scale=8.0, theta=cfg.rope_theta,

@@ -42,7 +42,17 @@ def parse_arg(arg: str | None, *, positional: str | None = None, **spec) -> ml_c
 def base_config(stages: tuple[str, ...], seed: int = 0) -> ml_collections.ConfigDict:
   """The run itself: the stages `experiments.run` runs, the seed, and whether a rerun may
   recompute stages whose inputs changed (`overwrite`; otherwise it refuses, naming them)."""
-  return ml_collections.ConfigDict(dict(seed=seed, stages=tuple(stages), overwrite=False))
+  c = ml_collections.ConfigDict(dict(seed=seed, stages=tuple(stages), overwrite=False))
+  c.mesh = mesh_section()
+  return c
+
+
+def mesh_section(**overrides) -> ml_collections.ConfigDict:
+  """Device mesh axes (mesh.MeshConfig; one of them may be -1: the rest of the devices).
+  Training and fine-tuning shard the batch over `data` and `fsdp`, parameters and optimizer
+  state over `fsdp`, one sequence over `seq` (ring attention); the search spreads candidates over
+  `pop` (and `seq`); evaluation uses `seq` for ring attention."""
+  return _section(dict(data=1, fsdp=1, seq=1, pop=-1), {}, overrides, 'mesh')
 
 
 def _section(defaults: dict, types_: dict, overrides: dict, name: str) -> ml_collections.ConfigDict:

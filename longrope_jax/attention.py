@@ -1,4 +1,4 @@
-"""Causal attention over explicit positions: dense reference and implementations by name.
+"""Causal attention over explicit positions: dense reference, blockwise and fused kernels.
 
 Masking is by positions, never by array index: query t sees key s when k_pos[s] <= q_pos[t]
 (and q_pos[t] - k_pos[s] < window with a sliding window). The same rule serves a full forward,
@@ -302,7 +302,7 @@ def blockwise_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array,
   return from_blocks(_blockwise(blocks, window), q_BTNH.shape[1])
 
 
-# ----------------------------------------------------------------------------- registry
+# ----------------------------------------------------------------------------- fused
 def fused_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, q_pos_BT: jax.Array,
                     k_pos_BS: jax.Array, *, window: int | None = None, **unused) -> jax.Array:
   """`jax.nn.dot_product_attention` with the position mask: cuDNN flash attention on a GPU for
@@ -311,28 +311,3 @@ def fused_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, q_p
   mask_B1TS = causal_mask(q_pos_BT, k_pos_BS, window)[:, None]
   return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask_B1TS,
                                       implementation='cudnn' if on_gpu else 'xla')
-
-
-def ring(q_BTNH, k_BSKH, v_BSKH, q_pos_BT, k_pos_BS, **kwargs) -> jax.Array:
-  """Ring attention over the 'seq' axis of the current mesh (`jax.set_mesh`)."""
-  from longrope_jax import ring_attention  # builds on this module, so imported when first used
-  return ring_attention.ring_attention(q_BTNH, k_BSKH, v_BSKH, q_pos_BT, k_pos_BS, **kwargs)
-
-
-# name -> fn(q, k, v, q_pos, k_pos, *, window, block_q, block_k) -> out[B, T, N, H]
-IMPLEMENTATIONS: dict[str, Callable[..., jax.Array]] = {
-    'dense': dense_attention,
-    'blockwise': blockwise_attention,
-    'ring': ring,
-    'fused': fused_attention,
-}
-
-
-def attend(q_BTNH, k_BSKH, v_BSKH, q_pos_BT, k_pos_BS, *, impl: str = 'dense',
-           window: int | None = None, block_q: int = 512, block_k: int = 512) -> jax.Array:
-  """Dispatches to the attention implementation registered as `impl`."""
-  if impl not in IMPLEMENTATIONS:
-    raise ValueError(f"Unknown attention implementation {impl!r}; choose one of "
-                     f"{sorted(IMPLEMENTATIONS)}.")
-  return IMPLEMENTATIONS[impl](q_BTNH, k_BSKH, v_BSKH, q_pos_BT, k_pos_BS, window=window,
-                               block_q=block_q, block_k=block_k)

@@ -33,6 +33,7 @@ import numpy as np
 from flax import traverse_util
 
 from longrope_jax import rope as rope_lib
+from longrope_jax import model as model_lib
 from longrope_jax.model import ModelConfig
 
 CONFIG_FILE = 'config.json'
@@ -504,7 +505,7 @@ def load_params(path: Path, config: ModelConfig, hf_config: dict, *,
   """Flax params of `config` from the checkpoint folder `path`, one file and tensor at a time.
 
   `sharding` places each param: a `jax.sharding.Sharding` for all, a function of the param
-  path (e.g. ('layer_0', 'attn', 'q')) returning one, or a tree of shardings shaped like the
+  path (e.g. ('layers', 'attn', 'q'), layers stacked) returning one, or a tree of shardings shaped like the
   params. Tensors are cast to `config.param_dtype` on the host (bf16 stays bf16).
   """
   path = pathlib.Path(path)
@@ -520,10 +521,14 @@ def load_params(path: Path, config: ModelConfig, hf_config: dict, *,
     for t in by_file[file]:
       stored = _read_tensor(t.name, infos[t.name])
       for param_path, value in zip(t.paths, t.to_ours(stored)):
-        host = np.ascontiguousarray(value, dtype=dtype)
-        flat[param_path] = _place(host, sharding_for(param_path))
+        flat[param_path] = np.ascontiguousarray(value, dtype=dtype)
       del stored
-  return traverse_util.unflatten_dict(flat)
+  # HF stores one tensor per layer; the model scans over layers stacked on a leading axis.
+  stacked = model_lib.stack_layers(traverse_util.unflatten_dict(flat), config.num_layers)
+  del flat
+  flat = traverse_util.flatten_dict(stacked)
+  return traverse_util.unflatten_dict(
+      {path: _place(flat.pop(path), sharding_for(path)) for path in list(flat)})
 
 
 def load(path: Path, *, sharding: ShardingSpec = None, param_dtype: str | None = None,
@@ -602,6 +607,8 @@ def save_params(params: dict, config: ModelConfig, out_dir: Path, *,
     raise ValueError(f"{out_dir} holds a sharded checkpoint ({INDEX_FILE}); save into an empty "
                      "folder.")
   out_config = hf_config_for(config, arch=arch, base=hf_config)
+  if model_lib.LAYERS in params:  # the model's stacked layers -> HF's one tensor per layer
+    params = model_lib.unstack_layers(params)
   flat = traverse_util.flatten_dict(params)
   tensors = {}
   for t in _layout(config, architecture(out_config)):

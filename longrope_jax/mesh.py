@@ -1,11 +1,14 @@
-"""The project's one device mesh, axes ('pop', 'seq'), and sequence sharding over 'seq'.
+"""The project's one device mesh, axes ('pop', 'data', 'fsdp', 'seq'), and shardings over it.
 
-'pop' spreads the candidates of a search population; 'seq' spreads one long sequence (ring
-attention). On one device both sizes are 1 and the same code runs.
+'pop' spreads the candidates of a search population; 'data' splits the batch; 'fsdp' splits the
+batch too and also the parameters and optimizer state (fully sharded data parallel); 'seq' splits
+one long sequence (ring attention). On one device every size is 1 and the same code runs.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 from typing import Sequence
 
@@ -13,23 +16,73 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-POP_AXIS, SEQ_AXIS = 'pop', 'seq'
-AXES = (POP_AXIS, SEQ_AXIS)
+POP_AXIS, DATA_AXIS, FSDP_AXIS, SEQ_AXIS = 'pop', 'data', 'fsdp', 'seq'
+# Outermost first: 'seq' (a ppermute per layer) and 'fsdp' (an all-gather per layer) innermost.
+AXES = (POP_AXIS, DATA_AXIS, FSDP_AXIS, SEQ_AXIS)
+BATCH_AXES = (DATA_AXIS, FSDP_AXIS)  # the batch dimension splits over both
+REST = (0, -1)  # a size meaning "the devices left over by the other axes"
 
 
-def make_mesh(pop: int = 1, seq: int = 1, devices: Sequence[jax.Device] | None = None
-              ) -> jax.sharding.Mesh:
-  """A (pop, seq) mesh of Auto axes over the first pop * seq devices (or `devices`)."""
-  for name, size in (('pop', pop), ('seq', seq)):
-    if not isinstance(size, (int, np.integer)) or size <= 0:
-      raise ValueError(f"make_mesh: {name} must be a positive integer, got {size!r}.")
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """Mesh axis sizes; one of them may be 0 or -1 (the rest of the devices)."""
+
+  data: int = 1
+  fsdp: int = 1
+  seq: int = 1
+  pop: int = 1
+
+  def __post_init__(self):
+    for name in AXES:
+      size = getattr(self, name)
+      if not isinstance(size, (int, np.integer)) or isinstance(size, bool) or size < -1:
+        raise ValueError(f"mesh.{name} must be a positive integer, or 0 / -1 for the rest of the "
+                         f"devices; got {size!r}.")
+    rest = [name for name in AXES if getattr(self, name) in REST]
+    if len(rest) > 1:
+      raise ValueError(f"mesh.{rest[0]} and mesh.{rest[1]} both ask for the rest of the devices "
+                       f"(0 or -1); give all but one of them a size.")
+
+  def shape(self, num_devices: int) -> dict[str, int]:
+    """{axis: size} with the 'rest' axis resolved against `num_devices`; raises if it won't fit."""
+    fixed = {name: getattr(self, name) for name in AXES if getattr(self, name) not in REST}
+    used = math.prod(fixed.values())
+    rest = [name for name in AXES if name not in fixed]
+    if rest:
+      if num_devices % used:
+        raise ValueError(
+            f"mesh.{rest[0]} takes the rest of the devices, but the other axes' product {used} "
+            f"does not divide the {num_devices} devices; set mesh.{rest[0]} explicitly or make "
+            f"{' x '.join(f'mesh.{n}={v}' for n, v in fixed.items())} divide {num_devices}.")
+      fixed[rest[0]] = num_devices // used
+    elif used > num_devices:
+      big = max(fixed, key=fixed.get)
+      raise ValueError(
+          f"The mesh needs {' x '.join(f'{n}={v}' for n, v in fixed.items())} = {used} devices "
+          f"but {num_devices} are available; shrink mesh.{big} (or set one axis to -1), or "
+          f"simulate CPU devices with XLA_FLAGS=--xla_force_host_platform_device_count={used}.")
+    return {name: int(fixed[name]) for name in AXES}
+
+  def replace(self, **changes) -> 'MeshConfig':
+    return dataclasses.replace(self, **changes)
+
+
+def make_mesh(config: MeshConfig | None = None, devices: Sequence[jax.Device] | None = None,
+              **sizes: int) -> jax.sharding.Mesh:
+  """A (pop, data, fsdp, seq) mesh of Auto axes over the first devices needed (or `devices`).
+
+  `make_mesh(MeshConfig(fsdp=4, seq=2))`, or the sizes as keywords: `make_mesh(seq=8)`.
+  """
+  if config is None:
+    config = MeshConfig(**sizes)
+  elif sizes:
+    config = config.replace(**sizes)
   devices = list(jax.devices() if devices is None else devices)
-  if len(devices) < pop * seq:
-    raise ValueError(f"make_mesh: pop * seq = {pop * seq} devices needed, only {len(devices)} "
-                     f"available; shrink the mesh or simulate CPU devices with "
-                     f"jax.config.update('jax_num_cpu_devices', n).")
-  return jax.make_mesh((pop, seq), AXES, axis_types=(AxisType.Auto,) * 2,
-                       devices=devices[:pop * seq])
+  shape = config.shape(len(devices))
+  # jax.make_mesh defaults to Explicit axes in jax 0.10; this project's code relies on Auto
+  # (sharding propagation by XLA, shard_map for the collectives written by hand).
+  return jax.make_mesh(tuple(shape.values()), AXES, axis_types=(AxisType.Auto,) * len(AXES),
+                       devices=devices[:math.prod(shape.values())])
 
 
 def validate_mesh_axis(mesh, axis: str) -> None:
@@ -39,7 +92,7 @@ def validate_mesh_axis(mesh, axis: str) -> None:
                      f"a mesh that has a {axis!r} axis (mesh.make_mesh).")
   if axis not in mesh.axis_names:
     raise ValueError(f"The mesh has axes {tuple(mesh.axis_names)} but no {axis!r} axis; build "
-                     f"it with mesh.make_mesh(pop=..., seq=...).")
+                     f"it with mesh.make_mesh(MeshConfig(...)).")
 
 
 def current_mesh(mesh=None):
@@ -63,12 +116,9 @@ def shard_sequence(x: jax.Array, mesh: jax.sharding.Mesh, axis: str = SEQ_AXIS) 
 
 
 # ----------------------------------------------------------------------------- population ('pop')
-POP_AXIS = 'pop'
-
-
 def population_mesh(pop: int | None = None) -> jax.sharding.Mesh:
-  """A (pop, 1) mesh spreading search candidates over `pop` devices (default: all devices)."""
-  return make_mesh(pop=len(jax.devices()) if pop is None else pop, seq=1)
+  """A mesh spreading search candidates over `pop` devices (default: all devices)."""
+  return make_mesh(MeshConfig(pop=-1 if pop is None else pop))
 
 
 def population_axis_size(mesh: jax.sharding.Mesh) -> int:

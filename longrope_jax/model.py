@@ -1,7 +1,8 @@
 """A Llama / Mistral-style decoder in Flax linen whose RoPE scaling is a call argument.
 
 Shapes: B batch, T length (queries), S cache length (keys), N query heads, K kv heads,
-G = N // K, H head dim, D model dim, F MLP hidden dim, V vocab, L layers, M = B * T rows.
+G = N // K, H head dim, D model dim, F MLP hidden dim, V vocab, L layers, M = B * T rows,
+n chunks of the NLL.
 
 `rope` (a `rope.RopeScaling` pytree) and `positions` are inputs, never attributes, so one
 compiled forward serves every scaling method and every search candidate at a given shape.
@@ -10,18 +11,42 @@ compiled forward serves every scaling method and every search candidate at a giv
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from longrope_jax import attention as attention_lib
 from longrope_jax import validation
+from longrope_jax import ring_attention as ring_lib
 from longrope_jax.rope import RopeScaling, apply_rope
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
-ATTENTION_IMPLS = ('dense', 'blockwise', 'ring', 'fused')  # fused: jax.nn.dot_product_attention
+
+# name -> fn(q, k, v, q_pos, k_pos, *, window, block_q, block_k) -> out[B, T, N, H]
+# ring: T split over the 'seq' axis of the current mesh (`jax.set_mesh`);
+# fused: jax.nn.dot_product_attention (cuDNN on a GPU).
+ATTENTION: dict[str, Callable[..., jax.Array]] = {
+    'dense': attention_lib.dense_attention,
+    'blockwise': attention_lib.blockwise_attention,
+    'ring': ring_lib.ring_attention,
+    'fused': attention_lib.fused_attention,
+}
+ATTENTION_IMPLS = tuple(ATTENTION)
+REMAT_NAMED = ('none', 'full')  # other values name a jax.checkpoint_policies policy
+LAYERS = 'layers'  # params[LAYERS]: every layer's params stacked on a leading axis of size L
+
+
+def attend(q_BTNH, k_BSKH, v_BSKH, q_pos_BT, k_pos_BS, *, impl: str = 'dense',
+           window: int | None = None, block_q: int = 512, block_k: int = 512) -> jax.Array:
+  """Causal GQA out[B, T, N, H] by the implementation registered as `impl` in ATTENTION."""
+  if impl not in ATTENTION:
+    raise ValueError(f"Unknown attention implementation {impl!r}; choose one of "
+                     f"{sorted(ATTENTION)}.")
+  return ATTENTION[impl](q_BTNH, k_BSKH, v_BSKH, q_pos_BT, k_pos_BS, window=window,
+                         block_q=block_q, block_k=block_k)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,10 +70,15 @@ class ModelConfig:
   attention: str = 'dense'
   block_q: int = 512
   block_k: int = 512
+  # Rematerialization of each layer in the backward pass: 'none', 'full' (save only the layer's
+  # input), or the name of a jax.checkpoint_policies policy ('dots_with_no_batch_dims_saveable').
+  remat: str = 'none'
+  # token_nll computes logits for at most this many positions at once (no [B, T, V] array).
+  nll_chunk: int = 2048
 
   def __post_init__(self):
     for name in ('vocab_size', 'dim', 'num_layers', 'num_heads', 'num_kv_heads', 'head_dim',
-                 'mlp_dim', 'original_length', 'block_q', 'block_k'):
+                 'mlp_dim', 'original_length', 'block_q', 'block_k', 'nll_chunk'):
       validation.positive_int(getattr(self, name), f'ModelConfig.{name}')
     if self.head_dim % 2:
       raise ValueError(f"ModelConfig.head_dim must be even for RoPE, got {self.head_dim}.")
@@ -61,6 +91,14 @@ class ModelConfig:
     for name in ('dtype', 'param_dtype'):
       validation.choice(DTYPES)(getattr(self, name), f'ModelConfig.{name}')
     validation.choice(ATTENTION_IMPLS)(self.attention, 'ModelConfig.attention')
+    if self.remat not in REMAT_NAMED and not hasattr(jax.checkpoint_policies, self.remat):
+      raise ValueError(f"ModelConfig.remat must be 'none', 'full' or a jax.checkpoint_policies "
+                       f"name (e.g. 'dots_with_no_batch_dims_saveable'), got {self.remat!r}.")
+
+  @property
+  def remat_policy(self) -> Callable | None:
+    """The jax.checkpoint policy of `remat` (None: save nothing but the layer input)."""
+    return None if self.remat in REMAT_NAMED else getattr(jax.checkpoint_policies, self.remat)
 
   @property
   def compute_dtype(self):
@@ -146,10 +184,9 @@ class Attention(nn.Module):
     else:
       cache = update_cache(cache, k_BTKH, v_BTKH, positions_BT)
       k_BSKH, v_BSKH, k_pos_BS = cache['k'], cache['v'], cache['pos']
-    out_BTNH = attention_lib.attend(q_BTNH, k_BSKH, v_BSKH, positions_BT, k_pos_BS,
-                                    impl=c.attention if cache is None else 'dense',
-                                    window=c.sliding_window, block_q=c.block_q,
-                                    block_k=c.block_k)
+    out_BTNH = attend(q_BTNH, k_BSKH, v_BSKH, positions_BT, k_pos_BS,
+                      impl=c.attention if cache is None else 'dense', window=c.sliding_window,
+                      block_q=c.block_q, block_k=c.block_k)
     out_MD = out_BTNH.reshape(B * T, -1) @ wo_NHD.astype(dt).reshape(-1, D)
     return out_MD.reshape(B, T, D), cache
 
@@ -193,44 +230,107 @@ class DecoderLayer(nn.Module):
     return x_BTD, cache
 
 
+def _layer_class(config: ModelConfig) -> type[nn.Module]:
+  """DecoderLayer, wrapped in nn.remat when `config.remat` asks for it."""
+  if config.remat == 'none':
+    return DecoderLayer
+  return nn.remat(DecoderLayer, policy=config.remat_policy, prevent_cse=False)
+
+
 class Decoder(nn.Module):
-  """Token ids i32[B, T] at positions i32[B, T] -> logits f32[B, T, V] (and the updated cache)."""
+  """Token ids i32[B, T] at positions i32[B, T] -> logits f32[B, T, V] (and the updated cache).
+
+  Layers run as one `nn.scan` over params stacked on a leading axis (params['layers'], one
+  compiled layer whatever the depth). `scan_layers=False` unrolls them with params 'layer_{i}'
+  (the layout of `init_params`' random draw and of HF checkpoints; see stack_layers).
+  `hidden=True` returns the final-norm hidden states f32[B, T, D] instead of logits.
+  """
 
   config: ModelConfig
+  scan_layers: bool = True
 
   @nn.compact
-  def __call__(self, tokens_BT, positions_BT, rope: RopeScaling, cache: list | None = None):
+  def __call__(self, tokens_BT, positions_BT, rope: RopeScaling, cache: dict | None = None,
+               hidden: bool = False):
     c = self.config
     embed = nn.Embed(c.vocab_size, c.dim, embedding_init=nn.initializers.normal(c.dim ** -0.5),
                      param_dtype=c.weight_dtype, name='embed')
     x_BTD = embed(tokens_BT).astype(jnp.float32)
-    new_cache = [] if cache is not None else None
-    for i in range(c.num_layers):
-      x_BTD, layer_cache = DecoderLayer(c, name=f'layer_{i}')(
-          x_BTD, positions_BT, rope, None if cache is None else cache[i])
+    layer = _layer_class(c)
+    if self.scan_layers:
+      # The carry must vary over the manual mesh axes (shard_map over 'pop' in the search) the way
+      # the layer's output does: adding rope's zero makes x vary like rope (exact: x + 0 = x).
+      x_BTD = x_BTD + jnp.zeros_like(rope.attn_scale, x_BTD.dtype)
+      layers = nn.scan(layer, variable_axes={'params': 0}, split_rngs={'params': True},
+                       in_axes=(nn.broadcast, nn.broadcast, 0), length=c.num_layers)
+      x_BTD, cache = layers(c, name=LAYERS)(x_BTD, positions_BT, rope, cache)
+    else:
+      caches = []
+      for i in range(c.num_layers):
+        layer_cache = None if cache is None else jax.tree.map(lambda x: x[i], cache)
+        x_BTD, layer_cache = layer(c, name=f'layer_{i}')(x_BTD, positions_BT, rope, layer_cache)
+        caches.append(layer_cache)
       if cache is not None:
-        new_cache.append(layer_cache)
+        cache = jax.tree.map(lambda *xs: jnp.stack(xs), *caches)
     x_BTD = nn.RMSNorm(epsilon=c.norm_eps, dtype=jnp.float32, param_dtype=c.weight_dtype,
                        name='final_norm')(x_BTD)
-    if c.tie_embeddings:
-      w_DV = embed.embedding.T
-    else:
-      w_DV = self.param('lm_head', nn.initializers.normal(c.dim ** -0.5), (c.dim, c.vocab_size),
-                        c.weight_dtype)
+    if not c.tie_embeddings:
+      self.param('lm_head', nn.initializers.normal(c.dim ** -0.5), (c.dim, c.vocab_size),
+                 c.weight_dtype)
+    if hidden:
+      return x_BTD, cache
     B, T, D = x_BTD.shape
-    logits_MV = x_BTD.astype(c.compute_dtype).reshape(B * T, D) @ w_DV.astype(c.compute_dtype)
-    return logits_MV.reshape(B, T, -1).astype(jnp.float32), new_cache
+    return logits(c, self.variables['params'], x_BTD.reshape(B * T, D)).reshape(B, T, -1), cache
 
 
 # ----------------------------------------------------------------------------- helpers
 def init_params(config: ModelConfig, key: jax.Array) -> Any:
-  """Random parameters for `config` (shapes only traced; nothing is run at full length)."""
+  """Random parameters for `config`, layers stacked (shapes only traced at length 8).
+
+  Drawn in the unrolled layout and stacked, so a key gives the same weights as before scan.
+  """
   from longrope_jax import rope as rope_lib
   tokens = jnp.zeros((1, 8), jnp.int32)
   positions = jnp.arange(8, dtype=jnp.int32)[None]
   rope = rope_lib.none(head_dim=config.head_dim)
-  init = jax.jit(lambda k: Decoder(config).init(k, tokens, positions, rope)['params'])
+  decoder = Decoder(config.replace(attention='dense'), scan_layers=False)  # no mesh needed
+  init = jax.jit(lambda k: stack_layers(decoder.init(k, tokens, positions, rope)['params'],
+                                        config.num_layers))
   return init(key)
+
+
+def stack_layers(params: dict, num_layers: int) -> dict:
+  """Unrolled params {'layer_0': p0, ...} -> {'layers': stack of p_i on axis 0} (numpy or jax)."""
+  names = [f'layer_{i}' for i in range(num_layers)]
+  missing = [n for n in names if n not in params]
+  if missing:
+    raise ValueError(f"params have no {missing[0]} (ModelConfig.num_layers = {num_layers}).")
+  xnp = jnp if isinstance(jax.tree.leaves(params[names[0]])[0], jax.Array) else np
+  out = {k: v for k, v in params.items() if k not in names}
+  out[LAYERS] = jax.tree.map(lambda *xs: xnp.stack(xs), *[params[n] for n in names])
+  return out
+
+
+def unstack_layers(params: dict) -> dict:
+  """Inverse of `stack_layers`: {'layers': stacked} -> {'layer_0': p0, ...}."""
+  if LAYERS not in params:
+    raise ValueError(f"params have no {LAYERS!r} entry (stacked layers).")
+  num_layers = jax.tree.leaves(params[LAYERS])[0].shape[0]
+  out = {k: v for k, v in params.items() if k != LAYERS}
+  for i in range(num_layers):
+    out[f'layer_{i}'] = jax.tree.map(lambda x: x[i], params[LAYERS])
+  return out
+
+
+def unembedding(config: ModelConfig, params) -> jax.Array:
+  """The output projection w[D, V] (the embedding's transpose when tied)."""
+  return params['embed']['embedding'].T if config.tie_embeddings else params['lm_head']
+
+
+def logits(config: ModelConfig, params, x_MD: jax.Array) -> jax.Array:
+  """Logits f32[M, V] of final hidden states x[M, D]."""
+  dt = config.compute_dtype
+  return (x_MD.astype(dt) @ unembedding(config, params).astype(dt)).astype(jnp.float32)
 
 
 def forward(config: ModelConfig, params, tokens_BT, positions_BT, rope: RopeScaling) -> jax.Array:
@@ -241,24 +341,52 @@ def forward(config: ModelConfig, params, tokens_BT, positions_BT, rope: RopeScal
 
 def token_nll(config: ModelConfig, params, tokens_BT, rope: RopeScaling,
               positions_BT: jax.Array | None = None) -> jax.Array:
-  """Next-token negative log-likelihood f32[B, T - 1] (nats) of sequences tokens[B, T]."""
+  """Next-token negative log-likelihood f32[B, T - 1] (nats) of sequences tokens[B, T].
+
+  Logits exist for at most `config.nll_chunk` positions at a time: beyond that the positions are
+  split into strided chunks (chunk j: positions j, j + n, j + 2n, ...; a sequence split over the
+  'seq' axis stays split) folded by a rematerialized scan, so no [B, T, V] array is built.
+  """
   B, T = tokens_BT.shape
   if positions_BT is None:
     positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-  logits_BTV = forward(config, params, tokens_BT[:, :-1], positions_BT[:, :-1], rope)
-  logz_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
-  target_BT = jnp.take_along_axis(logits_BTV, tokens_BT[:, 1:, None], axis=-1)[..., 0]
-  return logz_BT - target_BT
+  # Ring attention splits a sequence into 2 x seq blocks, so an even window of T tokens (as
+  # evaluation uses) runs all T positions and drops the last prediction: causal, so the first
+  # T - 1 are unchanged. Other attentions run the T - 1 positions that predict something.
+  inputs = T if config.attention == 'ring' and T % 2 == 0 else T - 1
+  x_BTD, _ = Decoder(config).apply({'params': params}, tokens_BT[:, :inputs],
+                                   positions_BT[:, :inputs], rope, hidden=True)
+  x_BTD = x_BTD[:, :T - 1]
+  target_BT = tokens_BT[:, 1:]
+  T, D = T - 1, x_BTD.shape[-1]
+
+  def chunk_nll(x_MD, target_M):
+    logits_MV = logits(config, params, x_MD)
+    target_logit_M = jnp.take_along_axis(logits_MV, target_M[:, None], axis=-1)[:, 0]
+    return jax.nn.logsumexp(logits_MV, axis=-1) - target_logit_M
+
+  if T <= config.nll_chunk:
+    return chunk_nll(x_BTD.reshape(B * T, D), target_BT.reshape(-1)).reshape(B, T)
+  n = -(-T // config.nll_chunk)  # number of chunks
+  pad = -T % n
+  x_BTD = jnp.pad(x_BTD, ((0, 0), (0, pad), (0, 0)))
+  target_BT = jnp.pad(target_BT, ((0, 0), (0, pad)))
+  x_nMD = x_BTD.reshape(B, -1, n, D).transpose(2, 0, 1, 3).reshape(n, -1, D)
+  target_nM = target_BT.reshape(B, -1, n).transpose(2, 0, 1).reshape(n, -1)
+  body = jax.checkpoint(lambda _, xs: (None, chunk_nll(*xs)))
+  _, nll_nM = jax.lax.scan(body, None, (x_nMD, target_nM))
+  return nll_nM.reshape(n, B, -1).transpose(1, 2, 0).reshape(B, -1)[:, :T]
 
 
 # ----------------------------------------------------------------------------- KV cache
-def init_cache(config: ModelConfig, batch: int, length: int) -> list[dict]:
-  """An empty KV cache for `length` positions: per layer k, v [B, S, K, H], pos [B, S], end []."""
-  dt = config.compute_dtype
-  shape = (batch, length, config.num_kv_heads, config.head_dim)
-  return [dict(k=jnp.zeros(shape, dt), v=jnp.zeros(shape, dt),
-               pos=jnp.full((batch, length), attention_lib.EMPTY_POSITION, jnp.int32),
-               end=jnp.zeros((), jnp.int32)) for _ in range(config.num_layers)]
+def init_cache(config: ModelConfig, batch: int, length: int) -> dict:
+  """An empty KV cache for `length` positions, layers stacked: k, v [L, B, S, K, H],
+  pos [L, B, S], end [L]."""
+  dt, L = config.compute_dtype, config.num_layers
+  shape = (L, batch, length, config.num_kv_heads, config.head_dim)
+  return dict(k=jnp.zeros(shape, dt), v=jnp.zeros(shape, dt),
+              pos=jnp.full((L, batch, length), attention_lib.EMPTY_POSITION, jnp.int32),
+              end=jnp.zeros((L,), jnp.int32))
 
 
 def update_cache(cache: dict, k_BTKH, v_BTKH, positions_BT) -> dict:
@@ -275,6 +403,6 @@ def update_cache(cache: dict, k_BTKH, v_BTKH, positions_BT) -> dict:
 
 
 def forward_with_cache(config: ModelConfig, params, tokens_BT, positions_BT, rope: RopeScaling,
-                       cache: list[dict]):
+                       cache: dict):
   """Logits for T new tokens given a cache holding the previous ones; returns (logits, cache)."""
   return Decoder(config).apply({'params': params}, tokens_BT, positions_BT, rope, cache)

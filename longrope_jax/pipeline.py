@@ -7,6 +7,7 @@ config.json, metrics.jsonl, ckpt/, eval/, search/, results.json, report.md, plot
 from __future__ import annotations
 
 import dataclasses
+import contextlib
 import functools
 import json
 import math
@@ -23,6 +24,7 @@ from longrope_jax import console
 from longrope_jax import data as data_lib
 from longrope_jax import evaluate as eval_lib
 from longrope_jax import hf
+from longrope_jax import mesh as mesh_lib
 from longrope_jax import metrics as metrics_lib
 from longrope_jax import model as model_lib
 from longrope_jax import plots
@@ -96,6 +98,34 @@ class Run:
   def original_length(self) -> int:
     return self.model_config.original_length
 
+  def _mesh_config(self) -> mesh_lib.MeshConfig:
+    return mesh_lib.MeshConfig(**{k: int(v) for k, v in self.config.mesh.items()})
+
+  @functools.cached_property
+  def train_mesh(self) -> jax.sharding.Mesh | None:
+    """The (data, fsdp, seq) mesh of pretraining and fine-tuning; None on a single device."""
+    m = self._mesh_config().replace(pop=1)
+    return mesh_lib.make_mesh(m) if math.prod(m.shape(len(jax.devices())).values()) > 1 else None
+
+  @functools.cached_property
+  def search_mesh(self) -> jax.sharding.Mesh:
+    """The search's mesh: candidates over 'pop' (the rest of the devices by default), one
+    sequence over 'seq' with ring attention."""
+    m = self._mesh_config()
+    return mesh_lib.make_mesh(mesh_lib.MeshConfig(pop=m.pop, seq=m.seq))
+
+  def sequence_mesh(self):
+    """A context setting the 'seq' mesh for ring attention in evaluation (a no-op without)."""
+    seq = self._mesh_config().seq
+    if self.model_config.attention != 'ring' or seq == 1:
+      return contextlib.nullcontext()
+    return jax.set_mesh(mesh_lib.make_mesh(mesh_lib.MeshConfig(seq=seq, pop=1)))
+
+  def training_config(self) -> model_lib.ModelConfig:
+    """The model as trained: dense attention on one sequence per device, ring across 'seq'."""
+    ring = self.train_mesh is not None and self.train_mesh.shape[mesh_lib.SEQ_AXIS] > 1
+    return self.model_config.replace(attention='ring' if ring else 'dense')
+
   def extension(self, multiple: float, **kwargs) -> rope_lib.Extension:
     """L0 -> multiple x L0."""
     return rope_lib.Extension.by_multiple(self.original_length, multiple, **kwargs)
@@ -140,10 +170,10 @@ def pretrain(run: Run) -> None:
   val = data_lib.eval_windows(run.documents('validation'), run.original_length, c.eval_windows,
                               seed=run.config.seed)
   t0 = time.time()
-  train_lib.train(mc.replace(attention='dense'), train_lib.OptimConfig.from_config(c), batches,
+  train_lib.train(run.training_config(), train_lib.OptimConfig.from_config(c), batches,
                   rope_lib.none(head_dim=mc.head_dim), run.workdir, seed=run.config.seed,
                   eval_windows=val, eval_every=c.eval_every, ckpt_every=c.ckpt_every,
-                  desc='pretrain')
+                  desc='pretrain', mesh=run.train_mesh)
   records = ckpt_lib.read_jsonl(run.workdir / 'metrics.jsonl')
   plots.training_curve(records, run.workdir / 'plots' / 'pretrain.png',
                        caption=plots.measured_caption(
@@ -204,11 +234,12 @@ def _perplexity(run: Run, key: str, params: Any, methods, extra: dict, *,
     ckpt_lib.append_jsonl(cache_path, dict(method=method, length=length, nll=nll,
                                            nll_per_document=docs_nll, protocol=protocol))
 
-  results = eval_lib.perplexity_vs_length(
-      run.model_config, params, run.documents(c.split), lengths, methods=methods, extra=extra,
-      num_windows=c.num_windows, seed=run.config.seed, batch_tokens=c.batch_tokens,
-      document_length=protocol['document_length'], stride=protocol['stride'], done=done,
-      on_result=on_result)
+  with run.sequence_mesh():
+    results = eval_lib.perplexity_vs_length(
+        run.model_config, params, run.documents(c.split), lengths, methods=methods, extra=extra,
+        num_windows=c.num_windows, seed=run.config.seed, batch_tokens=c.batch_tokens,
+        document_length=protocol['document_length'], stride=protocol['stride'], done=done,
+        on_result=on_result)
   results['split'] = c.split
   if save:
     run.save_result(key, results)
@@ -270,7 +301,7 @@ def search(run: Run) -> dict:
                                   c.num_windows, seed=run.config.seed)
   with metrics_lib.MetricWriter(run.workdir, 'search') as writer:
     result = search_lib.search(
-        run.model_config, run.params(), windows, extension=extension,
+        run.model_config, run.params(), windows, extension=extension, mesh=run.search_mesh,
         settings=search_lib.SearchConfig.from_config(c.settings), workdir=run.workdir / 'search',
         seed=run.config.seed,
         on_generation=lambda record: metrics_lib.write_search_generation(writer, record))
@@ -297,6 +328,7 @@ def progressive(run: Run) -> dict:
                                   extension.target_length, run.config.search.num_windows,
                                   seed=run.config.seed)
   long = search_lib.search(run.model_config, params, windows, extension=extension,
+                           mesh=run.search_mesh,
                            settings=settings, base=first.rope(),
                            workdir=workdir / 'search_long', seed=run.config.seed)
 
@@ -310,6 +342,7 @@ def progressive(run: Run) -> dict:
                                    short_extension.target_length, c.short_num_windows,
                                    seed=run.config.seed)
   short = search_lib.search(run.model_config, params, windows0, extension=short_extension,
+                            mesh=run.search_mesh,
                             settings=short_settings, workdir=workdir / 'search_short',
                             seed=run.config.seed)
   summary = dict(finetune_length=L1, finetune_steps=c.finetune.steps,
@@ -342,10 +375,10 @@ def finetune(run: Run, rope: rope_lib.RopeScaling, workdir: pathlib.Path) -> Any
                                    seed=run.config.seed + 1,
                                    passkey_fraction=c.passkey_fraction,
                                    copy_fraction=c.copy_fraction, tokenizer=run.tokenizer)
-  train_lib.train(run.model_config, train_lib.OptimConfig.from_config(c), batches, rope, workdir,
-                  seed=run.config.seed, init_params=run.params(), ckpt_every=c.ckpt_every,
-                  log_every=10, desc=f'finetune_{workdir.name}@{L1}',
-                  tb_workdir=run.workdir)
+  train_lib.train(run.training_config(), train_lib.OptimConfig.from_config(c), batches, rope,
+                  workdir, seed=run.config.seed, init_params=run.params(),
+                  ckpt_every=c.ckpt_every, log_every=10, desc=f'finetune_{workdir.name}@{L1}',
+                  tb_workdir=run.workdir, mesh=run.train_mesh)
   return train_lib.load_params(run.model_config, workdir)
 
 
@@ -381,6 +414,7 @@ def seeds(run: Run) -> dict:
   searches = {}
   for k, windows_NL in enumerate(windows):
     result = search_lib.search(run.model_config, run.params(), windows_NL, extension=extension,
+                               mesh=run.search_mesh,
                                settings=settings, workdir=run.workdir / 'seeds' / f'seed_{k}',
                                seed=run.config.seed + k)
     searches[f'seed_{k}'] = result.to_json()
@@ -452,6 +486,7 @@ def ablations(run: Run) -> dict:
   windows = data_lib.eval_windows(run.documents(c.split), extension.target_length,
                                   c.num_windows, seed=run.config.seed)  # the search's own
   fixed = search_lib.search(mc, run.params(), windows, extension=extension,
+                            mesh=run.search_mesh,
                             settings=dataclasses.replace(settings, search_n_hat=False, n_hat=0),
                             workdir=run.workdir / 'ablations' / 'search_n_hat_0',
                             seed=run.config.seed)

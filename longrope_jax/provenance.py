@@ -22,7 +22,7 @@ from longrope_jax import checkpoint as ckpt_lib
 RECORD_FILE = 'provenance.json'
 
 # Performance knobs that change how, not what, a stage computes (up to float summation order).
-_SEARCH_PERF = ('chunk', 'memory_gb', 'mesh_pop', 'doc_batch')
+_SEARCH_PERF = ('chunk', 'memory_gb', 'doc_batch')
 
 
 @dataclasses.dataclass(frozen=True)

@@ -58,7 +58,6 @@ class SearchConfig:
   doc_batch: int = 1                # eval windows per micro-batch
   chunk: int | None = None          # candidates per device per step (None: from memory_gb)
   memory_gb: float = 2.0            # activation memory per device for the fitness call
-  mesh_pop: int | None = None       # devices on the 'pop' axis (None: all)
   attention: str | None = None      # the model's attention for the search (None: as configured)
 
   def __post_init__(self):
@@ -214,7 +213,7 @@ def search(model_config: model_lib.ModelConfig, params: Any, windows_NL: np.ndar
     fitness = PopulationFitness(
         model_config, params, windows_NL, length=extension.target_length,
         max_population=settings.population,
-        mesh=mesh if mesh is not None else mesh_lib.population_mesh(settings.mesh_pop),
+        mesh=mesh if mesh is not None else mesh_lib.population_mesh(),
         chunk=settings.chunk, doc_batch=settings.doc_batch,
         memory_bytes=settings.memory_gb * 2**30)
   elif fitness.length != extension.target_length or fitness.capacity < settings.population:

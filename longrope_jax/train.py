@@ -1,7 +1,12 @@
-"""Pretraining and fine-tuning with optax (AdamW, warmup + cosine, clipping), resumable.
+"""Pretraining and fine-tuning with optax (AdamW, warmup + cosine, clipping), resumable, sharded.
 
 One loop serves pretraining at the original window (rope = `rope.none`) and the fine-tuning stage
 of progressive extension (rope = searched factors at the extended length): the scaling is data.
+
+On a mesh (mesh.make_mesh) the step is one jit with shardings, XLA's SPMD partitioner doing the
+rest: the batch splits over 'data' and 'fsdp', parameters and optimizer state over 'fsdp' (each
+array along its largest dimension that 'fsdp' divides), the sequence over 'seq' (ring attention,
+forward and backward).
 """
 
 from __future__ import annotations
@@ -18,8 +23,11 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
+from jax.sharding import NamedSharding, PartitionSpec as P
+
 from longrope_jax import checkpoint as ckpt_lib
 from longrope_jax import metrics as metrics_lib
+from longrope_jax import mesh as mesh_lib
 from longrope_jax import model as model_lib
 from longrope_jax import validation
 from longrope_jax.data import PackedBatches
@@ -74,14 +82,97 @@ def init_state(config: model_lib.ModelConfig, optimizer: optax.GradientTransform
   return dict(params=params, opt_state=optimizer.init(params), step=jnp.zeros((), jnp.int32))
 
 
-def make_train_step(config: model_lib.ModelConfig,
-                    optimizer: optax.GradientTransformation) -> Callable:
-  """(state, tokens i32[B, T+1], rope) -> (state, metrics); jitted, state donated."""
+# ----------------------------------------------------------------------------- shardings
+def fsdp_spec(path: tuple, shape: tuple[int, ...], fsdp: int) -> P:
+  """PartitionSpec of one param or optimizer-state array: its largest dimension that `fsdp`
+  divides goes over 'fsdp' (never the stacked layer axis, which the layer scan slices)."""
+  stacked = any(getattr(k, 'key', None) == model_lib.LAYERS for k in path)
+  dims = [d for d in range(int(stacked), len(shape)) if shape[d] % fsdp == 0]
+  if fsdp == 1 or not dims:
+    return P()
+  spec = [None] * len(shape)
+  spec[max(dims, key=lambda d: shape[d])] = mesh_lib.FSDP_AXIS
+  return P(*spec)
+
+
+def state_shardings(state_shapes: Any, mesh: jax.sharding.Mesh) -> Any:
+  """NamedShardings for a train state (or params) tree of arrays or ShapeDtypeStructs."""
+  fsdp = mesh.shape[mesh_lib.FSDP_AXIS] if mesh_lib.FSDP_AXIS in mesh.axis_names else 1
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: NamedSharding(mesh, fsdp_spec(path, x.shape, fsdp)), state_shapes)
+
+
+def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
+  """Sharding of token batches [B, T]: B over ('data', 'fsdp'); T whole (the model's inputs
+  are tokens[:, :-1], re-split over 'seq' inside the step)."""
+  return NamedSharding(mesh, P(_batch_axes(mesh)))
+
+
+def _batch_axes(mesh) -> tuple[str, ...]:
+  return tuple(a for a in mesh_lib.BATCH_AXES if a in mesh.axis_names)
+
+
+def validate_mesh(config: model_lib.ModelConfig, mesh: jax.sharding.Mesh, batch_size: int,
+                  length: int) -> None:
+  """Raises before tracing if the batch, the length or the attention do not fit the mesh."""
+  split = math.prod(mesh.shape[a] for a in _batch_axes(mesh))
+  if batch_size % split:
+    raise ValueError(f"The batch size {batch_size} is not divisible by mesh.data x mesh.fsdp = "
+                     f"{split}; change the batch size or the mesh.")
+  seq = mesh.shape.get(mesh_lib.SEQ_AXIS, 1)
+  if seq > 1 and config.attention != 'ring':
+    raise ValueError(f"mesh.seq = {seq} splits the sequence, which needs ring attention: set "
+                     f"--config.model.attention=ring (now {config.attention!r}) or mesh.seq=1.")
+  if seq > 1 and length % (2 * seq):
+    raise ValueError(f"The training length {length} is not divisible by 2 x mesh.seq = "
+                     f"{2 * seq}; change the length or mesh.seq.")
+
+
+def abstract_state(config: model_lib.ModelConfig, optimizer: optax.GradientTransformation,
+                   mesh: jax.sharding.Mesh | None = None) -> Any:
+  """The train state's ShapeDtypeStructs (with their shardings on `mesh`); nothing allocated."""
+  shapes = jax.eval_shape(lambda: init_state(config, optimizer, jax.random.key(0)))
+  if mesh is None:
+    return shapes
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes,
+                      state_shardings(shapes, mesh))
+
+
+def init_sharded_state(config: model_lib.ModelConfig, optimizer: optax.GradientTransformation,
+                       mesh: jax.sharding.Mesh, key: jax.Array | None = None,
+                       params: Any = None) -> dict:
+  """`init_state` built directly in its shardings (random params drawn on the mesh, or `params`
+  placed there)."""
+  shardings = state_shardings(abstract_state(config, optimizer), mesh)
+  if params is not None:
+    params = place(params, shardings['params'])
+  return jax.jit(lambda k, p: init_state(config, optimizer, k, p),
+                 out_shardings=shardings)(key, params)
+
+
+def place(tree: Any, shardings: Any) -> Any:
+  """Puts a tree whose whole value every process holds onto `shardings` (works across
+  processes: each takes its own shards)."""
+  def put(x, sharding):
+    if isinstance(x, jax.Array) and x.sharding == sharding:
+      return x
+    host = np.asarray(mesh_lib.to_host(x))
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+  return jax.tree.map(put, tree, shardings)
+
+
+# ----------------------------------------------------------------------------- steps
+def make_train_step(config: model_lib.ModelConfig, optimizer: optax.GradientTransformation,
+                    mesh: jax.sharding.Mesh | None = None) -> Callable:
+  """(state, tokens i32[B, T+1], rope) -> (state, metrics); jitted (on a mesh: state donated).
+
+  With `mesh`, the state must be in `state_shardings` (init_sharded_state) and the tokens are
+  placed in `batch_sharding`; the same step then runs data / FSDP / sequence parallel.
+  """
 
   def loss_fn(params, tokens_BT, rope):
     return model_lib.token_nll(config, params, tokens_BT, rope).mean()
 
-  @jax.jit
   def step(state, tokens_BT, rope):
     loss, grads = jax.value_and_grad(loss_fn)(state['params'], tokens_BT, rope)
     updates, opt_state = optimizer.update(grads, state['opt_state'], state['params'])
@@ -89,17 +180,39 @@ def make_train_step(config: model_lib.ModelConfig,
     metrics = dict(loss=loss, grad_norm=optax.global_norm(grads))
     return dict(params=params, opt_state=opt_state, step=state['step'] + 1), metrics
 
-  return step
+  if mesh is None:
+    return jax.jit(step)
+  shardings = state_shardings(abstract_state(config, optimizer), mesh)
+  replicated = NamedSharding(mesh, P())
+  jitted = jax.jit(step, in_shardings=(shardings, batch_sharding(mesh), replicated),
+                   out_shardings=(shardings, replicated), donate_argnums=0)
+
+  def sharded_step(state, tokens_BT, rope):
+    validate_mesh(config, mesh, tokens_BT.shape[0], tokens_BT.shape[1] - 1)
+    with jax.set_mesh(mesh):  # ring attention finds its 'seq' axis here
+      return jitted(state, place(tokens_BT, batch_sharding(mesh)), rope)
+
+  sharded_step.jitted = jitted
+  return sharded_step
 
 
-def make_eval_nll(config: model_lib.ModelConfig) -> Callable:
-  """(params, windows i32[N, L], rope) -> mean NLL per token (nats), jitted."""
+def make_eval_nll(config: model_lib.ModelConfig, mesh: jax.sharding.Mesh | None = None
+                  ) -> Callable:
+  """(params, windows i32[N, L], rope) -> mean NLL per token (nats), jitted (on `mesh`: params
+  in their FSDP shardings, windows replicated, sequence over 'seq')."""
 
-  @jax.jit
   def eval_nll(params, windows_NL, rope):
     return model_lib.token_nll(config, params, windows_NL, rope).mean()
 
-  return eval_nll
+  if mesh is None:
+    return jax.jit(eval_nll)
+  jitted = jax.jit(eval_nll)
+
+  def sharded(params, windows_NL, rope):
+    with jax.set_mesh(mesh):
+      return jitted(params, windows_NL, rope)
+
+  return sharded
 
 
 def train(config: model_lib.ModelConfig, optim: OptimConfig, batches: PackedBatches,
@@ -107,29 +220,39 @@ def train(config: model_lib.ModelConfig, optim: OptimConfig, batches: PackedBatc
           init_params: Any = None, eval_windows: np.ndarray | None = None,
           eval_every: int = 100, ckpt_every: int = 100, log_every: int = 10,
           desc: str = 'train', metrics_name: str = 'metrics.jsonl',
-          ckpt_name: str = 'ckpt', tb_workdir: str | pathlib.Path | None = None) -> dict:
+          ckpt_name: str = 'ckpt', tb_workdir: str | pathlib.Path | None = None,
+          mesh: jax.sharding.Mesh | None = None) -> dict:
   """Trains until `optim.steps`, resuming from `workdir/ckpt_name` if a checkpoint is there.
 
   Appends {step, loss, bits_per_token, lr, ...} to workdir/metrics_name, and writes the same
   scalars as TensorBoard events to (tb_workdir or workdir)/tb/desc; returns the state.
-  `init_params` (fine-tuning) is used only when no checkpoint exists yet.
+  `init_params` (fine-tuning) is used only when no checkpoint exists yet. With `mesh` the state
+  lives sharded (FSDP) and a checkpoint restores straight into this mesh's shardings, whatever
+  mesh wrote it.
   """
   workdir = ckpt_lib.abspath(workdir)
   optimizer = make_optimizer(optim)
-  state = init_state(config, optimizer, jax.random.key(seed), init_params)
+  if mesh is not None:
+    validate_mesh(config, mesh, batches.batch_size, batches.length)
   mngr = ckpt_lib.manager(workdir / ckpt_name)
   metrics_path = workdir / metrics_name
   start = 0
   if mngr.latest_step() is not None:
-    state = ckpt_lib.restore(mngr, state)
+    template = (init_state(config, optimizer, jax.random.key(seed)) if mesh is None
+                else abstract_state(config, optimizer, mesh))  # restored into these shardings
+    state = ckpt_lib.restore(mngr, template)
     start = int(state['step'])
+  elif mesh is None:
+    state = init_state(config, optimizer, jax.random.key(seed), init_params)
+  else:
+    state = init_sharded_state(config, optimizer, mesh, jax.random.key(seed), init_params)
   # Records past the resumed step (or all of them, killed before the first checkpoint) are redone.
   ckpt_lib.truncate_jsonl(metrics_path, lambda r: r.get('step', 0) <= start)
   if start >= optim.steps:
     return state
 
-  step_fn = make_train_step(config, optimizer)
-  eval_nll = make_eval_nll(config) if eval_windows is not None else None
+  step_fn = make_train_step(config, optimizer, mesh)
+  eval_nll = make_eval_nll(config, mesh) if eval_windows is not None else None
   schedule = make_schedule(optim)
   bar = tqdm(total=optim.steps, initial=start, desc=desc, dynamic_ncols=True)
   writer = metrics_lib.MetricWriter(tb_workdir or workdir, desc,

@@ -192,7 +192,6 @@ SEARCH_SETTINGS_RULES: dict[str, Check] = {
     'doc_batch': positive_int,
     'chunk': optional(positive_int),
     'memory_gb': positive_float,
-    'mesh_pop': optional(positive_int),
     'attention': optional(choice(_attention_impls)),
 }
 
@@ -209,6 +208,7 @@ RULES: dict[str, Check] = {
     'seed': non_negative_int,
     'stages': tuple_of(string),
     'overwrite': boolean,
+    **{f'mesh.{axis}': at_least(-1) for axis in ('data', 'fsdp', 'seq', 'pop')},
     'model.variant': string,
     'model.path': optional(string),
     'model.attention': choice(('dense', 'blockwise', 'ring')),
@@ -411,10 +411,24 @@ def check_mesh(config: Mapping) -> None:
                           "'blockwise'.")
 
 
+def check_mesh_shape(config: Mapping) -> None:
+  """The mesh section fits the devices there are (mesh.MeshConfig's own rules)."""
+  mesh = lookup(config, 'mesh', None)
+  if mesh is None:
+    return
+  import jax
+  from longrope_jax import mesh as mesh_lib
+  sizes = {k: int(mesh[k]) for k in ('data', 'fsdp', 'seq', 'pop') if k in mesh}
+  try:
+    mesh_lib.MeshConfig(**sizes).shape(len(jax.devices()))
+  except ValueError as e:
+    raise ConfigError('mesh', str(e)) from e
+
+
 # Append a section's own cross-field rules here (check_mesh is the hook for the mesh section).
 CROSS_CHECKS: list[Callable[[Mapping], None]] = [
     check_stages, check_model, check_data, check_optimizers, check_searches, check_passkey,
-    check_mesh]
+    check_mesh, check_mesh_shape]
 
 
 def validate_config(config: Mapping) -> None:

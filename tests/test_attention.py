@@ -34,7 +34,7 @@ def _arange_positions(B, T, S):
 
 def _value_and_grads(impl, q, k, v, q_pos, k_pos, dout, **kwargs):
   def loss(q, k, v):
-    out = attention_lib.attend(q, k, v, q_pos, k_pos, impl=impl, **kwargs)
+    out = model_lib.attend(q, k, v, q_pos, k_pos, impl=impl, **kwargs)
     return jnp.sum(out.astype(jnp.float32) * dout), out
 
   (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
@@ -112,7 +112,7 @@ def test_blockwise_under_vmap_over_a_population():
   q, k, v, _ = _inputs(6, B, T, T, N, K, H)
   qs, ks, vs = (jnp.stack([x, 2 * x, -x]) for x in (q, k, v))
   q_pos, k_pos = _arange_positions(B, T, T)
-  fn = lambda impl: jax.vmap(lambda q, k, v: attention_lib.attend(
+  fn = lambda impl: jax.vmap(lambda q, k, v: model_lib.attend(
       q, k, v, q_pos, k_pos, impl=impl, block_q=8, block_k=8))
   np.testing.assert_allclose(jax.jit(fn('blockwise'))(qs, ks, vs), fn('dense')(qs, ks, vs),
                              atol=1e-5)
@@ -139,7 +139,7 @@ def test_fused_attention_matches_dense():
   q, k, v, _ = _inputs(7, 2, 24, 24, 4, 2, 8)
   q_pos, k_pos = _arange_positions(2, 24, 24)
   for window in (None, 5):
-    fn = jax.jit(lambda q, k, v, impl: attention_lib.attend(q, k, v, q_pos, k_pos, impl=impl,
+    fn = jax.jit(lambda q, k, v, impl: model_lib.attend(q, k, v, q_pos, k_pos, impl=impl,
                                                             window=window), static_argnums=3)
     np.testing.assert_allclose(fn(q, k, v, 'fused'), fn(q, k, v, 'dense'), atol=1e-5)
 
@@ -149,7 +149,7 @@ def test_attend_unknown_implementation():
   q, k, v, _ = _inputs(0, 1, 4, 4, 2, 1, 4)
   pos = jnp.arange(4)[None]
   with pytest.raises(ValueError, match="Unknown attention implementation 'flash'"):
-    attention_lib.attend(q, k, v, pos, pos, impl='flash')
+    model_lib.attend(q, k, v, pos, pos, impl='flash')
 
 
 @pytest.mark.parametrize('kwargs,match', [
@@ -175,7 +175,15 @@ def test_blockwise_rejects_mismatched_shapes():
 
 
 def test_registry_lists_every_model_choice():
-  assert set(model_lib.ATTENTION_IMPLS) <= set(attention_lib.IMPLEMENTATIONS)
+  assert model_lib.ATTENTION_IMPLS == tuple(model_lib.ATTENTION)
+  assert set(model_lib.ATTENTION_IMPLS) == {'dense', 'blockwise', 'ring', 'fused'}
+
+
+def test_no_import_cycle():
+  """attention.py is the bottom layer: it imports neither ring_attention nor model."""
+  import pathlib
+  source = pathlib.Path(attention_lib.__file__).read_text()
+  assert 'ring_attention' not in source and 'import model' not in source
 
 
 # ----------------------------------------------------------------------------- model, memory

@@ -144,10 +144,10 @@ def test_transformers_bf16_checkpoint_stays_bf16(tmp_path):
   assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(ckpt.params))
   state = {k: v.float().numpy() for k, v in hf_model.state_dict().items()}
   qkv = state['model.layers.1.self_attn.qkv_proj.weight']
-  np.testing.assert_array_equal(np.asarray(ckpt.params['layer_1']['attn']['k'], np.float32),
+  np.testing.assert_array_equal(np.asarray(ckpt.params['layers']['attn']['k'][1], np.float32),
                                 qkv[64:96].T.reshape(64, 2, 16))
   up = state['model.layers.0.mlp.gate_up_proj.weight'][128:]
-  np.testing.assert_array_equal(np.asarray(ckpt.params['layer_0']['mlp']['up'], np.float32), up.T)
+  np.testing.assert_array_equal(np.asarray(ckpt.params['layers']['mlp']['up'][0], np.float32), up.T)
 
 
 def test_phi3_factor_switch_is_exercised():
@@ -246,7 +246,7 @@ def test_sharded_index_and_placement(tmp_path):
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   ckpt = hf.load(folder, sharding=lambda path: by_vocab if path[0] == 'embed' else replicated)
   assert ckpt.params['embed']['embedding'].sharding == by_vocab
-  assert ckpt.params['layer_1']['attn']['q'].sharding == replicated
+  assert ckpt.params['layers']['attn']['q'].sharding == replicated
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
                ckpt.params, params)
   tree = jax.tree.map(lambda x: x.sharding, ckpt.params)  # a tree of shardings works too

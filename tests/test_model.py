@@ -102,7 +102,7 @@ def test_kv_cache_decode_equals_full_forward(params, window):
                                                  positions[:, t:t + 1], r, cache)
     steps.append(logits)
   np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, atol=1e-4, rtol=1e-4)
-  assert int(cache[0]['end']) == T
+  assert cache['end'].tolist() == [T] * cfg.num_layers
 
 
 def test_bfloat16_compute_is_close_to_float32(params):
@@ -121,3 +121,61 @@ def test_untied_head_has_its_own_weights():
   assert p['lm_head'].shape == (cfg.dim, cfg.vocab_size)
   n = sum(x.size for x in jax.tree.leaves(p))
   assert n == cfg.num_params()
+
+
+# ----------------------------------------------------------------------------- lean model
+def test_scan_equals_unrolled_layers(params):
+  """One scanned layer gives the unrolled decoder's logits (the params' layer axis stacked)."""
+  tokens, pos = _tokens(2, 24, seed=5), jnp.broadcast_to(jnp.arange(24), (2, 24))
+  r = rope_lib.yarn(head_dim=CFG.head_dim, scale=4.0, theta=CFG.rope_theta,
+                    original_length=CFG.original_length)
+  scanned = model_lib.forward(CFG, params, tokens, pos, r)
+  unrolled, _ = model_lib.Decoder(CFG, scan_layers=False).apply(
+      {'params': model_lib.unstack_layers(params)}, tokens, pos, r)
+  np.testing.assert_allclose(scanned, unrolled, atol=1e-5, rtol=1e-5)  # f32 rounding
+  assert jax.tree.leaves(params['layers'])[0].shape[0] == CFG.num_layers
+  assert not any(k.startswith('layer_') for k in params)
+
+
+def test_stack_unstack_round_trip(params):
+  again = model_lib.stack_layers(model_lib.unstack_layers(params), CFG.num_layers)
+  jax.tree.map(np.testing.assert_array_equal, again, params)
+  with pytest.raises(ValueError, match='no layer_2'):
+    model_lib.stack_layers(model_lib.unstack_layers(params), 3)
+
+
+@pytest.mark.parametrize('chunk', [1, 5, 7, 64])
+def test_chunked_nll_equals_full_logits(params, chunk):
+  """token_nll in strided chunks equals the NLL of the full [B, T, V] logits, values and grads."""
+  tokens = _tokens(2, 30, seed=7)
+  r = rope_lib.none(head_dim=CFG.head_dim)
+  cfg = CFG.replace(nll_chunk=chunk)
+
+  def reference(p):
+    logits = model_lib.forward(CFG, p, tokens[:, :-1], jnp.arange(29)[None], r)
+    return -jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[:, 1:, None], -1)[..., 0]
+
+  np.testing.assert_allclose(model_lib.token_nll(cfg, params, tokens, r), reference(params),
+                             atol=1e-5, rtol=1e-6)
+  g = jax.grad(lambda p: model_lib.token_nll(cfg, p, tokens, r).mean())(params)
+  g_ref = jax.grad(lambda p: reference(p).mean())(params)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5), g, g_ref)
+
+
+@pytest.mark.parametrize('remat', ['full', 'dots_with_no_batch_dims_saveable', 'nothing_saveable'])
+def test_remat_keeps_loss_and_gradients(params, remat):
+  tokens = _tokens(2, 17, seed=9)
+  r = rope_lib.none(head_dim=CFG.head_dim)
+  loss = lambda cfg: jax.value_and_grad(
+      lambda p: model_lib.token_nll(cfg, p, tokens, r).mean())(params)
+  (l0, g0), (l1, g1) = loss(CFG), loss(CFG.replace(remat=remat))
+  np.testing.assert_allclose(l1, l0, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5), g1, g0)
+
+
+def test_remat_policy_is_validated():
+  with pytest.raises(ValueError, match='ModelConfig.remat'):
+    CFG.replace(remat='some_policy')
+  assert CFG.replace(remat='full').remat_policy is None
+  assert CFG.replace(remat='nothing_saveable').remat_policy is \
+      jax.checkpoint_policies.nothing_saveable

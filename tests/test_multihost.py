@@ -2,7 +2,8 @@
 
 The test starts this file twice as a script (`python tests/test_multihost.py PORT ID OUT`); each
 process joins through `mesh.maybe_initialize_distributed` (gloo collectives on CPU), evaluates the
-population fitness sharded over the mesh that spans both processes, and writes what it read back.
+population fitness sharded over the mesh that spans both processes, runs one training step
+sharded over data 2 (across the processes) x fsdp 2 (within each), and writes what it read back.
 Both must equal the single-process result.
 """
 
@@ -41,6 +42,28 @@ def setup():
   return config, params, windows, space.rope(genomes)
 
 
+def train_step(mesh=None) -> dict:
+  """One training step of the toy model (sharded on `mesh`): loss, grad norm, params' norms."""
+  import jax
+  import optax
+  from longrope_jax import mesh as mesh_lib
+  from longrope_jax import model as model_lib
+  from longrope_jax import rope as rope_lib
+  from longrope_jax import train as train_lib
+  config = model_lib.get_config('test', num_layers=1)
+  optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-2, eps=1e-3))
+  tokens = np.random.default_rng(1).integers(0, config.vocab_size, (4, 33)).astype(np.int32)
+  rope = rope_lib.none(head_dim=config.head_dim)
+  if mesh is None:
+    state = train_lib.init_state(config, optimizer, jax.random.key(0))
+  else:
+    state = train_lib.init_sharded_state(config, optimizer, mesh, jax.random.key(0))
+  state, metrics = train_lib.make_train_step(config, optimizer, mesh)(state, tokens, rope)
+  norms = [float(np.linalg.norm(mesh_lib.to_host(x))) for x in jax.tree.leaves(state['params'])]
+  return dict(loss=float(mesh_lib.to_host(metrics['loss'])),
+              grad_norm=float(mesh_lib.to_host(metrics['grad_norm'])), param_norms=norms)
+
+
 def worker(port: str, process_id: int, out: str) -> None:
   import jax
   jax.config.update('jax_num_cpu_devices', LOCAL_DEVICES)
@@ -57,6 +80,9 @@ def worker(port: str, process_id: int, out: str) -> None:
     fitness = fitness_lib.PopulationFitness(config, params, windows, length=TARGET,
                                            max_population=8, mesh=mesh)
     record[f'{pop}x{seq}'] = fitness(population).tolist()
+  train_mesh = mesh_lib.make_mesh(mesh_lib.MeshConfig(data=2, fsdp=2))
+  assert {d.process_index for d in train_mesh.devices[0, 0].flat} == {0}  # fsdp within a process
+  record['train'] = train_step(train_mesh)
   pathlib.Path(out).write_text(json.dumps(record))
 
 
@@ -84,7 +110,7 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def test_fitness_on_a_mesh_spanning_two_processes_equals_one_process(tmp_path):
+def test_fitness_and_train_step_on_a_mesh_spanning_two_processes_equal_one_process(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(REPO),
              XLA_FLAGS=f'--xla_force_host_platform_device_count={LOCAL_DEVICES}')
   for name in ('JAX_COORDINATOR_ADDRESS', 'JAX_NUM_PROCESSES', 'JAX_PROCESS_ID'):
@@ -101,6 +127,7 @@ def test_fitness_on_a_mesh_spanning_two_processes_equals_one_process(tmp_path):
   expected = fitness_lib.PopulationFitness(config, params, windows, length=TARGET,
                                           max_population=8, mesh=mesh_lib.population_mesh(1))
   expected = expected(population)
+  expected_train = train_step()
   logs = []
   try:
     for p in procs:
@@ -116,6 +143,8 @@ def test_fitness_on_a_mesh_spanning_two_processes_equals_one_process(tmp_path):
     assert record['process_index'] == i and record['local_devices'] == LOCAL_DEVICES
     for pop, seq in MESHES:
       np.testing.assert_allclose(record[f'{pop}x{seq}'], expected, rtol=1e-5, atol=1e-5)
+    for name in ('loss', 'grad_norm', 'param_norms'):
+      np.testing.assert_allclose(record['train'][name], expected_train[name], rtol=1e-5)
 
 
 if __name__ == '__main__':

@@ -5,7 +5,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from longrope_jax import attention as attention_lib
 from longrope_jax import mesh as mesh_lib
 from longrope_jax import model as model_lib
 from longrope_jax import ring_attention as ring_lib
@@ -36,7 +35,7 @@ def _random_params(config, scale=0.2):
 
 def _value_and_grads(impl, q, k, v, pos, dout, **kwargs):
   def loss(q, k, v):
-    out = attention_lib.attend(q, k, v, pos, pos, impl=impl, **kwargs)
+    out = model_lib.attend(q, k, v, pos, pos, impl=impl, **kwargs)
     return jnp.sum(out * dout), out
 
   (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
@@ -126,14 +125,4 @@ def test_ring_rejects_missing_mesh_axis():
   with pytest.raises(ValueError, match="no 'seq' axis"):
     ring_lib.ring_attention(q, k, v, pos, pos, mesh=data_mesh)
   with pytest.raises(ValueError, match='No device mesh'):
-    attention_lib.attend(q, k, v, pos, pos, impl='ring')
-
-
-def test_make_mesh():
-  mesh = mesh_lib.make_mesh(pop=2, seq=4)
-  assert mesh.axis_names == ('pop', 'seq') and dict(mesh.shape) == {'pop': 2, 'seq': 4}
-  assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
-  with pytest.raises(ValueError, match='devices needed'):
-    mesh_lib.make_mesh(pop=4, seq=4)
-  with pytest.raises(ValueError, match='seq must be a positive integer'):
-    mesh_lib.make_mesh(seq=0)
+    model_lib.attend(q, k, v, pos, pos, impl='ring')

@@ -14,7 +14,7 @@ SEARCH_SETTINGS = dict(
     strategy='paper_ga', population=8, parents=4, mutations=2, crossovers=2, mutation_prob=0.3,
     generations=3, max_evaluations=None, lambda_max=None, lambda_step=0.01, monotone=True,
     search_n_hat=True, n_hat=0, n_hat_choices=None, attn_scale=None, es_std=1.0, doc_batch=1,
-    chunk=None, memory_gb=2.0, mesh_pop=None, attention=None)
+    chunk=None, memory_gb=2.0, attention=None)
 
 
 def _base() -> dict:
@@ -120,7 +120,6 @@ BAD = [
     ('search.settings.doc_batch', 0, 'search.settings.doc_batch'),
     ('search.settings.chunk', 0, 'search.settings.chunk'),
     ('search.settings.memory_gb', 0.0, 'search.settings.memory_gb'),
-    ('search.settings.mesh_pop', 0, 'search.settings.mesh_pop'),
     ('search.settings.attention', 'flash', 'search.settings.attention'),
     ('evaluate.split', 'train2', 'evaluate.split'),
     ('evaluate.multiples', (), 'evaluate.multiples'),

@@ -1,0 +1,85 @@
+"""A memory and time plan for the paper's shapes, compiled ahead of time with no weights.
+
+  python -m experiments.plan --variants llama2_7b mistral_7b --lengths 32768 131072 \
+      --meshes fsdp=8 fsdp=4,seq=2 --devices 8 --peak_tflops 989 --mfu 0.4
+
+Simulates `--devices` CPU devices (--xla_force_host_platform_device_count), compiles the
+fine-tuning step and the search fitness (one candidate's NLL) for every variant, length and mesh,
+and prints a table per mesh: per-device memory from XLA's memory analysis, FLOPs per device, and
+the step time at the given accelerator peak and MFU. The numbers are a plan, not a measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import sys
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+  """'fsdp=4,seq=2' -> {'fsdp': 4, 'seq': 2}."""
+  sizes = {}
+  for part in text.split(','):
+    name, _, value = part.partition('=')
+    sizes[name.strip()] = int(value)
+  return sizes
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--variants', nargs='+', default=['llama2_7b', 'mistral_7b'])
+  parser.add_argument('--lengths', type=int, nargs='+', default=[32768, 131072])
+  parser.add_argument('--meshes', nargs='+', default=['fsdp=8', 'fsdp=4,seq=2'])
+  parser.add_argument('--kinds', nargs='+', default=['train', 'fitness'])
+  parser.add_argument('--batch', type=int, default=None,
+                      help='sequences per step (default: mesh.data x mesh.fsdp, one each)')
+  parser.add_argument('--devices', type=int, default=8)
+  parser.add_argument('--remat', default='full')
+  parser.add_argument('--block', type=int, default=2048, help='attention block_q = block_k')
+  parser.add_argument('--peak_tflops', type=float, default=989.0, help='H100 bf16 dense: 989')
+  parser.add_argument('--mfu', type=float, default=0.4)
+  parser.add_argument('--out', default=None, help='also write the plans as JSON here')
+  args = parser.parse_args(argv)
+  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                             f' --xla_force_host_platform_device_count={args.devices}')
+  import jax
+  jax.config.update('jax_platforms', 'cpu')
+  from longrope_jax import mesh as mesh_lib
+  from longrope_jax import model as model_lib
+  from longrope_jax import plan as plan_lib
+
+  results = []
+  for mesh_text in args.meshes:
+    sizes = parse_mesh(mesh_text)
+    mesh = mesh_lib.make_mesh(mesh_lib.MeshConfig(**sizes))
+    batch = args.batch or mesh.shape['data'] * mesh.shape['fsdp']
+    plans = []
+    for variant in args.variants:
+      attention = 'ring' if mesh.shape['seq'] > 1 else 'blockwise'
+      config = model_lib.get_config(variant, attention=attention, remat=args.remat,
+                                    block_q=args.block, block_k=args.block)
+      for length in args.lengths:
+        for kind in args.kinds:
+          p = plan_lib.plan_step(kind, config, mesh, batch, length)
+          print(f'{variant} {kind} {length} {mesh_text}: peak {p.peak_bytes / 2**30:.2f} GiB, '
+                f'compiled in {p.compile_s:.0f} s', file=sys.stderr, flush=True)
+          plans.append((variant, p))
+          results.append(dict(variant=variant, **{k: v for k, v in vars(p).items()},
+                              peak_bytes=p.peak_bytes,
+                              step_s=p.step_seconds(args.peak_tflops * 1e12, args.mfu)))
+    print(f'\n### Plan on mesh {mesh_text} ({mesh.devices.size} devices), remat {args.remat}, '
+          f'{args.peak_tflops:g} TFLOP/s at MFU {args.mfu:g}\n')
+    for variant in args.variants:
+      print(f'{variant}:\n')
+      print(plan_lib.table([p for v, p in plans if v == variant], args.peak_tflops * 1e12,
+                           args.mfu))
+      print()
+  if args.out:
+    pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    pathlib.Path(args.out).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == '__main__':
+  main()
