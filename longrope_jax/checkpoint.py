@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 import orbax.checkpoint as ocp
 
+from longrope_jax import mesh as mesh_lib
+
 
 class WorkdirError(ValueError):
   """A damaged or foreign file in a workdir: the message names the path and what to do."""
@@ -164,6 +166,8 @@ def to_json(value: Any) -> Any:
 
 def write_json(path: str | os.PathLike, value: Any) -> None:
   """Writes JSON atomically (temp file + rename): a reader never sees half a file."""
+  if not mesh_lib.is_main_process():  # one writer in a multi-process run
+    return
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   with tempfile.NamedTemporaryFile('w', dir=path.parent, delete=False, suffix='.tmp') as f:
@@ -174,6 +178,8 @@ def write_json(path: str | os.PathLike, value: Any) -> None:
 
 def write_text(path: str | os.PathLike, text: str) -> None:
   """Writes text atomically."""
+  if not mesh_lib.is_main_process():  # one writer in a multi-process run
+    return
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   with tempfile.NamedTemporaryFile('w', dir=path.parent, delete=False, suffix='.tmp') as f:
@@ -194,6 +200,8 @@ def read_json(path: str | os.PathLike, *, what: str = 'JSON', fix: str | None = 
 
 def append_jsonl(path: str | os.PathLike, record: dict) -> None:
   """Appends one JSON line (after dropping a torn last line a crash may have left)."""
+  if not mesh_lib.is_main_process():  # one writer in a multi-process run
+    return
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   _drop_torn_tail(path)
@@ -243,6 +251,8 @@ def read_jsonl(path: str | os.PathLike, required: tuple[str, ...] = ()) -> list[
 
 def truncate_jsonl(path: str | os.PathLike, keep: callable) -> None:
   """Keeps only the records for which keep(record) holds (used when resuming before a step)."""
+  if not mesh_lib.is_main_process():  # one writer in a multi-process run
+    return
   path = pathlib.Path(path)
   if path.exists():
     records = [r for r in read_jsonl(path) if keep(r)]

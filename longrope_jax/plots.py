@@ -13,6 +13,7 @@ import pathlib
 import textwrap
 from typing import Mapping, Sequence
 
+import jax
 import matplotlib
 
 matplotlib.use('Agg')
@@ -40,8 +41,12 @@ def measured_caption(*, what: str | None = None, split: str | None = None,
 
 
 def _save(fig, path, caption: str | None = None) -> pathlib.Path:
-  """Lays out the figure with room for `caption` (small grey text under the axes), writes it."""
+  """Lays out the figure with room for `caption` (small grey text under the axes), writes it
+  (on process 0 only, in a multi-process run)."""
   path = pathlib.Path(path)
+  if jax.process_index() != 0:
+    plt.close(fig)
+    return path
   path.parent.mkdir(parents=True, exist_ok=True)
   width, height = fig.get_size_inches()
   if caption:

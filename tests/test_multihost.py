@@ -83,6 +83,14 @@ def worker(port: str, process_id: int, out: str) -> None:
   train_mesh = mesh_lib.make_mesh(mesh_lib.MeshConfig(data=2, fsdp=2))
   assert {d.process_index for d in train_mesh.devices[0, 0].flat} == {0}  # fsdp within a process
   record['train'] = train_step(train_mesh)
+  # Workdir files: only process 0 writes them (both processes are given the same paths).
+  from longrope_jax import checkpoint as ckpt_lib
+  from longrope_jax import plots
+  shared = pathlib.Path(out).parent / 'workdir'
+  ckpt_lib.write_json(shared / f'results_p{process_id}.json', record)
+  ckpt_lib.append_jsonl(shared / f'metrics_p{process_id}.jsonl', dict(step=1))
+  plots.training_curve([dict(step=1, loss=1.0, bits_per_token=1.0)],
+                       shared / f'plot_p{process_id}.png')
   pathlib.Path(out).write_text(json.dumps(record))
 
 
@@ -145,6 +153,8 @@ def test_fitness_and_train_step_on_a_mesh_spanning_two_processes_equal_one_proce
       np.testing.assert_allclose(record[f'{pop}x{seq}'], expected, rtol=1e-5, atol=1e-5)
     for name in ('loss', 'grad_norm', 'param_norms'):
       np.testing.assert_allclose(record['train'][name], expected_train[name], rtol=1e-5)
+  written = sorted(p.name for p in (tmp_path / 'workdir').iterdir())
+  assert written == ['metrics_p0.jsonl', 'plot_p0.png', 'results_p0.json']  # none of process 1
 
 
 if __name__ == '__main__':

@@ -55,8 +55,10 @@ def test_config_runs_every_stage_and_exports(hf_assets, tmp_path, config, kind, 
   stages = json.loads((workdir / 'config.json').read_text())['stages']
   assert results['search']['target_length'] == 2 * hf_fixtures.ORIGINAL
   assert 'longrope' in results['perplexity']['methods']
-  if 'passkey' in stages:
-    assert set(results['passkey']['methods']) >= {'none', 'longrope'}
+  if 'passkey' in stages:  # a random checkpoint does not copy: the sweep is skipped, said why
+    passkey = results['passkey']
+    assert passkey.get('skipped') or set(passkey['methods']) >= {'none', 'longrope'}
+    assert passkey['answer_nll']['total'] > 0
   assert (workdir / 'report.md').exists()
 
   out = tmp_path / 'exported'
