@@ -95,9 +95,10 @@ def search_section(multiple: float, *, split: str = 'validation', num_windows: i
 
 def model_section(variant: str, **overrides) -> ml_collections.ConfigDict:
   """The model: a named variant, or a Hugging Face folder (`path`) whose config.json decides.
-  `sliding_window`: 'keep' (the model's own), 'none' (full causal attention) or a number."""
+  `sliding_window`: 'keep' (the model's own), 'none' (full causal attention) or a number;
+  `remat`: 'none', 'full' or a jax.checkpoint_policies name (activation memory of training)."""
   defaults = dict(variant=variant, path=None, original_length=None, sliding_window='keep',
-                  attention='blockwise', dtype='float32', param_dtype=None)
+                  attention='blockwise', dtype='float32', param_dtype=None, remat='none')
   return _section(defaults, dict(path=str, original_length=int, param_dtype=str), overrides,
                   'model')
 

@@ -76,7 +76,7 @@ class Run:
   def model_config(self) -> model_lib.ModelConfig:
     c = self.config.model
     base = self.hf_checkpoint.config if self.hf_path else model_lib.get_config(c.variant)
-    overrides = dict(attention=c.attention, dtype=c.dtype)
+    overrides = dict(attention=c.attention, dtype=c.dtype, remat=c.remat)
     window = hf.parse_sliding_window(c.sliding_window)
     if not self.hf_path and window != hf.KEEP:
       overrides['sliding_window'] = window

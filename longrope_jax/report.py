@@ -34,24 +34,28 @@ def _per_document(results: Mapping, name: str, j: int):
   return None if values is None else values[j]
 
 
-def _resolved_best(results: Mapping, metric: str, j: int, best: Callable) -> str | None:
-  """The best of two or more methods in column j, if its paired interval against the runner-up
-  excludes zero (without per-document values, as passkey's: if it is not tied)."""
+def _resolved_best(results: Mapping, metric: str, j: int, best: Callable,
+                   digits: int) -> str | None:
+  """The best of two or more methods in column j, if it is not tied with the runner-up as
+  printed (`digits`) and, with per-document values, its paired interval against the runner-up
+  excludes zero."""
   column = {m: v[metric][j] for m, v in results['methods'].items() if v[metric][j] is not None}
   if not column:
     return None
   ranked = sorted(column, key=column.get, reverse=best is max)
   if len(ranked) == 1:  # nothing to be best against
     return None
+  if round(column[ranked[0]], digits) == round(column[ranked[1]], digits):
+    return None  # a tie (as printed) is nobody's best
   first, second = (_per_document(results, m, j) for m in ranked[:2])
   if first is None or second is None:  # no per-document values (passkey): plain best
-    return ranked[0] if column[ranked[0]] != column[ranked[1]] else None
+    return ranked[0]
   _, low, high = paired_bootstrap(first, second)
   return ranked[0] if low > 0 or high < 0 else None
 
 
 def markdown_table(results: Mapping, metric: str = 'perplexity', digits: int = 3,
-                   best: Callable = min, strict: bool = False) -> str:
+                   best: Callable = min) -> str:
   """One row per method, one column per length (as a multiple of the original window); the
   best value of each column (`best` = min or max) in bold where it is resolved: with
   per-document NLLs, where its 95% paired bootstrap interval against the runner-up excludes 0."""
@@ -59,7 +63,7 @@ def markdown_table(results: Mapping, metric: str = 'perplexity', digits: int = 3
   methods = results['methods']
   header = '| method | ' + ' | '.join(f'{L} ({L / L0:g}x)' for L in lengths) + ' |'
   rows = [header, '|' + '---|' * (len(lengths) + 1)]
-  top = [_resolved_best(results, metric, j, best) for j in range(len(lengths))]
+  top = [_resolved_best(results, metric, j, best, digits) for j in range(len(lengths))]
   for name, values in results['methods'].items():
     cells = []
     for j, v in enumerate(values[metric]):
@@ -292,7 +296,7 @@ def render(results: Mapping, *, model: str) -> str:
               f"Accuracy over {r['trials']} keys at each of {len(r['depths'])} depths "
               f"({', '.join(f'{d:g}' for d in r['depths'])}) per length; greedy decoding with the "
               "KV cache; best per column in bold.", '',
-              markdown_table(r, metric='mean', digits=2, best=max, strict=True), '',
+              markdown_table(r, metric='mean', digits=2, best=max), '',
               '![passkey](plots/passkey.png)', '']
     if r.get('answer_nll', {}).get('nll'):
       a = r['answer_nll']

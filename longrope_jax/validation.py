@@ -216,6 +216,7 @@ RULES: dict[str, Check] = {
     'model.param_dtype': optional(choice(_dtypes)),
     'model.original_length': optional(positive_int),
     'model.sliding_window': sliding_window,
+    'model.remat': string,
     'data.source': choice(('stdlib', 'files', 'tfds')),
     'data.path': optional(string),
     'data.tfds_name': optional(string),
