@@ -166,18 +166,11 @@ def to_json(value: Any) -> Any:
 
 def write_json(path: str | os.PathLike, value: Any) -> None:
   """Writes JSON atomically (temp file + rename): a reader never sees half a file."""
-  if not mesh_lib.is_main_process():  # one writer in a multi-process run
-    return
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  with tempfile.NamedTemporaryFile('w', dir=path.parent, delete=False, suffix='.tmp') as f:
-    json.dump(to_json(value), f, indent=2)
-    tmp = f.name
-  os.replace(tmp, path)
+  write_text(path, json.dumps(to_json(value), indent=2))
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
-  """Writes text atomically."""
+  """Writes text atomically (process 0 only, in a multi-process run)."""
   if not mesh_lib.is_main_process():  # one writer in a multi-process run
     return
   path = pathlib.Path(path)

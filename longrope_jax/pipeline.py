@@ -575,6 +575,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
     raise ValueError(f"unknown stages {unknown} in config.stages; choose from {list(STAGES)}.")
   validation.validate_config(config)
   r = Run(config, workdir)
+  earlier = provenance.read_records(r.workdir)
   decisions = provenance.prepare(config, stages, r.workdir,
                                  overwrite=config.get('overwrite', False))
   r.write_config()
@@ -582,8 +583,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
     r.save_result('machine', console.machine_info())
   seconds = {}
   for d in decisions:
-    details = dict(stage_details(r, d.stage), workdir=f"{d.action}{': ' if d.changes else ''}"
-                   f"{'; '.join(d.changes)}")
+    state = 'new' if d.stage not in earlier else _ACTION_WORDS[d.action]
+    details = dict(stage_details(r, d.stage),
+                   workdir=state + (f": {'; '.join(d.changes)}" if d.changes else ''))
     console.stage_header(d.stage, details)
     t0 = time.time()
     provenance.begin(r.workdir, d)
@@ -594,6 +596,11 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
                   report_path=r.workdir / 'report.md' if 'report' in stages else None,
                   tensorboard_dir=r.workdir / metrics_lib.TB_DIR)
   return r
+
+
+_ACTION_WORDS = {provenance.KEEP: 'inputs unchanged (reused, resumed where unfinished)',
+                 provenance.RERUN: 'rerun, cached cells kept', provenance.EXTEND: 'extended',
+                 provenance.RECOMPUTE: 'recomputed'}
 
 
 def stage_details(run: Run, stage: str) -> dict:
