@@ -265,7 +265,8 @@ def passkey(run: Run) -> dict:
   if c.skip_fraction is not None and answer_nll and answer['total'] > c.skip_fraction * guess:
     print(f"passkey: skipped; the model does not copy the key (teacher-forced NLL of the answer "
           f"{answer['total']:.2f} nats at {answer_length} tokens, a guess is {guess:.2f}; "
-          f"the sweep runs above passkey.skip_fraction = {c.skip_fraction} of a guess).",
+          f"passkey.skip_fraction = {c.skip_fraction} skips the sweep above "
+          f"{c.skip_fraction * guess:.2f}).",
           flush=True)
     results = dict(skipped=True, lengths=lengths, original_length=run.original_length,
                    depths=list(c.depths), trials=c.trials, methods={}, answer_nll=answer)
