@@ -1,6 +1,8 @@
 """Shared flag handling for the entry points: --config (ml_collections, locked), --workdir, the
 console's --log_level, and the distributed setting of a multi-process (multi-host) run."""
 
+import sys
+
 from absl import flags
 from ml_collections import config_flags
 
@@ -37,3 +39,18 @@ def setup() -> bool:
   if not flags.FLAGS['verbosity'].present:
     console.configure_logging(LOG_LEVEL.value)
   return initialize_distributed()
+
+
+def run_stages(stages: tuple[str, ...] | None) -> None:
+  """pipeline.run on the flags' config and workdir; a problem the user can fix (a bad config
+  value, a workdir made with another config, a damaged file) ends the run with its message and
+  exit status 2 instead of a traceback."""
+  from longrope_jax import checkpoint as ckpt_lib
+  from longrope_jax import pipeline
+  from longrope_jax import provenance
+  from longrope_jax import validation
+  try:
+    pipeline.run(CONFIG.value, WORKDIR.value, stages=stages)
+  except (validation.ConfigError, provenance.StaleWorkdirError, ckpt_lib.WorkdirError) as e:
+    print(f'error: {e}', file=sys.stderr, flush=True)
+    sys.exit(2)

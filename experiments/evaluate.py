@@ -6,13 +6,12 @@
 from absl import app
 
 from experiments import common
-from longrope_jax import pipeline
 
 
 def main(argv):
   del argv
   common.setup()
-  pipeline.run(common.CONFIG.value, common.WORKDIR.value, stages=('evaluate', 'report'))
+  common.run_stages(('evaluate', 'report'))
 
 
 if __name__ == '__main__':

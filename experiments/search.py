@@ -10,13 +10,12 @@ A killed search resumes from workdir/search/ckpt when run again with the same co
 from absl import app
 
 from experiments import common
-from longrope_jax import pipeline
 
 
 def main(argv):
   del argv
   common.setup()
-  pipeline.run(common.CONFIG.value, common.WORKDIR.value, stages=('search', 'report'))
+  common.run_stages(('search', 'report'))
 
 
 if __name__ == '__main__':
