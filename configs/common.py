@@ -157,16 +157,43 @@ def finetuned_section(**overrides) -> ml_collections.ConfigDict:
 
 
 def paper_model_config(arg: str | None, *, variant: str, multiple: float, doc_tokens: int,
+                       progressive: tuple[float, float] = (32, 64),
                        **model_overrides) -> ml_collections.ConfigDict:
   """The paper's search (LongRoPE sec. 3.2 / 4.1) on a Hugging Face checkpoint: population 64,
   32 parents, 16 + 16 children with p = 0.3, 40 generations; lambda in [1, 1.25 s] on a 0.01
   grid, monotone; n_hat searched; fitness = perplexity of 5 PG19 validation books truncated to
-  L'; then every method on PG19 test books. `arg`: the checkpoint folder."""
-  a = parse_arg(arg, positional='path', path='')
+  L'; then every method on PG19 test books. `arg`: the checkpoint folder, and `progressive`
+  for the progressive recipe (below)."""
+  a = parse_arg(arg, positional='path', path='', progressive=False)
   c = base_config(('search', 'evaluate', 'passkey', 'report'))
   c.model = model_section(variant, path=a.path or None, dtype='bfloat16', **model_overrides)
   c.data = data_section(source='tfds', tfds_name='local_text/pg19', tokenizer='auto')
   c.search = search_section(multiple, num_windows=5, doc_batch=1, chunk=1, memory_gb=40.0)
   c.evaluate = evaluate_section(num_windows=10, batch_tokens=doc_tokens)
   c.passkey = passkey_section()
+  first, second = progressive
+  # Progressive extension (LongRoPE sec. 3.3) with this pipeline's one fine-tuning stage: search
+  # at `first` x L0, fine-tune there with those factors, search again at `second` x L0 on the
+  # fine-tuned model on top of them, short factors for L0. (The paper goes on with a second
+  # fine-tune and a search to 2048k.) Mesh and remat from the plan (python -m experiments.plan):
+  # a 128K fine-tune of a 7B model needs one sequence over 8 devices (seq 8, about 91 GiB per
+  # device) with full rematerialization; the search uses the same 'seq' axis.
+  c.progressive = progressive_section(
+      second, short_num_windows=5,
+      finetune=dict(steps=400, batch_size=1, lr=2e-5, warmup=20, final_lr_ratio=0.1,
+                    weight_decay=0.0, clip=1.0, ckpt_every=50, passkey_fraction=0.0,
+                    copy_fraction=0.0),
+      search_settings=dict(c.search.settings.items()))
+  if a.progressive:
+    c.stages = ('search', 'evaluate', 'passkey', 'progressive', 'progressive_evaluate', 'report')
+    c.search.multiple = first
+    c.model.update(attention='ring', remat='full')
+    c.mesh.update(seq=8)
+    # Ring attention inside the population fitness (a shard_map over 'pop') does not trace with
+    # the scanned layers yet (the scan carry's varying axes differ), so the searches run
+    # blockwise, one candidate per device.
+    c.search.settings.attention = 'blockwise'
+    c.progressive.search.attention = 'blockwise'
+    c.evaluate.multiples = (1, 2, 4, 8, 16, 32)
+    c.passkey.multiples = (1, 8, 32)
   return c

@@ -10,6 +10,9 @@ extended context. Export such a run with `--sliding_window=none` too.
       --workdir runs/mistral
   python -m experiments.search --config configs/mistral_7b.py:/path/to/Mistral-7B-v0.1 \
       --workdir runs/mistral --config.search.settings.strategy=CMA_ES
+
+`:/path,progressive`: search 4k -> 64k, fine-tune at 64k, search again for 128k on top of those
+factors (the paper's 128k Mistral), short factors for 4k.
 """
 
 import ml_collections
@@ -20,4 +23,5 @@ from configs import common
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """`arg`: the Hugging Face checkpoint folder (or set --config.model.path)."""
   return common.paper_model_config(arg, variant='mistral_7b', multiple=8, doc_tokens=32768,
-                                   original_length=4096, sliding_window='none')
+                                   original_length=4096, sliding_window='none',
+                                   progressive=(16, 32))

@@ -255,6 +255,8 @@ def passkey(run: Run) -> dict:
   does not copy, so the sweep (all zeros) is skipped and the stage says so."""
   c = run.config.passkey
   mc = run.model_config
+  if mc.attention == 'ring':  # prompts of any length, one per device: blockwise (decode is dense)
+    mc = mc.replace(attention='blockwise')
   lengths = run.lengths(c.multiples)
   answer_length = min(lengths, default=run.original_length)
   answer_nll = (eval_lib.passkey_answer_nll(mc, run.params(), run.tokenizer, answer_length,

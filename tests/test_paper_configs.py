@@ -67,3 +67,32 @@ def test_config_runs_every_stage_and_exports(hf_assets, tmp_path, config, kind, 
   rope_scaling = json.loads((out / 'config.json').read_text())['rope_scaling']
   assert rope_scaling['long_factor'] == pytest.approx(results['search']['factors'])
   assert rope_scaling['original_max_position_embeddings'] == hf_fixtures.ORIGINAL
+
+
+@pytest.mark.slow
+def test_llama2_progressive_recipe_on_eight_devices(hf_assets, tmp_path):
+  """configs/llama2_7b.py:CKPT,progressive at tiny lengths on 8 simulated devices (conftest's
+  XLA_FLAGS reach the subprocess): the search on (pop 4, seq 2), fine-tuning with one sequence
+  over 'seq' (ring attention), the second search on top of the first factors, short factors."""
+  ckpt = hf_assets.checkpoint('llama')
+  name, data_dir = hf_assets.pg19()
+  workdir = tmp_path / 'run'
+  sizes = [a for a in SIZES if 'multiples' not in a and 'attention' not in a]
+  _run(['experiments.run', '--config', f'configs/llama2_7b.py:{ckpt},progressive', '--workdir',
+        str(workdir), *sizes, f'--config.data.data_dir={data_dir}',
+        f'--config.model.original_length={hf_fixtures.ORIGINAL}', '--config.mesh.seq=2',
+        '--config.search.settings.search_n_hat=False', '--config.progressive.multiple=4',
+        '--config.progressive.finetune.steps=2', '--config.progressive.finetune.warmup=1',
+        '--config.progressive.short_num_windows=2',
+        '--config.progressive.search.population=4', '--config.progressive.search.parents=2',
+        '--config.progressive.search.mutations=1', '--config.progressive.search.crossovers=1',
+        '--config.progressive.search.generations=1',
+        '--config.progressive.search.search_n_hat=False',
+        "--config.evaluate.multiples=(1,2,4)", "--config.passkey.multiples=(1,)"], tmp_path)
+  results = json.loads((workdir / 'results.json').read_text())
+  L0 = hf_fixtures.ORIGINAL
+  prog = results['progressive']
+  assert (prog['finetune_length'], prog['target_length']) == (2 * L0, 4 * L0)
+  assert prog['short']['attn_scale'] == prog['long']['attn_scale']
+  assert results['machine']['devices'] == 8
+  assert 'longrope_progressive' in results['progressive_perplexity']['methods']
