@@ -2,6 +2,7 @@
 
   python -m experiments.plan --variants llama2_7b mistral_7b --lengths 32768 131072 \
       --meshes fsdp=8 fsdp=4,seq=2 --devices 8 --peak_tflops 989 --mfu 0.4
+  python -m experiments.plan --config configs/llama2_7b.py:progressive --devices 8
 
 Simulates `--devices` CPU devices (--xla_force_host_platform_device_count), compiles the
 fine-tuning step and the search fitness (one candidate's NLL) for every variant, length and mesh,
@@ -27,8 +28,33 @@ def parse_mesh(text: str) -> dict[str, int]:
   return sizes
 
 
+def from_config(args: argparse.Namespace) -> None:
+  """Sets variants, lengths, meshes and remat from `args.config` ('file.py' or 'file.py:arg')."""
+  import importlib.util
+  path, _, arg = args.config.partition(':')
+  spec = importlib.util.spec_from_file_location('plan_config', path)
+  module = importlib.util.module_from_spec(spec)
+  sys.path.insert(0, str(pathlib.Path(path).resolve().parents[1]))
+  spec.loader.exec_module(module)
+  config = module.get_config(arg or None)
+  from longrope_jax import model as model_lib
+  from longrope_jax import rope as rope_lib
+  L0 = config.model.original_length or model_lib.get_config(config.model.variant).original_length
+  multiples = [config.search.multiple]
+  if 'progressive' in config.stages:
+    multiples.append(config.progressive.multiple)
+  args.variants = [config.model.variant]
+  args.lengths = [rope_lib.Extension.by_multiple(L0, m).target_length for m in multiples]
+  args.meshes = [','.join(f'{k}={config.mesh[k]}' for k in ('data', 'fsdp', 'seq'))]
+  args.remat = config.model.remat
+
+
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--config', default=None,
+                      help='a config file (configs/llama2_7b.py:progressive): its model variant, '
+                      'lengths (search, and progressive when it runs), mesh and remat replace '
+                      '--variants, --lengths, --meshes and --remat')
   parser.add_argument('--variants', nargs='+', default=['llama2_7b', 'mistral_7b'])
   parser.add_argument('--lengths', type=int, nargs='+', default=[32768, 131072])
   parser.add_argument('--meshes', nargs='+', default=['fsdp=8', 'fsdp=4,seq=2'])
@@ -42,6 +68,8 @@ def main(argv=None) -> None:
   parser.add_argument('--mfu', type=float, default=0.4)
   parser.add_argument('--out', default=None, help='also write the plans as JSON here')
   args = parser.parse_args(argv)
+  if args.config:
+    from_config(args)
   os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                              f' --xla_force_host_platform_device_count={args.devices}')
   import jax
