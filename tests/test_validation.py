@@ -63,7 +63,8 @@ def test_the_toy_config_is_valid():
 
 
 def test_a_config_without_pretrain_is_valid():
-  validation.validate_config(_config(pretrain=_DELETE, stages=('search', 'evaluate', 'report')))
+  assert validation.errors(_config(pretrain=_DELETE,
+                                   stages=('search', 'evaluate', 'report'))) == []
 
 
 # (field changed, bad value, field the error must name). The cases come first.
@@ -183,7 +184,7 @@ def test_messages_say_the_fix():
 
 
 def test_ring_attention_with_a_seq_axis_passes():
-  validation.validate_config(_config(**{'model.attention': 'ring'}, mesh=dict(seq=4)))
+  assert validation.errors(_config(**{'model.attention': 'ring'}, mesh=dict(seq=4))) == []
 
 
 def test_errors_collects_every_bad_field():
