@@ -121,10 +121,11 @@ class Run:
       return contextlib.nullcontext()
     return jax.set_mesh(mesh_lib.make_mesh(mesh_lib.MeshConfig(seq=seq, pop=1)))
 
-  def training_config(self) -> model_lib.ModelConfig:
-    """The model as trained: dense attention on one sequence per device, ring across 'seq'."""
+  def training_config(self, attention: str) -> model_lib.ModelConfig:
+    """The model as trained: ring attention when the training mesh splits sequences over 'seq',
+    else `attention` (dense for short pretraining windows, the model's own for fine-tuning)."""
     ring = self.train_mesh is not None and self.train_mesh.shape[mesh_lib.SEQ_AXIS] > 1
-    return self.model_config.replace(attention='ring' if ring else 'dense')
+    return self.model_config.replace(attention='ring' if ring else attention)
 
   def extension(self, multiple: float, **kwargs) -> rope_lib.Extension:
     """L0 -> multiple x L0."""
@@ -170,7 +171,7 @@ def pretrain(run: Run) -> None:
   val = data_lib.eval_windows(run.documents('validation'), run.original_length, c.eval_windows,
                               seed=run.config.seed)
   t0 = time.time()
-  train_lib.train(run.training_config(), train_lib.OptimConfig.from_config(c), batches,
+  train_lib.train(run.training_config('dense'), train_lib.OptimConfig.from_config(c), batches,
                   rope_lib.none(head_dim=mc.head_dim), run.workdir, seed=run.config.seed,
                   eval_windows=val, eval_every=c.eval_every, ckpt_every=c.ckpt_every,
                   desc='pretrain', mesh=run.train_mesh)
@@ -378,7 +379,8 @@ def finetune(run: Run, rope: rope_lib.RopeScaling, workdir: pathlib.Path) -> Any
                                    seed=run.config.seed + 1,
                                    passkey_fraction=c.passkey_fraction,
                                    copy_fraction=c.copy_fraction, tokenizer=run.tokenizer)
-  train_lib.train(run.training_config(), train_lib.OptimConfig.from_config(c), batches, rope,
+  train_lib.train(run.training_config(run.model_config.attention),
+                  train_lib.OptimConfig.from_config(c), batches, rope,
                   workdir, seed=run.config.seed, init_params=run.params(),
                   ckpt_every=c.ckpt_every, log_every=10, desc=f'finetune_{workdir.name}@{L1}',
                   tb_workdir=run.workdir, mesh=run.train_mesh)
