@@ -91,6 +91,7 @@ def main() -> None:
   parser.add_argument('--cases', nargs='+', default=list(CASES))
   parser.add_argument('--out', default=str(REPO / 'bench' / 'results' / 'memory.json'))
   args = parser.parse_args()
+  load_start = os.getloadavg()
   runs = []
   trees = [('after', REPO, 'none'), ('after', REPO, 'full')]
   if args.before_repo:
@@ -108,8 +109,8 @@ def main() -> None:
             f'MiB, planned {r["planned_bytes"] / 2**20:8.1f} MiB '
             f'(ratio {r["measured_peak_bytes"] / r["planned_bytes"]:.2f})', flush=True)
   result = dict(machine=dict(platform=platform.platform(), cpus=os.cpu_count(),
-                             python=platform.python_version(),
-                             load_average=os.getloadavg()),
+                             python=platform.python_version()),
+                load_average_start=load_start, load_average_end=os.getloadavg(),
                 commit=subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=REPO, text=True,
                                       capture_output=True).stdout.strip(),
                 runs=runs)
