@@ -10,6 +10,7 @@ import pytest
 
 from configs import demo as demo_config
 from longrope_jax import pipeline
+from longrope_jax import validation
 
 
 @pytest.fixture(scope='module')
@@ -35,6 +36,14 @@ def test_variant_stage_lists():
   assert demo_config.get_config('finetuned').evaluate.multiples[-1] == 32
   assert demo_config.get_config('').stages == ('pretrain', 'search', 'evaluate', 'passkey',
                                                'report')
+
+
+def test_retrieval_variant_trains_a_copying_base_model_at_l0_128():
+  c = demo_config.get_config('retrieval')
+  assert c.model.original_length == 128
+  assert c.pretrain.passkey_fraction + c.pretrain.copy_fraction == pytest.approx(0.9)
+  assert c.passkey.multiples == (1, 2, 4, 8, 16) and c.passkey.skip_fraction is not None
+  assert validation.errors(c) == []
 
 
 def test_seeds_variant(base_run, tmp_path):
