@@ -157,9 +157,12 @@ def search_summary(record: Mapping, directory: str = 'search') -> str:
   return '\n'.join(lines)
 
 
-def progressive_summary(base: Mapping, prog: Mapping) -> list[str]:
+def progressive_summary(base: Mapping, prog: Mapping, prog_record: Mapping | None = None
+                        ) -> list[str]:
   """The two checks of progressive extension, in words: at the longest length, the fine-tuned
-  model against every method without fine-tuning; at L0, the short factors against the base."""
+  model against every method without fine-tuning; at L0, the short factors against the base
+  (and, from the stage's record `prog_record`, which short factors were kept)."""
+  prog_record = prog_record or {}
   lengths, L0 = base['lengths'], base['original_length']
   ppl = lambda results, name, j: results['methods'][name]['perplexity'][j]  # noqa: E731
   lines = []
@@ -179,6 +182,11 @@ def progressive_summary(base: Mapping, prog: Mapping) -> list[str]:
       lines.append(f"- At L0 = {L0}: the base model {ref:.3f}; the fine-tuned model with the "
                    f"short factors {short:.3f} ({100 * (short / ref - 1):+.1f}%), with the long "
                    f"factors {no_short:.3f} ({100 * (no_short / ref - 1):+.1f}%).")
+  source, at_l0 = prog_record.get('short_source'), prog_record.get('short_nll_at_l0')
+  if source and at_l0:
+    lines.append(f"- Short factors up to L0: the {source} ones (fitness NLL at L0: searched "
+                 f"{at_l0['searched']:.4f}, long {at_l0['long']:.4f}; the readjustment keeps "
+                 f"the searched ones only where they do better).")
   return lines + [''] if lines else []
 
 
@@ -316,7 +324,7 @@ def render(results: Mapping, *, model: str) -> str:
                 "`longrope_progressive` uses the short factors up to L0 and the long ones beyond; "
                 "the other rows are the base model without fine-tuning.", '',
                 markdown_table(merged), '']
-      lines += progressive_summary(base, prog)
+      lines += progressive_summary(base, prog, p)
       rows = paired_comparison(prog, 'longrope_progressive', others=list(base['methods']),
                                against=base)
       same_documents = all(prog.get(k) == base.get(k) for k in ('document_length', 'stride'))

@@ -84,10 +84,17 @@ def test_progressive_stages_on_the_toy_config(tmp_path):
   first, second = (np.asarray(f) for f in prog['long']['stage_factors'])
   np.testing.assert_allclose(prog['long']['factors'], first * second, rtol=1e-5)
   assert prog['long']['scale'] == 8
-  short = np.asarray(prog['short']['factors'])
-  assert np.all((short >= 1.0) & (short <= 1.25 + 1e-9))
+  # The short factors up to L0 are the searched ones (lambda <= 1.25) unless the long ones
+  # give a lower NLL at L0 on the same windows; the choice and both NLLs are recorded.
+  at_l0 = prog['short_nll_at_l0']
+  assert prog['short_source'] == ('searched' if at_l0['searched'] <= at_l0['long'] else 'long')
+  searched = np.asarray(prog['short_searched']['factors'])
+  assert np.all((searched >= 1.0) & (searched <= 1.25 + 1e-9))
+  source = prog['short_searched'] if prog['short_source'] == 'searched' else prog['long']
+  assert prog['short']['factors'] == source['factors']
   # one attention scale for short and long factors, as transformers' longrope applies
-  assert prog['short']['n_hat'] == 0 and prog['short']['attn_scale'] == prog['long']['attn_scale']
+  assert prog['short_searched']['n_hat'] == 0
+  assert prog['short']['attn_scale'] == prog['long']['attn_scale']
   ppl = results['progressive_perplexity']['methods']
   assert all(v is not None for v in ppl['longrope_progressive']['nll'])
   # Up to L0 the switch takes the short factors, beyond it the long ones.
