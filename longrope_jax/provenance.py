@@ -57,6 +57,9 @@ class StageSpec:
     return tuple(dict.fromkeys(f.split('.')[0] for f in self.reads))
 
 
+# model.attention is not among them: every registered implementation equals dense attention
+# within 1e-5 (tests/test_attention.py, test_cpu_attention.py), so switching to a faster one,
+# like the search's chunk sizes, changes how a stage computes, not what.
 _MODEL = ('model.variant', 'model.path', 'model.original_length', 'model.sliding_window',
           'model.dtype', 'model.param_dtype')
 
@@ -67,11 +70,11 @@ STAGES: dict[str, StageSpec] = {
         extend=('pretrain.steps',),
         outputs=('ckpt', 'metrics.jsonl', 'plots/pretrain.png'), results=('pretrain',)),
     'search': StageSpec(
-        reads=('seed', *_MODEL, 'model.attention', 'data', 'search'),
+        reads=('seed', *_MODEL, 'data', 'search'),
         ignore=tuple(f'search.settings.{k}' for k in _SEARCH_PERF),
         upstream=('pretrain',), outputs=('search',), results=('search',)),
     'evaluate': StageSpec(
-        reads=('seed', *_MODEL, 'model.attention', 'data', 'evaluate'),
+        reads=('seed', *_MODEL, 'data', 'evaluate'),
         ignore=('evaluate.batch_tokens',), cells=('evaluate.multiples', 'evaluate.methods'),
         upstream=('pretrain', 'search'), outputs=('eval/perplexity.jsonl', 'plots/perplexity.png'),
         results=('perplexity',), method_upstream=(('search', 'longrope'),)),
@@ -81,37 +84,37 @@ STAGES: dict[str, StageSpec] = {
         upstream=('pretrain', 'search'), outputs=('eval/passkey.jsonl', 'plots/passkey.png'),
         results=('passkey',), method_upstream=(('search', 'longrope'),)),
     'progressive': StageSpec(
-        reads=('seed', *_MODEL, 'model.attention', 'data', 'search.split', 'search.num_windows',
+        reads=('seed', *_MODEL, 'data', 'search.split', 'search.num_windows',
                'progressive'),
         ignore=('progressive.finetune.ckpt_every',
                 *(f'progressive.search.{k}' for k in _SEARCH_PERF)),
         upstream=('pretrain', 'search'), outputs=('progressive',), results=('progressive',)),
     'progressive_evaluate': StageSpec(
-        reads=('seed', *_MODEL, 'model.attention', 'data', 'evaluate.split',
+        reads=('seed', *_MODEL, 'data', 'evaluate.split',
                'evaluate.num_windows', 'evaluate.multiples'),
         cells=('evaluate.multiples',),
         upstream=('progressive',), outputs=('eval/progressive.jsonl',),
         results=('progressive_perplexity',)),
     'evaluate_sliding': StageSpec(
-        reads=('seed', *_MODEL, 'model.attention', 'data', 'evaluate'),
+        reads=('seed', *_MODEL, 'data', 'evaluate'),
         ignore=('evaluate.batch_tokens', 'evaluate.stride'),
         cells=('evaluate.multiples', 'evaluate.methods'),
         upstream=('pretrain', 'search'), outputs=('eval/perplexity_sliding.jsonl',),
         results=('perplexity_sliding',), method_upstream=(('search', 'longrope'),)),
     'seeds': StageSpec(
-        reads=('seed', *_MODEL, 'model.attention', 'data', 'search', 'evaluate'),
+        reads=('seed', *_MODEL, 'data', 'search', 'evaluate'),
         ignore=('evaluate.batch_tokens', *(f'search.settings.{k}' for k in _SEARCH_PERF)),
         upstream=('pretrain',), outputs=('seeds', 'eval/seeds_perplexity.jsonl'),
         results=('seeds',)),
     'finetuned': StageSpec(
-        reads=('seed', *_MODEL, 'model.attention', 'data', 'evaluate', 'progressive.finetune',
+        reads=('seed', *_MODEL, 'data', 'evaluate', 'progressive.finetune',
                'finetuned'),
         ignore=('evaluate.batch_tokens', 'progressive.finetune.ckpt_every'),
         upstream=('pretrain', 'search'),
         outputs=('finetuned', 'eval/finetuned_*.jsonl', 'plots/finetuned.png'),
         results=('finetuned',)),
     'ablations': StageSpec(
-        reads=('seed', *_MODEL, 'model.attention', 'data', 'search', 'evaluate'),
+        reads=('seed', *_MODEL, 'data', 'search', 'evaluate'),
         ignore=('evaluate.batch_tokens', *(f'search.settings.{k}' for k in _SEARCH_PERF)),
         upstream=('pretrain', 'search'), outputs=('ablations', 'eval/ablations.jsonl'),
         results=('ablations',)),
@@ -205,7 +208,28 @@ def read_records(workdir: str | pathlib.Path) -> dict[str, StageRecord]:
   data = ckpt_lib.read_json(path, what='the stage records', fix=(
       f'delete {path} only if you know which config made this workdir; else use a fresh '
       '--workdir'))
-  return {stage: StageRecord.from_json(r) for stage, r in data.items()}
+  return _without_retired({stage: StageRecord.from_json(r) for stage, r in data.items()})
+
+
+# Fields stages read once and no longer do; records written then still hold them.
+RETIRED_FIELDS = ('model.attention',)
+
+
+def _without_retired(records: Mapping[str, StageRecord]) -> dict[str, StageRecord]:
+  """`records` as if written today: retired fields dropped, and the upstream fingerprints that
+  named a record before the drop renamed to its fingerprint after it (so that a workdir made
+  when a stage still read model.attention is not called stale for a field it no longer reads)."""
+  renamed: dict[str, str] = {}
+  result: dict[str, StageRecord] = {}
+  order = [s for s in STAGES if s in records] + [s for s in records if s not in STAGES]
+  for stage in order:  # STAGES lists every stage after its upstream ones
+    record = records[stage]
+    fields = {k: v for k, v in record.fields.items()
+              if not any(k == f or k.startswith(f + '.') for f in RETIRED_FIELDS)}
+    upstream = {u: renamed.get(fp, fp) for u, fp in record.upstream.items()}
+    result[stage] = StageRecord(fields, upstream, record.done)
+    renamed[record.fingerprint] = result[stage].fingerprint
+  return result
 
 
 def write_record(workdir: str | pathlib.Path, stage: str, record: StageRecord) -> None:

@@ -181,3 +181,28 @@ def test_prepare_adopts_an_older_workdir_from_its_config_json(tmp_path):
   assert [d.action for d in decisions] == ['keep', 'recompute', 'recompute', 'keep', 'keep']
   assert not (tmp_path / 'search').exists()
   assert json.loads((tmp_path / 'results.json').read_text()) == {'pretrain': {}}
+
+
+def test_attention_implementation_is_a_performance_knob_even_for_old_workdirs(tmp_path):
+  _finish_all(_config(), tmp_path)
+  # Switching to another implementation (all equal dense within 1e-5) keeps every stage.
+  decisions = prov.plan(_config(**{'model.attention': 'blockwise'}), STAGES, tmp_path)
+  assert [d.action for d in decisions] == [prov.KEEP] * len(STAGES)
+  # A workdir written when stages still read model.attention: its records hold the field and
+  # fingerprints over it, downstream too; it is read as current and kept.
+  path = tmp_path / prov.RECORD_FILE
+  records = json.loads(path.read_text())
+  renamed = {}
+  for stage in STAGES:
+    record = prov.StageRecord.from_json(records[stage])
+    if stage != 'pretrain':
+      record.fields['model.attention'] = 'dense'
+    record.upstream = {u: renamed[fp] for u, fp in record.upstream.items()}
+    renamed[records[stage]['fingerprint']] = record.fingerprint
+    records[stage] = record.to_json()
+  path.write_text(json.dumps(records))
+  decisions = prov.plan(_config(**{'model.attention': 'blockwise'}), STAGES, tmp_path)
+  assert [d.action for d in decisions] == [prov.KEEP] * len(STAGES)
+  # Without the clean-up the old records would read as changed: the test is not vacuous.
+  raw = {s: prov.StageRecord.from_json(r) for s, r in records.items()}
+  assert raw['search'].fingerprint != prov.read_records(tmp_path)['search'].fingerprint
