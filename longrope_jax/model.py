@@ -31,6 +31,7 @@ DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 ATTENTION: dict[str, Callable[..., jax.Array]] = {
     'dense': attention_lib.dense_attention,
     'blockwise': attention_lib.blockwise_attention,
+    'chunked': attention_lib.chunked_attention,
     'ring': ring_lib.ring_attention,
     'fused': attention_lib.fused_attention,
 }
