@@ -58,6 +58,23 @@ def dense_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, q_p
   return out_BTNH.astype(q_BTNH.dtype)
 
 
+# ----------------------------------------------------------------------------- block sizes
+# Block (blockwise, ring) and query-chunk (chunked) size by query length, from
+# `bench/attention.py --parts blocks` (one layer's f32 attention forward, demo and wide shapes,
+# 2-core Sapphire Rapids): per implementation, (longest length, size) pairs, the first that
+# covers the length wins. Other implementations use 'blockwise's.
+DEFAULT_BLOCKS: dict[str, tuple[tuple[int, int], ...]] = {
+    'blockwise': ((2048, 512), (2**62, 512)),
+    'chunked': ((2048, 512), (2**62, 512)),
+}
+
+
+def default_block(length: int, impl: str = 'blockwise') -> int:
+  """The measured block size for `length` queries (ModelConfig.block_q / block_k left None)."""
+  table = DEFAULT_BLOCKS.get(impl, DEFAULT_BLOCKS['blockwise'])
+  return next(size for longest, size in table if length <= longest)
+
+
 # ----------------------------------------------------------------------------- validation
 def validate_attention_shapes(q_BTNH, k_BSKH, v_BSKH, q_pos_BT, k_pos_BS) -> None:
   """Raises a ValueError naming the argument whose shape does not fit the others."""
