@@ -59,13 +59,16 @@ def dense_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, q_p
 
 
 # ----------------------------------------------------------------------------- block sizes
-# Block (blockwise, ring) and query-chunk (chunked) size by query length, from
-# `bench/attention.py --parts blocks` (one layer's f32 attention forward, demo and wide shapes,
-# 2-core Sapphire Rapids): per implementation, (longest length, size) pairs, the first that
-# covers the length wins. Other implementations use 'blockwise's.
+# Block (blockwise, ring) and query-chunk (chunked) size by query length: per implementation,
+# (longest length, size) pairs, the first that covers the length wins; other implementations use
+# 'blockwise's. From `bench/attention.py --parts blocks` (one layer's f32 attention forward, demo
+# and wide shapes, 2-core Sapphire Rapids, a loaded machine: remeasure quietly) and the CPU-speed
+# study: blockwise gains from larger blocks as the length grows (1024 beat 512 at 8K and 16K);
+# chunked keeps 512-query chunks (256 and 1024 were within noise or slower up to 16K; longer
+# sequences take 1024 so that the unrolled chunk loop stays short).
 DEFAULT_BLOCKS: dict[str, tuple[tuple[int, int], ...]] = {
-    'blockwise': ((2048, 512), (2**62, 512)),
-    'chunked': ((2048, 512), (2**62, 512)),
+    'blockwise': ((2048, 512), (2**62, 1024)),
+    'chunked': ((16384, 512), (2**62, 1024)),
 }
 
 

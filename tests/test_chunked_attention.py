@@ -103,3 +103,45 @@ def test_chunk_ranges_cover_each_querys_visible_keys():
                                                         (8, 10, 0, 8)]
   assert attention_lib.chunk_ranges(4, 10, 4, None) == [(0, 4, 0, 6)]
   assert attention_lib.chunk_ranges(10, 10, 4, 3) == [(0, 4, 0, 0), (4, 8, 2, 2), (8, 10, 6, 6)]
+
+
+def test_default_block_table():
+  """Every length has a size; blocks grow with the length; unknown names use blockwise's."""
+  for impl, table in attention_lib.DEFAULT_BLOCKS.items():
+    sizes = [attention_lib.default_block(n, impl) for n in (1, 2048, 8192, 16384, 2**20)]
+    assert all(s > 0 for s in sizes) and sizes == sorted(sizes), impl
+  assert attention_lib.default_block(2048) == 512
+  assert attention_lib.default_block(8192) == 1024
+  assert (attention_lib.default_block(8192, 'flash_cpu') ==
+          attention_lib.default_block(8192, 'blockwise'))
+
+
+def test_model_config_blocks_default_to_none():
+  """ModelConfig's block sizes default to None (attention.default_block per length)."""
+  config = model_lib.get_config('test')
+  assert config.block_q is None and config.block_k is None
+  with pytest.raises(ValueError, match='ModelConfig.block_q'):
+    model_lib.get_config('test', block_q=0)
+  assert model_lib.get_config('test', block_k=256).block_k == 256
+
+
+@pytest.mark.slow
+def test_chunked_model_matches_dense():
+  """The model's NLL and its gradients with chunked attention are dense's (blocks left None
+  for the key side)."""
+  config = model_lib.get_config('test')
+  params = model_lib.init_params(config, jax.random.key(0))
+  tokens = jax.random.randint(jax.random.key(1), (2, 41), 0, config.vocab_size)
+  from longrope_jax import rope as rope_lib
+  rope = rope_lib.get('yarn', head_dim=config.head_dim, scale=4.0, theta=config.rope_theta,
+                      original_length=config.original_length)
+
+  def loss(params, attention):
+    return model_lib.token_nll(config.replace(attention=attention, block_q=16), params, tokens,
+                               rope).mean()
+
+  loss_d, grads_d = jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, 'dense')
+  loss_c, grads_c = jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, 'chunked')
+  np.testing.assert_allclose(loss_c, loss_d, atol=1e-6)
+  for g_c, g_d in zip(jax.tree.leaves(grads_c), jax.tree.leaves(grads_d)):
+    np.testing.assert_allclose(g_c, g_d, atol=1e-5)
