@@ -95,7 +95,7 @@ def bench_shape(shape: str, lengths: list[int], impls: list[str], repeats: int,
       diff = {impl: float(np.abs(np.asarray(jitted[impl](params, tokens_j)) - ref).max())
               for impl in impls}
     faults = {name: harness.minor_faults(fn) for name, fn in fns.items()}
-    times = harness.interleaved(fns, repeats)
+    times = harness.interleaved(fns, repeats, warmup=0)  # compiled and warmed above
     summary = harness.summarize(times, 'torch')
     flops = forward_flops(base, length)
     med = summary['seconds_median']

@@ -26,6 +26,7 @@ Timings depend on the machine and its load; nothing here asserts on time.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import math
@@ -202,7 +203,8 @@ def main(argv=None) -> dict:
 
   out = dict(model=config.model.variant, weights=weights, devices=len(jax.devices()),
              attention=mc.attention,
-             platform=jax.devices()[0].platform, extension=extension, windows=int(len(val)),
+             platform=jax.devices()[0].platform, extension=dataclasses.asdict(extension),
+             windows=int(len(val)),
              population=population)
   print(f"model {config.model.variant} ({weights}), L' = {length}, {len(val)} windows, "
         f"{len(jax.devices())} {out['platform']} device(s)", flush=True)
