@@ -1,8 +1,8 @@
 """The harness every speed bench uses: machine facts, all cores for both frameworks, load average
 before and after (a busy machine's result is refused unless --force, then marked), interleaved
 timing with per-repeat torch / ours ratios, and the JSON written under bench/results/ with the
-command line. Like the experiments/ entry points, a bench restarts itself with the glibc malloc
-tunables of longrope_jax/runtime.py (LONGROPE_MALLOC=default: glibc's own settings).
+command line. Like the experiments/ entry points, a bench started with LONGROPE_MALLOC=tuned
+restarts itself with the glibc malloc tunables of longrope_jax/runtime.py.
 
   args = harness.parser(__doc__, out='attention.json').parse_args()
   run = harness.Run(args)                   # checks the load before anything heavy starts
@@ -113,7 +113,7 @@ class Run:
   """One bench run: load check at start, facts and load at the end, JSON with the command."""
 
   def __init__(self, args: argparse.Namespace):
-    # As the experiments/ entry points: glibc malloc tunables unless LONGROPE_MALLOC=default.
+    # As the experiments/ entry points: glibc malloc tunables with LONGROPE_MALLOC=tuned.
     from longrope_jax import runtime
     runtime.reexec_with_malloc_tunables()
     self.args = args
