@@ -9,7 +9,8 @@
    utilization) on the demo shape (model.get_config('demo'): dim 128, 4 layers, 2 heads, 1 kv
    head, head dim 64, vocab 258) and the wide one (dim 256, 4 heads, 4 kv heads).
 2. blocks: one layer's attention forward for each implementation and block (chunk) size at each
-   length, interleaved; the fastest size per length (attention.DEFAULT_BLOCKS comes from it).
+   length, interleaved; the fastest size per length (attention.DEFAULT_BLOCKS comes from it;
+   implementations without an entry there, which take no block sizes, are left out).
 3. memory: peak memory of blockwise against dense forward as T grows: each run in its own
    subprocess (peak RSS of the forward, VmHWM), next to XLA's compiled temp-buffer size.
 4. ring: ring attention on 8 simulated CPU devices: (query block, key block) pairs each device
@@ -206,9 +207,10 @@ def main(argv=None):
     result['speed'] = forward.run_forward(args, run)
   if 'blocks' in parts:
     print('== block (chunk) size per length, one layer\'s attention forward')
+    from longrope_jax import attention as attention_lib
+    sized = [i for i in harness.attention_impls(args.impls) if i in attention_lib.DEFAULT_BLOCKS]
     result['blocks'] = bench_blocks(args.shapes.split(','),
-                                    [int(x) for x in args.lengths.split(',')],
-                                    harness.attention_impls(args.impls),
+                                    [int(x) for x in args.lengths.split(',')], sized,
                                     [int(x) for x in args.sizes.split(',')], args.repeats)
   if 'memory' in parts:
     print('== peak memory of a forward (own subprocess per run)')
