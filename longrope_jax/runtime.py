@@ -10,7 +10,8 @@ settings (opt-in until a quiet benchmark shows the gain: on the loaded 2-core ma
 faults of a demo forward at 8K fell for blockwise attention (12.5K -> 8.3K per call) but not
 reliably for dense or chunked). Equivalent by hand:
 
-  export GLIBC_TUNABLES=glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736
+  export GLIBC_TUNABLES=glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:\
+glibc.malloc.trim_threshold=68719476736
 """
 
 from __future__ import annotations
