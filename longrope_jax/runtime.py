@@ -3,7 +3,8 @@
 XLA:CPU takes each call's scratch buffers from malloc; with glibc's defaults buffers above the
 mmap threshold (attention scores, activations at long lengths) are mapped and unmapped on every
 call, each page faulted in again. With MALLOC_TUNABLES (one arena, no mmap, no trimming) the
-heap keeps and reuses them: no page faults after the first call; freed memory stays with the
+heap keeps and reuses them (the CPU-speed study: no page faults after the first call); freed
+memory stays with the
 process. glibc reads GLIBC_TUNABLES at start-up only, so with LONGROPE_MALLOC=tuned an entry
 point re-executes itself once (`reexec_with_malloc_tunables`); unset or 'default' keeps glibc's
 settings (opt-in until a quiet benchmark shows the gain: on the loaded 2-core machine the page
