@@ -4,12 +4,11 @@ XLA:CPU takes each call's scratch buffers from malloc; with glibc's defaults buf
 mmap threshold (attention scores, activations at long lengths) are mapped and unmapped on every
 call, each page faulted in again. With MALLOC_TUNABLES (one arena, no mmap, no trimming) the
 heap keeps and reuses them (the CPU-speed study: no page faults after the first call); freed
-memory stays with the
-process. glibc reads GLIBC_TUNABLES at start-up only, so with LONGROPE_MALLOC=tuned an entry
-point re-executes itself once (`reexec_with_malloc_tunables`); unset or 'default' keeps glibc's
-settings (opt-in until a quiet benchmark shows the gain: on the loaded 2-core machine the page
-faults of a demo forward at 8K fell for blockwise attention (12.5K -> 8.3K per call) but not
-reliably for dense or chunked). Equivalent by hand:
+memory stays with the process. glibc reads GLIBC_TUNABLES at start-up only, so with
+LONGROPE_MALLOC=tuned an entry point re-executes itself once (`reexec_with_malloc_tunables`);
+unset or 'default' keeps glibc's settings (opt-in until a quiet benchmark shows the gain: on the
+loaded 2-core machine the page faults of a demo forward at 8K fell for blockwise attention
+(12.5K -> 8.3K per call) but not reliably for dense or chunked). Equivalent by hand:
 
   export GLIBC_TUNABLES=glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:\
 glibc.malloc.trim_threshold=68719476736
