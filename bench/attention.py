@@ -11,8 +11,8 @@
 2. blocks: one layer's attention forward for each implementation and block (chunk) size at each
    length, interleaved; the fastest size per length (attention.DEFAULT_BLOCKS comes from it;
    implementations without an entry there, which take no block sizes, are left out).
-3. memory: peak memory of blockwise against dense forward as T grows: each run in its own
-   subprocess (peak RSS of the forward, VmHWM), next to XLA's compiled temp-buffer size.
+3. memory: peak memory of blockwise and chunked against dense forward as T grows: each run in
+   its own subprocess (peak RSS of the forward, VmHWM), next to XLA's compiled temp-buffer size.
 4. ring: ring attention on 8 simulated CPU devices: (query block, key block) pairs each device
    computes for the contiguous and zigzag layouts, and max |ring - dense|.
 
@@ -110,7 +110,7 @@ print(json.dumps(result))
 def bench_memory(lengths, run_max: dict, block: int, timeout: int) -> list[dict]:
   rows = []
   for length in lengths:
-    for attention in ('blockwise', 'dense'):
+    for attention in run_max:
       run = length <= run_max[attention]  # beyond it: compile only, for XLA's buffer sizes
       row = dict(attention=attention, length=length, ran=run)
       try:
@@ -196,10 +196,11 @@ def main(argv=None):
   parts = set(args.parts.split(','))
   if args.quick:
     args.lengths, args.repeats = '2048', min(args.repeats, 2)
-    memory_lengths, run_max, ring_length = [2048, 4096], dict(blockwise=4096, dense=4096), 2048
+    memory_lengths, run_max, ring_length = [2048, 4096], dict(blockwise=4096, chunked=4096,
+                                                              dense=4096), 2048
   else:
     memory_lengths = [2048, 4096, 8192, 16384, 32768, 65536]
-    run_max, ring_length = dict(blockwise=65536, dense=8192), 8192
+    run_max, ring_length = dict(blockwise=65536, chunked=32768, dense=8192), 8192
   run = harness.Run(args)
   result = dict(quick=args.quick, parts=sorted(parts))
   if 'speed' in parts:
