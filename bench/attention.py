@@ -1,109 +1,74 @@
-"""Attention benchmark: model forward against PyTorch + transformers, memory, ring attention.
+"""Attention benchmark: model forward against PyTorch + transformers, block sizes, memory, ring.
 
-  python bench/attention.py [--quick] [--out bench/results/attention.json]
+  python bench/attention.py --parts speed [--impls blockwise,chunked,flash_cpu] [--force]
+  python bench/attention.py --parts blocks [--sizes 256,512,1024,2048]
+  python bench/attention.py --parts memory,ring [--quick]
 
-1. Speed: one forward of one sequence of the demo model shape (4 layers, 256 wide, 4 heads, 2 kv
-   heads, vocab 258) with blockwise attention against transformers' LlamaForCausalLM (sdpa) at
-   the same configuration, random weights, torch.no_grad, interleaved so both see the same load.
-2. Peak memory of blockwise against dense forward as T grows: each run in its own subprocess
-   (peak RSS of the forward, VmHWM), next to XLA's compiled temp-buffer size.
-3. Ring attention on 8 simulated CPU devices: (query block, key block) pairs each device
+1. speed: bench/forward.py's comparison (one sequence's forward against transformers'
+   LlamaForCausalLM with sdpa and the same weights, all cores, interleaved, model FLOP
+   utilization) on the demo shape (model.get_config('demo'): dim 128, 4 layers, 2 heads, 1 kv
+   head, head dim 64, vocab 258) and the wide one (dim 256, 4 heads, 4 kv heads).
+2. blocks: one layer's attention forward for each implementation and block (chunk) size at each
+   length, interleaved; the fastest size per length (attention.DEFAULT_BLOCKS comes from it;
+   implementations without an entry there, which take no block sizes, are left out).
+3. memory: peak memory of blockwise and chunked against dense forward as T grows: each run in
+   its own subprocess (peak RSS of the forward, VmHWM), next to XLA's compiled temp-buffer size.
+4. ring: ring attention on 8 simulated CPU devices: (query block, key block) pairs each device
    computes for the contiguous and zigzag layouts, and max |ring - dense|.
 
+Every part runs under bench/harness.py (load checked before, recorded after, machine facts).
 Prints figures and writes JSON; never asserts on time.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import pathlib
 import subprocess
 import sys
-import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import harness  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
-def _timed(fn) -> tuple[float, float]:
-  """Wall seconds and CPU seconds (all threads) of one call."""
-  wall, cpu = time.perf_counter(), time.process_time()
-  fn()
-  return time.perf_counter() - wall, time.process_time() - cpu
-
-
-# ----------------------------------------------------------------------------- 1. speed
-def torch_llama(config, length: int):
-  """transformers' LlamaForCausalLM with `config`'s shape and random weights, sdpa attention."""
-  import torch
-  import transformers
-  hf_config = transformers.LlamaConfig(
-      vocab_size=config.vocab_size, hidden_size=config.dim, intermediate_size=config.mlp_dim,
-      num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads,
-      num_key_value_heads=config.num_kv_heads, head_dim=config.head_dim,
-      max_position_embeddings=length, rope_theta=config.rope_theta, rms_norm_eps=config.norm_eps,
-      tie_word_embeddings=config.tie_embeddings, attn_implementation='sdpa')
-  torch.manual_seed(0)
-  return transformers.LlamaForCausalLM(hf_config).eval()
-
-
-def bench_speed(lengths, reps: int, blocks, dense_max: int) -> list[dict]:
+# ----------------------------------------------------------------------------- 1. blocks
+def bench_blocks(shapes: list[str], lengths: list[int], impls: list[str], sizes: list[int],
+                 repeats: int) -> list[dict]:
+  """One layer's attention forward (q, k, v of the model's head layout, arange positions) for
+  every (implementation, block size), interleaved per length; the fastest size per length."""
   import jax
   import jax.numpy as jnp
   import numpy as np
-  import torch
 
+  import forward
   from longrope_jax import model as model_lib
-  from longrope_jax import rope as rope_lib
-
-  threads = len(os.sched_getaffinity(0))  # the cores this process may use
-  torch.set_num_threads(threads)
-  base = model_lib.get_config('demo')
-  params = model_lib.init_params(base, jax.random.key(0))
-  rope = rope_lib.none(head_dim=base.head_dim)
   rows = []
-  for length in lengths:
-    tokens = np.random.default_rng(0).integers(0, base.vocab_size, (1, length))
-    positions = jnp.arange(length, dtype=jnp.int32)[None]
-    ours = {}
-    for block in blocks:
-      config = base.replace(attention='blockwise', block_q=block, block_k=block)
-      ours[f'blockwise_{block}'] = jax.jit(
-          lambda p, t, config=config: model_lib.forward(config, p, t, positions, rope))
-    if length <= dense_max:
-      ours['dense'] = jax.jit(lambda p, t: model_lib.forward(base, p, t, positions, rope))
-    tokens_j = jnp.asarray(tokens, jnp.int32)
-    compile_s = {}
-    for name, fn in ours.items():
-      start = time.perf_counter()
-      fn(params, tokens_j).block_until_ready()
-      compile_s[name] = time.perf_counter() - start
-    model = torch_llama(base, length)
-    tokens_t = torch.from_numpy(tokens)
-    with torch.no_grad():
-      model(tokens_t)  # warm-up
-      wall = {name: [] for name in ['torch', *ours]}
-      cpu = {name: [] for name in wall}
-      for _ in range(reps):  # interleaved: every implementation sees the same machine load
-        for name in wall:
-          fn = (lambda: model(tokens_t).logits) if name == 'torch' else (
-              lambda fn=ours[name]: fn(params, tokens_j).block_until_ready())
-          w, c = _timed(fn)
-          wall[name].append(w)
-          cpu[name].append(c)
-    best = {name: min(t) for name, t in wall.items()}
-    best_cpu = {name: min(t) for name, t in cpu.items()}
-    fastest = min((name for name in ours if name != 'dense'), key=best.get)
-    row = dict(length=length, threads=threads, seconds=best, cpu_seconds=best_cpu,
-               all_seconds=wall, all_cpu_seconds=cpu, first_call_seconds=compile_s,
-               best_ours=fastest, ratio_torch_over_ours=best['torch'] / best[fastest],
-               cpu_ratio_torch_over_ours=best_cpu['torch'] / best_cpu[fastest])
-    rows.append(row)
-    print(f"T={length:6d}  wall (cpu) s: torch {best['torch']:.3f} ({best_cpu['torch']:.2f})  " +
-          '  '.join(f'{name} {best[name]:.3f} ({best_cpu[name]:.2f})' for name in ours) +
-          f"  ratio torch/ours {row['ratio_torch_over_ours']:.2f} wall, "
-          f"{row['cpu_ratio_torch_over_ours']:.2f} cpu ({fastest})", flush=True)
+  for shape in shapes:
+    cfg = forward.model_config(shape, 'dense')
+    for length in lengths:
+      rng = np.random.default_rng(length)
+      q = jnp.asarray(rng.normal(size=(1, length, cfg.num_heads, cfg.head_dim)), jnp.float32)
+      k, v = (jnp.asarray(rng.normal(size=(1, length, cfg.num_kv_heads, cfg.head_dim)),
+                          jnp.float32) for _ in range(2))
+      pos = jnp.arange(length, dtype=jnp.int32)[None]
+      fns = {}
+      for impl in impls:
+        for size in sizes:
+          if size > length:
+            continue
+          f = jax.jit(lambda q, k, v, impl=impl, size=size: model_lib.attend(
+              q, k, v, pos, pos, impl=impl, block_q=size, block_k=size))
+          fns[f'{impl}_{size}'] = lambda f=f: f(q, k, v).block_until_ready()
+      summary = harness.summarize(harness.interleaved(fns, repeats), reference=None)
+      med = summary['seconds_median']
+      best = {impl: min((n for n in med if n.rsplit('_', 1)[0] == impl), key=med.get)
+              for impl in impls}
+      rows.append(dict(shape=shape, length=length, best=best, **summary))
+      print(f"{shape:5s} T={length:6d}  " + '  '.join(f'{n} {t * 1e3:.1f}ms' for n, t in
+                                                       med.items()) +
+            '  | best ' + ', '.join(best.values()), flush=True)
   return rows
 
 
@@ -145,7 +110,7 @@ print(json.dumps(result))
 def bench_memory(lengths, run_max: dict, block: int, timeout: int) -> list[dict]:
   rows = []
   for length in lengths:
-    for attention in ('blockwise', 'dense'):
+    for attention in run_max:
       run = length <= run_max[attention]  # beyond it: compile only, for XLA's buffer sizes
       row = dict(attention=attention, length=length, ran=run)
       try:
@@ -221,38 +186,40 @@ def bench_ring(length: int, block: int, timeout: int) -> dict:
 
 # ----------------------------------------------------------------------------- main
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  parser.add_argument('--quick', action='store_true', help='small lengths, one repetition')
-  parser.add_argument('--out', default=str(REPO / 'bench' / 'results' / 'attention.json'))
+  import forward
+  parser = harness.parser(__doc__, out='attention.json', repeats=5)
+  forward.add_args(parser)
+  parser.add_argument('--quick', action='store_true', help='small lengths, few repetitions')
   parser.add_argument('--parts', default='speed,memory,ring')
-  parser.add_argument('--blocks', default=None, help='comma-separated block sizes to time')
+  parser.add_argument('--sizes', default='256,512,1024,2048', help='block sizes (blocks part)')
   args = parser.parse_args(argv)
   parts = set(args.parts.split(','))
   if args.quick:
-    speed_lengths, reps, blocks, dense_max = [2048], 2, [512], 2048
-    memory_lengths, run_max, ring_length = [2048, 4096], dict(blockwise=4096, dense=4096), 2048
+    args.lengths, args.repeats = '2048', min(args.repeats, 2)
+    memory_lengths, run_max, ring_length = [2048, 4096], dict(blockwise=4096, chunked=4096,
+                                                              dense=4096), 2048
   else:
-    speed_lengths, reps, blocks, dense_max = [2048, 8192, 16384], 3, [256, 512], 2048
     memory_lengths = [2048, 4096, 8192, 16384, 32768, 65536]
-    run_max, ring_length = dict(blockwise=65536, dense=8192), 8192
-  if args.blocks:
-    blocks = [int(b) for b in args.blocks.split(',')]
-  result = dict(quick=args.quick, cpu_count=os.cpu_count(),
-                usable_cores=len(os.sched_getaffinity(0)), load_average_start=os.getloadavg())
+    run_max, ring_length = dict(blockwise=65536, chunked=32768, dense=8192), 8192
+  run = harness.Run(args)
+  result = dict(quick=args.quick, parts=sorted(parts))
   if 'speed' in parts:
     print('== forward of one sequence: ours vs PyTorch + transformers (sdpa)')
-    result['speed'] = bench_speed(speed_lengths, reps, blocks, dense_max)
+    result['speed'] = forward.run_forward(args, run)
+  if 'blocks' in parts:
+    print('== block (chunk) size per length, one layer\'s attention forward')
+    from longrope_jax import attention as attention_lib
+    sized = [i for i in harness.attention_impls(args.impls) if i in attention_lib.DEFAULT_BLOCKS]
+    result['blocks'] = bench_blocks(args.shapes.split(','),
+                                    [int(x) for x in args.lengths.split(',')], sized,
+                                    [int(x) for x in args.sizes.split(',')], args.repeats)
   if 'memory' in parts:
     print('== peak memory of a forward (own subprocess per run)')
     result['memory'] = bench_memory(memory_lengths, run_max, 512, timeout=1800)
   if 'ring' in parts:
     print('== ring attention, 8 simulated CPU devices')
     result['ring'] = bench_ring(ring_length, 512 if not args.quick else 64, timeout=1800)
-  result['load_average_end'] = os.getloadavg()
-  out = pathlib.Path(args.out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps(result, indent=1))
-  print(f'wrote {out}')
+  run.write(result)
 
 
 if __name__ == '__main__':

@@ -3,6 +3,7 @@
   python bench/search.py --config configs/demo.py --workdir COPY_OF_A_PRETRAINED_RUN
   python bench/search.py --quick                  # the test model, seconds to minutes
   python bench/search.py --quick --devices 8      # simulate 8 CPU devices on the 'pop' axis
+  python bench/search.py --vs-torch [--devices 2] [--impls blockwise,chunked,flash_cpu] [--force]
 
 Prints its figures and writes them as JSON (--out). Figures:
   (a) candidates / s of the vectorized, sharded population call (one compile, then reused);
@@ -11,12 +12,21 @@ Prints its figures and writes them as JSON (--out). Figures:
   the number of compilations of the fitness over a 5-generation search (1 expected);
   strategies on one evaluation budget: the paper's GA against evosax ones, each best candidate's
   perplexity on held-out test documents at L' (never seen by the search).
+With --vs-torch, only the population workload against PyTorch (bench/harness.py: all cores,
+interleaved, load checked; writes bench/results/population.json): P candidates' mean NLL on the
+same window(s) of length T, ours one vectorized `fitness.PopulationFitness` call per attention
+implementation, against a loop over candidates in transformers' LlamaForCausalLM (sdpa, the same
+weights) that sets the rotary inverse frequencies to inv_freq / factors and the cos / sin scale to
+attn_scale per candidate; P = 8 and 16, T = 2K and 8K, time per candidate as P grows. Candidates
+have n_hat = 0 (transformers has no n_hat; the cost does not depend on it), so both compute the
+same NLL (the max difference is reported).
 Timings depend on the machine and its load; nothing here asserts on time.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import math
@@ -25,6 +35,9 @@ import pathlib
 import sys
 import tempfile
 import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import harness  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -40,8 +53,82 @@ def parse_args(argv=None):
   p.add_argument('--naive', type=int, default=None, help='candidates for the naive loop')
   p.add_argument('--budget', type=int, default=None, help='evaluations per strategy')
   p.add_argument('--strategies', default='paper_ga,CMA_ES,SNES')
-  p.add_argument('--out', default=None, help='JSON output (default bench/results/search.json)')
+  p.add_argument('--out', default=None, help='JSON output (default bench/results/search.json, '
+                 'population.json with --vs-torch)')
+  p.add_argument('--vs-torch', action='store_true', help='only the population workload against '
+                 'a PyTorch loop over candidates')
+  p.add_argument('--impls', default='blockwise,chunked,flash_cpu',
+                 help='--vs-torch: attention implementations (unregistered names skipped)')
+  p.add_argument('--lengths', default='2048,8192', help='--vs-torch: window lengths T')
+  p.add_argument('--populations', default='8,16', help='--vs-torch: population sizes P')
+  p.add_argument('--windows', type=int, default=1, help='--vs-torch: windows per candidate')
+  p.add_argument('--max-load', type=float, default=0.5)
+  p.add_argument('--force', action='store_true')
   return p.parse_args(argv)
+
+
+def population_vs_torch(args, run: harness.Run) -> dict:
+  """P candidates' NLL: PopulationFitness (one call) against a PyTorch loop over candidates."""
+  import jax
+  import numpy as np
+  import torch
+
+  import forward
+  from longrope_jax import fitness as fitness_lib
+  from longrope_jax import model as model_lib
+  from longrope_jax import rope as rope_lib
+
+  impls = harness.attention_impls(args.impls)
+  base = model_lib.get_config('demo')
+  params = model_lib.init_params(base, jax.random.key(0))
+  torch_model = forward.torch_from_ours(base, params, 0)
+  rotary = torch_model.model.rotary_emb
+  inv_freq = rope_lib.inv_frequencies(base.head_dim, base.rope_theta)
+  rng = np.random.default_rng(0)
+  rows = []
+  for length in [int(x) for x in args.lengths.split(',')]:
+    windows = rng.integers(0, base.vocab_size, (args.windows, length))
+    windows_t = torch.from_numpy(windows)
+    scale = length / base.original_length
+    attn_scale = rope_lib.longrope_attention_scale(scale, base.original_length)
+    for P in [int(x) for x in args.populations.split(',')]:
+      factors_PF = np.sort(rng.uniform(1.0, 1.25 * scale, (P, base.head_dim // 2)), axis=-1)
+      population = rope_lib.stack([rope_lib.make(f, 0, attn_scale) for f in factors_PF])
+
+      def torch_loop():
+        nll = []
+        with torch.inference_mode():
+          for f in factors_PF:
+            rotary.inv_freq = torch.as_tensor(inv_freq / f, dtype=torch.float32)
+            rotary.attention_scaling = attn_scale
+            logits = torch_model(windows_t[:, :-1]).logits
+            nll.append(float(torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), windows_t[:, 1:].reshape(-1))))
+        return np.asarray(nll)
+
+      fns, fitness = {'torch': torch_loop}, {}
+      for impl in impls:
+        fitness[impl] = fitness_lib.PopulationFitness(base.replace(attention=impl), params,
+                                                      windows, max_population=P)
+        fns[impl] = lambda f=fitness[impl]: f(population)
+      reference = torch_loop()  # also torch's warm-up
+      compile_s, diff = {}, {}
+      for impl in impls:  # the first call compiles; its NLL is compared with torch's
+        start = time.perf_counter()
+        diff[impl] = float(np.abs(fns[impl]() - reference).max())
+        compile_s[impl] = time.perf_counter() - start
+      summary = harness.summarize(harness.interleaved(fns, args.repeats or 3, warmup=0), 'torch')
+      per_candidate = {k: v / P for k, v in summary['seconds_median'].items()}
+      rows.append(dict(length=length, population=P, windows=args.windows,
+                       chunk={k: f.chunk for k, f in fitness.items()},
+                       pop_devices={k: f.pop_devices for k, f in fitness.items()},
+                       first_call_seconds=compile_s, max_abs_nll_diff_vs_torch=diff,
+                       seconds_per_candidate=per_candidate, **summary))
+      print(f"T={length:6d} P={P:3d}  s per candidate: " +
+            '  '.join(f'{k} {v:.3f}' for k, v in per_candidate.items()) +
+            f"  | torch/ours {harness.format_ratios(summary)}  | max|dNLL| "
+            f"{max(diff.values()):.1e}", flush=True)
+  return dict(impls=impls, devices=len(jax.devices()), rows=rows)
 
 
 def load_config(spec: str):
@@ -54,6 +141,9 @@ def load_config(spec: str):
 
 def main(argv=None) -> dict:
   args = parse_args(argv)
+  if args.vs_torch:
+    args.out = args.out or str(harness.RESULTS / 'population.json')
+    run = harness.Run(args)
   if args.devices:
     os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                                f' --xla_force_host_platform_device_count={args.devices}')
@@ -62,6 +152,11 @@ def main(argv=None) -> dict:
     jax.config.update('jax_num_cpu_devices', args.devices)
   import jax.numpy as jnp
   import numpy as np
+
+  if args.vs_torch:
+    out = population_vs_torch(args, run)
+    run.write(out)
+    return out
 
   from longrope_jax import data as data_lib
   from longrope_jax import evaluate as eval_lib
@@ -111,7 +206,8 @@ def main(argv=None) -> dict:
 
   out = dict(model=config.model.variant, weights=weights, devices=len(jax.devices()),
              attention=mc.attention,
-             platform=jax.devices()[0].platform, extension=extension, windows=int(len(val)),
+             platform=jax.devices()[0].platform, extension=dataclasses.asdict(extension),
+             windows=int(len(val)),
              population=population)
   print(f"model {config.model.variant} ({weights}), L' = {length}, {len(val)} windows, "
         f"{len(jax.devices())} {out['platform']} device(s)", flush=True)

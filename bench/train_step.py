@@ -1,43 +1,54 @@
 """Training-step throughput of the demo model against PyTorch + transformers, and why the model's
 projections are 2-D matmuls.
 
-  python bench/train_step.py [--repeats 10] [--out bench/results/train_step.json]
+  python bench/train_step.py [--impls dense,chunked] [--devices 2] [--repeats 10] [--force]
 
-1. One AdamW step (forward, backward, update) of the demo model at the pretraining shape
-   (16 x 256 bytes): this repo's jitted step against transformers' LlamaForCausalLM (sdpa) at the
-   same configuration with torch.optim.AdamW, interleaved so both see the same load.
+1. One AdamW step (forward, backward, clip, update) of the demo model at the demo pretraining
+   shape (configs/demo.py: 16 x 256 bytes, lr 4e-3, b2 0.95, weight decay 0.1, clip 1.0): this
+   repo's jitted step, per attention implementation, against transformers' LlamaForCausalLM (sdpa)
+   at the same configuration with torch.optim.AdamW and clip_grad_norm_, interleaved, all cores.
+   `--devices N` runs ours data-parallel over N simulated CPU devices (mesh data = N).
 2. The gradient of one SwiGLU block at that shape written with 3-D einsums (BTD,DF->BTF) against
    the same block over M = B * T rows as 2-D matmuls, as model.py has it.
 
-Prints figures and writes JSON; never asserts on time. Needs the `compare` extra (torch).
+Writes bench/results/train_step.json under bench/harness.py; never asserts on time. Needs the
+`compare` extra (torch).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import pathlib
-import platform
-import statistics
-import time
+import sys
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from longrope_jax import hf as hf_lib
-from longrope_jax import model as model_lib
-from longrope_jax import rope as rope_lib
-from longrope_jax import train as train_lib
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import harness  # noqa: E402
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+# configs/demo.py's pretraining (configs/common.py pretrain_section).
+DEMO_PRETRAIN = dict(batch_size=16, lr=4e-3, warmup=50, steps=800, weight_decay=0.1, clip=1.0,
+                     b2=0.95)
 
 
-def jax_step_fn(config: model_lib.ModelConfig, tokens: np.ndarray):
-  optimizer = train_lib.make_optimizer(train_lib.OptimConfig(steps=1000, lr=1e-3, warmup=0))
-  state = train_lib.init_state(config, optimizer, jax.random.key(0))
-  step = train_lib.make_train_step(config, optimizer)
+def jax_step_fn(config, tokens: np.ndarray, devices: int):
+  import jax
+  import jax.numpy as jnp
+
+  from longrope_jax import mesh as mesh_lib
+  from longrope_jax import rope as rope_lib
+  from longrope_jax import train as train_lib
+  c = DEMO_PRETRAIN
+  optimizer = train_lib.make_optimizer(train_lib.OptimConfig(
+      steps=c['steps'], lr=c['lr'], warmup=c['warmup'], weight_decay=c['weight_decay'],
+      clip=c['clip'], b2=c['b2']))
   rope = rope_lib.none(head_dim=config.head_dim)
+  if devices > 1:
+    mesh = mesh_lib.make_mesh(data=devices)
+    state = train_lib.init_sharded_state(config, optimizer, mesh, jax.random.key(0))
+    step = train_lib.make_train_step(config, optimizer, mesh)
+  else:
+    state = train_lib.init_state(config, optimizer, jax.random.key(0))
+    step = train_lib.make_train_step(config, optimizer)
   x = jnp.asarray(tokens)
   holder = {'state': state}
 
@@ -47,13 +58,13 @@ def jax_step_fn(config: model_lib.ModelConfig, tokens: np.ndarray):
   return run
 
 
-def torch_step_fn(config: model_lib.ModelConfig, tokens: np.ndarray):
+def torch_step_fn(config, tokens: np.ndarray):
   import torch
-  from transformers import LlamaConfig, LlamaForCausalLM
-  torch.manual_seed(0)
-  hf = LlamaConfig.from_dict(hf_lib.hf_config_for(config), attn_implementation='sdpa')
-  model = LlamaForCausalLM(hf)
-  opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
+  c = DEMO_PRETRAIN
+  model = harness.torch_llama(config)
+  model.train()
+  opt = torch.optim.AdamW(model.parameters(), lr=c['lr'], betas=(0.9, c['b2']),
+                          weight_decay=c['weight_decay'])
   x = torch.tensor(tokens, dtype=torch.long)
 
   def run():
@@ -62,12 +73,14 @@ def torch_step_fn(config: model_lib.ModelConfig, tokens: np.ndarray):
                                              x[:, 1:].reshape(-1))
     opt.zero_grad()
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), c['clip'])
     opt.step()
-  return run, torch.get_num_threads()
+  return run
 
 
 def mlp_grad_fns(B: int, T: int, D: int, F: int):
+  import jax
+  import jax.numpy as jnp
   keys = jax.random.split(jax.random.key(0), 4)
   x = jax.random.normal(keys[0], (B, T, D))
   w_gate, w_up = (jax.random.normal(k, (D, F)) * D ** -0.5 for k in keys[1:3])
@@ -88,54 +101,43 @@ def mlp_grad_fns(B: int, T: int, D: int, F: int):
   return fns
 
 
-def interleaved(fns: dict, repeats: int) -> dict:
-  """Median seconds per call of each function, calls interleaved round-robin after a warm-up."""
-  for fn in fns.values():
-    fn()
-  times = {name: [] for name in fns}
-  for _ in range(repeats):
-    for name, fn in fns.items():
-      t0 = time.perf_counter()
-      fn()
-      times[name].append(time.perf_counter() - t0)
-  return {name: statistics.median(ts) for name, ts in times.items()}
+def main(argv=None):
+  p = harness.parser(__doc__, out='train_step.json', repeats=10)
+  p.set_defaults(impls='dense,chunked,flash_cpu')
+  p.add_argument('--batch', type=int, default=DEMO_PRETRAIN['batch_size'])
+  p.add_argument('--devices', type=int, default=1, help='simulated CPU devices (data parallel)')
+  args = p.parse_args(argv)
+  run = harness.Run(args)
+  import jax
+  if args.devices > 1:
+    jax.config.update('jax_num_cpu_devices', args.devices)
+  from longrope_jax import model as model_lib
 
-
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--repeats', type=int, default=10)
-  parser.add_argument('--batch', type=int, default=16)
-  parser.add_argument('--out', default=str(REPO / 'bench' / 'results' / 'train_step.json'))
-  args = parser.parse_args()
-
-  config = model_lib.get_config('demo', attention='dense')
-  B, T = args.batch, config.original_length
+  impls = harness.attention_impls(args.impls)
+  base = model_lib.get_config('demo')
+  B, T = args.batch, base.original_length
   tokens = np.random.default_rng(0).integers(0, 256, (B, T + 1)).astype(np.int32)
-  torch_run, torch_threads = torch_step_fn(config, tokens)
-  step = interleaved({'jax': jax_step_fn(config, tokens), 'torch': torch_run}, args.repeats)
-  mlp = interleaved(mlp_grad_fns(B, T, config.dim, config.mlp_dim), args.repeats * 2)
-
-  result = dict(
-      machine=dict(platform=platform.platform(), jax=jax.__version__,
-                   devices=str(jax.devices()), torch_threads=torch_threads),
-      shape=dict(batch=B, length=T, variant='demo', params=config.num_params()),
-      train_step_seconds=step,
-      train_step_tokens_per_sec={k: B * T / v for k, v in step.items()},
-      jax_over_torch_time=step['jax'] / step['torch'],
-      mlp_grad_seconds=mlp,
-      mlp_einsum_3d_over_matmul_2d=mlp['einsum_3d'] / mlp['matmul_2d'])
-  print(f"train step, demo model, {B} x {T} tokens (median of {args.repeats}, interleaved):")
-  for name, seconds in step.items():
-    print(f"  {name:6s} {seconds * 1e3:8.1f} ms   {B * T / seconds:8.0f} tokens/s")
-  print(f"  jax / torch time: {result['jax_over_torch_time']:.2f}")
-  print(f"SwiGLU block gradient at [{B}, {T}, {config.dim}] -> {config.mlp_dim}:")
-  for name, seconds in mlp.items():
-    print(f"  {name:10s} {seconds * 1e3:8.2f} ms")
-  print(f"  3-D einsum / 2-D matmul time: {result['mlp_einsum_3d_over_matmul_2d']:.2f}")
-  out = pathlib.Path(args.out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps(result, indent=2) + '\n')
-  print(f'wrote {out}')
+  fns = {'torch': torch_step_fn(base, tokens)}
+  for impl in impls:
+    fns[impl] = jax_step_fn(base.replace(attention=impl), tokens, args.devices)
+  step = harness.summarize(harness.interleaved(fns, args.repeats), 'torch')
+  mlp = harness.summarize(harness.interleaved(mlp_grad_fns(B, T, base.dim, base.mlp_dim),
+                                              args.repeats * 2), None)
+  med = step['seconds_median']
+  print(f"train step, demo model, {B} x {T} tokens, {args.devices} JAX device(s) (median of "
+        f"{args.repeats}, interleaved, {run.cores} cores):")
+  for name, seconds in med.items():
+    print(f"  {name:10s} {seconds * 1e3:8.1f} ms   {B * T / seconds:8.0f} tokens/s")
+  print(f"  torch time / ours: {harness.format_ratios(step)}")
+  mlp_med = mlp['seconds_median']
+  print(f"SwiGLU block gradient at [{B}, {T}, {base.dim}] -> {base.mlp_dim}: " +
+        '  '.join(f'{n} {s * 1e3:.2f} ms' for n, s in mlp_med.items()) +
+        f"  (3-D / 2-D {mlp_med['einsum_3d'] / mlp_med['matmul_2d']:.2f})")
+  run.write(dict(shape=dict(batch=B, length=T, variant='demo', params=base.num_params()),
+                 pretrain=DEMO_PRETRAIN, devices=args.devices, impls=impls, train_step=step,
+                 tokens_per_sec={k: B * T / v for k, v in med.items()},
+                 mlp_grad=mlp,
+                 mlp_einsum_3d_over_matmul_2d=mlp_med['einsum_3d'] / mlp_med['matmul_2d']))
 
 
 if __name__ == '__main__':

@@ -6,6 +6,7 @@
 from absl import app
 
 from experiments import common
+from longrope_jax import runtime
 
 
 def main(argv):
@@ -15,4 +16,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  runtime.reexec_with_malloc_tunables()  # glibc reads GLIBC_TUNABLES at start-up only
   app.run(main)

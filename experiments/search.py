@@ -10,6 +10,7 @@ A killed search resumes from workdir/search/ckpt when run again with the same co
 from absl import app
 
 from experiments import common
+from longrope_jax import runtime
 
 
 def main(argv):
@@ -19,4 +20,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  runtime.reexec_with_malloc_tunables()  # glibc reads GLIBC_TUNABLES at start-up only
   app.run(main)

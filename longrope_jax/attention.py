@@ -58,6 +58,26 @@ def dense_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, q_p
   return out_BTNH.astype(q_BTNH.dtype)
 
 
+# ----------------------------------------------------------------------------- block sizes
+# Block (blockwise, ring) and query-chunk (chunked) size by query length: per implementation,
+# (longest length, size) pairs, the first that covers the length wins; other implementations use
+# 'blockwise's. From `bench/attention.py --parts blocks` (one layer's f32 attention forward, demo
+# and wide shapes, 2-core Sapphire Rapids, a loaded machine: remeasure quietly) and the CPU-speed
+# study: blockwise gains from larger blocks as the length grows (1024 beat 512 at 8K and 16K);
+# chunked keeps 512-query chunks (256 and 1024 were within noise or slower up to 16K; longer
+# sequences take 1024 so that the unrolled chunk loop stays short).
+DEFAULT_BLOCKS: dict[str, tuple[tuple[int, int], ...]] = {
+    'blockwise': ((2048, 512), (2**62, 1024)),
+    'chunked': ((16384, 512), (2**62, 1024)),
+}
+
+
+def default_block(length: int, impl: str = 'blockwise') -> int:
+  """The measured block size for `length` queries (ModelConfig.block_q / block_k left None)."""
+  table = DEFAULT_BLOCKS.get(impl, DEFAULT_BLOCKS['blockwise'])
+  return next(size for longest, size in table if length <= longest)
+
+
 # ----------------------------------------------------------------------------- validation
 def validate_attention_shapes(q_BTNH, k_BSKH, v_BSKH, q_pos_BT, k_pos_BS) -> None:
   """Raises a ValueError naming the argument whose shape does not fit the others."""
@@ -311,3 +331,177 @@ def fused_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, q_p
   mask_B1TS = causal_mask(q_pos_BT, k_pos_BS, window)[:, None]
   return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask_B1TS,
                                       implementation='cudnn' if on_gpu else 'xla')
+
+
+# ----------------------------------------------------------------------------- query-chunked
+def ordered_positions(q_pos_BT: jax.Array, k_pos_BS: jax.Array) -> jax.Array:
+  """bool[]: keys strictly increase and the queries are the last T keys (a forward over a
+  contiguous, sorted sequence): then key s is visible to query t only if s <= S - T + t, and with
+  a window only if s > S - T + t - window."""
+  T, S = q_pos_BT.shape[1], k_pos_BS.shape[1]
+  return (jnp.all(k_pos_BS[:, 1:] > k_pos_BS[:, :-1]) &
+          jnp.all(q_pos_BT == k_pos_BS[:, S - T:]))
+
+
+def chunk_ranges(T: int, S: int, chunk: int, window: int | None) -> list[tuple[int, int, int, int]]:
+  """Static schedule for ordered positions: (a, b, lo, mid) per query chunk [a, b), with
+  keys [lo, mid) fully visible (no mask; empty with a window) and keys [mid, S - T + b) masked."""
+  offset, ranges = S - T, []
+  for a in range(0, T, chunk):
+    b = min(a + chunk, T)
+    lo = 0 if window is None else max(0, offset + a - window + 1)
+    mid = offset + a if window is None else lo
+    ranges.append((a, b, lo, mid))
+  return ranges
+
+
+def _chunk_scores(q_BKMH, k_BKSH, q_pos_BC, k_pos_BS, G, lo, mid, end, window):
+  """Logits of one query chunk (M = G * C rows, q already scaled): unmasked [lo, mid) and
+  masked [mid, end), both f32, and the mask of the second part bool[B, 1, M, end - mid]."""
+  s_full = jnp.einsum('BKMH,BKSH->BKMS', q_BKMH, k_BKSH[:, :, lo:mid],
+                      preferred_element_type=jnp.float32)
+  s_diag = jnp.einsum('BKMH,BKSH->BKMS', q_BKMH, k_BKSH[:, :, mid:end],
+                      preferred_element_type=jnp.float32)
+  B, C = q_pos_BC.shape
+  mask_BCS = causal_mask(q_pos_BC, k_pos_BS[:, mid:end], window)
+  mask_B1MS = jnp.broadcast_to(mask_BCS[:, None, None], (B, 1, G, C, end - mid)).reshape(
+      B, 1, G * C, end - mid)
+  return s_full, jnp.where(mask_B1MS, s_diag, -jnp.inf), mask_B1MS
+
+
+def _chunk_layout(q_BTNH, k_BSKH, v_BSKH):
+  """q scaled by 1 / sqrt(H) as [B, K, G, T, H]; k and v as [B, K, S, H]."""
+  B, T, N, H = q_BTNH.shape
+  K = k_BSKH.shape[2]
+  q_BKGTH = (q_BTNH * jnp.asarray(H ** -0.5, q_BTNH.dtype)).reshape(B, T, K, N // K, H)
+  return (q_BKGTH.transpose(0, 2, 3, 1, 4), k_BSKH.transpose(0, 2, 1, 3),
+          v_BSKH.transpose(0, 2, 1, 3))
+
+
+def _rows(x_BKGCH):
+  B, K, G, C, H = x_BKGCH.shape
+  return x_BKGCH.reshape(B, K, G * C, H)
+
+
+def _after(x: jax.Array, previous: list) -> jax.Array:
+  """x, made to depend on the last of `previous` (x + 0 * one element of it), so chunks run one
+  after another and XLA frees each chunk's scores before the next. Without it XLA:CPU kept every
+  chunk's scores live at once (demo shape, 16K: 1.2 GiB of temp instead of 0.18 GiB), and
+  `lax.optimization_barrier` did not order them. A non-finite `previous` spreads to x."""
+  if not previous:
+    return x
+  return x + jnp.zeros((), x.dtype) * previous[-1].ravel()[0].astype(x.dtype)
+
+
+def _chunked_forward(q_BTNH, k_BSKH, v_BSKH, q_pos_BT, k_pos_BS, window, chunk):
+  """out f32[B, K, G, T, H] and lse f32[B, K, G, T] of ordered positions, one query chunk at a
+  time against only the keys it may see."""
+  B, T, N, H = q_BTNH.shape
+  S, K = k_BSKH.shape[1], k_BSKH.shape[2]
+  G = N // K
+  q_BKGTH, k_BKSH, v_BKSH = _chunk_layout(q_BTNH, k_BSKH, v_BSKH)
+  outs, lses = [], []
+  for a, b, lo, mid in chunk_ranges(T, S, chunk, window):
+    end = S - T + b
+    q_BKMH = _after(_rows(q_BKGTH[:, :, :, a:b]), outs)
+    s_full, s_diag, _ = _chunk_scores(q_BKMH, k_BKSH, q_pos_BT[:, a:b], k_pos_BS, G, lo, mid, end,
+                                      window)
+    m_BKM = jnp.maximum(s_full.max(axis=-1, initial=_M_INIT), s_diag.max(axis=-1))
+    p_full = jnp.exp(s_full - m_BKM[..., None])
+    p_diag = jnp.exp(s_diag - m_BKM[..., None])
+    l_BKM = p_full.sum(axis=-1) + p_diag.sum(axis=-1)
+    dt = v_BSKH.dtype
+    out_BKMH = (jnp.einsum('BKMS,BKSH->BKMH', p_full.astype(dt), v_BKSH[:, :, lo:mid],
+                           preferred_element_type=jnp.float32) +
+                jnp.einsum('BKMS,BKSH->BKMH', p_diag.astype(dt), v_BKSH[:, :, mid:end],
+                           preferred_element_type=jnp.float32))
+    outs.append((out_BKMH / l_BKM[..., None]).reshape(B, K, G, b - a, H))
+    lses.append((m_BKM + jnp.log(l_BKM)).reshape(B, K, G, b - a))
+  return jnp.concatenate(outs, axis=3), jnp.concatenate(lses, axis=3)
+
+
+def _to_BTNH(x_BKGTH):
+  B, K, G, T, H = x_BKGTH.shape
+  return x_BKGTH.transpose(0, 3, 1, 2, 4).reshape(B, T, K * G, H)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _chunked(q_BTNH, k_BSKH, v_BSKH, q_pos_BT, k_pos_BS, window, chunk):
+  out_BKGTH, _ = _chunked_forward(q_BTNH, k_BSKH, v_BSKH, q_pos_BT, k_pos_BS, window, chunk)
+  return _to_BTNH(out_BKGTH).astype(q_BTNH.dtype)
+
+
+def _chunked_fwd(q_BTNH, k_BSKH, v_BSKH, q_pos_BT, k_pos_BS, window, chunk):
+  out_BKGTH, lse_BKGT = _chunked_forward(q_BTNH, k_BSKH, v_BSKH, q_pos_BT, k_pos_BS, window,
+                                         chunk)
+  out_BTNH = _to_BTNH(out_BKGTH).astype(q_BTNH.dtype)
+  return out_BTNH, (q_BTNH, k_BSKH, v_BSKH, q_pos_BT, k_pos_BS, out_BTNH, lse_BKGT)
+
+
+def _chunked_bwd(window, chunk, residuals, do_BTNH):
+  """Flash-attention-2 backward per query chunk: p = exp(s - lse) recomputed, dq of the chunk
+  written once, dk and dv accumulated over the chunk's key range."""
+  q_BTNH, k_BSKH, v_BSKH, q_pos_BT, k_pos_BS, out_BTNH, lse_BKGT = residuals
+  B, T, N, H = q_BTNH.shape
+  S, K = k_BSKH.shape[1], k_BSKH.shape[2]
+  G = N // K
+  q_BKGTH, k_BKSH, v_BKSH = _chunk_layout(q_BTNH, k_BSKH, v_BSKH)
+  do_BKGTH = do_BTNH.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4)
+  delta_BKGT = jnp.einsum('BTNH,BTNH->BTN', do_BTNH.astype(jnp.float32),
+                          out_BTNH.astype(jnp.float32)).reshape(B, T, K, G).transpose(0, 2, 3, 1)
+  dk_BKSH = jnp.zeros((B, K, S, H), jnp.float32)
+  dv_BKSH = jnp.zeros((B, K, S, H), jnp.float32)
+  dqs = []
+  for a, b, lo, mid in chunk_ranges(T, S, chunk, window):
+    end = S - T + b
+    q_BKMH, do_BKMH = _rows(q_BKGTH[:, :, :, a:b]), _rows(do_BKGTH[:, :, :, a:b])
+    q_BKMH = _after(q_BKMH, dqs)
+    lse_BKM = lse_BKGT[:, :, :, a:b].reshape(B, K, -1, 1)
+    delta_BKM = delta_BKGT[:, :, :, a:b].reshape(B, K, -1, 1)
+    s_full, s_diag, mask_B1MS = _chunk_scores(q_BKMH, k_BKSH, q_pos_BT[:, a:b], k_pos_BS, G,
+                                              lo, mid, end, window)
+    dq_BKMH = jnp.zeros(q_BKMH.shape, jnp.float32)
+    for s_BKMS, start, stop, mask in ((s_full, lo, mid, None), (s_diag, mid, end, mask_B1MS)):
+      if stop == start:
+        continue
+      p_BKMS = jnp.exp(s_BKMS - lse_BKM)
+      if mask is not None:
+        p_BKMS = jnp.where(mask, p_BKMS, 0.0)
+      k_part, v_part = k_BKSH[:, :, start:stop], v_BKSH[:, :, start:stop]
+      dv_BKSH = dv_BKSH.at[:, :, start:stop].add(jnp.einsum(
+          'BKMS,BKMH->BKSH', p_BKMS.astype(do_BKMH.dtype), do_BKMH,
+          preferred_element_type=jnp.float32))
+      dp_BKMS = jnp.einsum('BKMH,BKSH->BKMS', do_BKMH, v_part, preferred_element_type=jnp.float32)
+      ds_BKMS = (p_BKMS * (dp_BKMS - delta_BKM)).astype(q_BKMH.dtype)
+      dq_BKMH += jnp.einsum('BKMS,BKSH->BKMH', ds_BKMS, k_part, preferred_element_type=jnp.float32)
+      dk_BKSH = dk_BKSH.at[:, :, start:stop].add(jnp.einsum(
+          'BKMS,BKMH->BKSH', ds_BKMS, q_BKMH, preferred_element_type=jnp.float32))
+    dqs.append(dq_BKMH.reshape(B, K, G, b - a, H))
+  dq_BTNH = _to_BTNH(jnp.concatenate(dqs, axis=3)) * (H ** -0.5)
+  dk_BSKH, dv_BSKH = dk_BKSH.transpose(0, 2, 1, 3), dv_BKSH.transpose(0, 2, 1, 3)
+  return (dq_BTNH.astype(q_BTNH.dtype), dk_BSKH.astype(k_BSKH.dtype),
+          dv_BSKH.astype(v_BSKH.dtype), None, None)
+
+
+_chunked.defvjp(_chunked_fwd, _chunked_bwd)
+
+
+def chunked_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array,
+                      q_pos_BT: jax.Array, k_pos_BS: jax.Array, *, window: int | None = None,
+                      block_q: int = 512, block_k: int = 512, **unused) -> jax.Array:
+  """Query-chunked causal GQA: a static loop over chunks of `block_q` queries, each one batched
+  dot over all heads and GQA groups (M = G * block_q rows) against only the keys it may see,
+  the mask applied on the diagonal part only. Exact softmax per chunk, peak memory
+  O(block_q * S). Taken when positions are ordered (`ordered_positions`, checked at run time);
+  other positions (ring layouts, shuffled, a KV cache) run `blockwise_attention` instead, so the
+  result is dense's for any positions."""
+  validate_attention_shapes(q_BTNH, k_BSKH, v_BSKH, q_pos_BT, k_pos_BS)
+  validate_blocks(block_q, block_k, window)
+  q_pos_BT, k_pos_BS = q_pos_BT.astype(jnp.int32), k_pos_BS.astype(jnp.int32)
+  general = functools.partial(blockwise_attention, window=window, block_q=block_q,
+                              block_k=block_k)
+  if q_BTNH.shape[1] > k_BSKH.shape[1]:
+    return general(q_BTNH, k_BSKH, v_BSKH, q_pos_BT, k_pos_BS)
+  ordered = lambda q, k, v, q_pos, k_pos: _chunked(q, k, v, q_pos, k_pos, window, block_q)
+  return lax.cond(ordered_positions(q_pos_BT, k_pos_BS), ordered, general,
+                  q_BTNH, k_BSKH, v_BSKH, q_pos_BT, k_pos_BS)

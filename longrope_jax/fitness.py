@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec
 
+from longrope_jax import attention as attention_lib
 from longrope_jax import mesh as mesh_lib
 from longrope_jax import model as model_lib
 from longrope_jax.rope import RopeScaling
@@ -21,7 +22,8 @@ def auto_chunk(config: model_lib.ModelConfig, length: int, doc_batch: int,
                memory_bytes: float) -> int:
   """Candidates per device per step so one step's activations fit `memory_bytes` (rough f32
   estimate: one layer's attention scores, MLP and residual activations, and the logits)."""
-  attn_keys = length if config.attention == 'dense' else min(length, config.block_k)
+  block_k = config.block_k or attention_lib.default_block(length, config.attention)
+  attn_keys = length if config.attention == 'dense' else min(length, block_k)
   per_candidate = 4 * doc_batch * length * (config.num_heads * attn_keys + 6 * config.dim +
                                             3 * config.mlp_dim + 2 * config.vocab_size)
   return max(1, int(memory_bytes // per_candidate))

@@ -31,6 +31,7 @@ DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 ATTENTION: dict[str, Callable[..., jax.Array]] = {
     'dense': attention_lib.dense_attention,
     'blockwise': attention_lib.blockwise_attention,
+    'chunked': attention_lib.chunked_attention,
     'ring': ring_lib.ring_attention,
     'fused': attention_lib.fused_attention,
 }
@@ -40,11 +41,16 @@ LAYERS = 'layers'  # params[LAYERS]: every layer's params stacked on a leading a
 
 
 def attend(q_BTNH, k_BSKH, v_BSKH, q_pos_BT, k_pos_BS, *, impl: str = 'dense',
-           window: int | None = None, block_q: int = 512, block_k: int = 512) -> jax.Array:
-  """Causal GQA out[B, T, N, H] by the implementation registered as `impl` in ATTENTION."""
+           window: int | None = None, block_q: int | None = None,
+           block_k: int | None = None) -> jax.Array:
+  """Causal GQA out[B, T, N, H] by the implementation registered as `impl` in ATTENTION; block
+  sizes left None are `attention.default_block(T, impl)`."""
   if impl not in ATTENTION:
     raise ValueError(f"Unknown attention implementation {impl!r}; choose one of "
                      f"{sorted(ATTENTION)}.")
+  T = q_BTNH.shape[1]
+  block_q = attention_lib.default_block(T, impl) if block_q is None else block_q
+  block_k = attention_lib.default_block(T, impl) if block_k is None else block_k
   return ATTENTION[impl](q_BTNH, k_BSKH, v_BSKH, q_pos_BT, k_pos_BS, window=window,
                          block_q=block_q, block_k=block_k)
 
@@ -68,8 +74,10 @@ class ModelConfig:
   dtype: str = 'float32'
   param_dtype: str = 'float32'
   attention: str = 'dense'
-  block_q: int = 512
-  block_k: int = 512
+  # Query / key block (chunk) sizes of blockwise, chunked and ring attention; None: chosen per
+  # length by measurement (attention.default_block).
+  block_q: int | None = None
+  block_k: int | None = None
   # Rematerialization of each layer in the backward pass: 'none', 'full' (save only the layer's
   # input), or the name of a jax.checkpoint_policies policy ('dots_with_no_batch_dims_saveable').
   remat: str = 'none'
@@ -78,8 +86,10 @@ class ModelConfig:
 
   def __post_init__(self):
     for name in ('vocab_size', 'dim', 'num_layers', 'num_heads', 'num_kv_heads', 'head_dim',
-                 'mlp_dim', 'original_length', 'block_q', 'block_k', 'nll_chunk'):
+                 'mlp_dim', 'original_length', 'nll_chunk'):
       validation.positive_int(getattr(self, name), f'ModelConfig.{name}')
+    for name in ('block_q', 'block_k'):
+      validation.optional(validation.positive_int)(getattr(self, name), f'ModelConfig.{name}')
     if self.head_dim % 2:
       raise ValueError(f"ModelConfig.head_dim must be even for RoPE, got {self.head_dim}.")
     if self.num_heads % self.num_kv_heads:
