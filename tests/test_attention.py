@@ -176,7 +176,7 @@ def test_blockwise_rejects_mismatched_shapes():
 
 def test_registry_lists_every_model_choice():
   assert model_lib.ATTENTION_IMPLS == tuple(model_lib.ATTENTION)
-  assert set(model_lib.ATTENTION_IMPLS) == {'dense', 'blockwise', 'ring', 'fused'}
+  assert set(model_lib.ATTENTION_IMPLS) == {'dense', 'blockwise', 'ring', 'fused', 'flash_cpu'}
 
 
 def test_no_import_cycle():

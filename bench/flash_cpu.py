@@ -1,0 +1,126 @@
+"""One attention layer: the fused CPU kernel (`cpu_attention.flash_cpu_attention`) against torch.
+
+  python bench/flash_cpu.py [--lengths 2048 8192 16384] [--reps 5] [--tiles 256x256 ...]
+                            [--backward] [--out bench/results/flash_cpu.json]
+
+Causal GQA attention of one sequence, f32, on the demo shape (N=2 query heads, K=1 kv head, head
+dim 64) and on N=4, K=4, H=64, against `torch.nn.functional.scaled_dot_product_attention(
+is_causal=True, enable_gqa=True)`, both on every core this process may use, interleaved in one
+process; the median of `reps` calls. With --backward also forward+backward (gradients of q, k, v).
+Prints figures and writes JSON with the CPU model and the load average before and after; never
+asserts on time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import statistics
+import time
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SHAPES = {'demo_N2_K1_H64': (2, 1, 64), 'N4_K4_H64': (4, 4, 64)}
+
+
+def cpu_model() -> str:
+  for line in pathlib.Path('/proc/cpuinfo').read_text().splitlines():
+    if line.startswith('model name'):
+      return line.split(':', 1)[1].strip()
+  return platform.processor()
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--lengths', type=int, nargs='+', default=[2048, 8192, 16384])
+  parser.add_argument('--shapes', nargs='+', default=list(SHAPES), choices=list(SHAPES))
+  parser.add_argument('--reps', type=int, default=5)
+  parser.add_argument('--tiles', nargs='*', default=[],
+                      help='extra QxC tiles to time, e.g. 256x256')
+  parser.add_argument('--backward', action='store_true', help='also time forward+backward')
+  parser.add_argument('--out', default=str(REPO / 'bench/results/flash_cpu.json'))
+  args = parser.parse_args()
+
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import torch
+  import torch.nn.functional as F
+
+  from longrope_jax import cpu_attention
+
+  if not cpu_attention.available():
+    raise SystemExit(f'flash_cpu is unavailable: {cpu_attention.unavailable_reason()}')
+  threads = len(os.sched_getaffinity(0))
+  torch.set_num_threads(threads)
+  load_before = os.getloadavg()
+  rows = []
+  for shape in args.shapes:
+    N, K, H = SHAPES[shape]
+    for T in args.lengths:
+      rng = np.random.default_rng(0)
+      q, k, v, do = (rng.standard_normal((1, T, n, H), np.float32) for n in (N, K, K, N))
+      pos = jnp.arange(T, dtype=jnp.int32)[None]
+      qj, kj, vj, doj = map(jnp.asarray, (q, k, v, do))
+      # torch layout [B, heads, T, H]
+      qt, kt, vt, dot = (torch.from_numpy(x).transpose(1, 2).contiguous() for x in (q, k, v, do))
+      fns = {}
+      tile_options = {'flash_cpu': None}
+      for tiles in args.tiles:
+        tile_options[f'flash_cpu_{tiles}'] = tuple(int(x) for x in tiles.split('x'))
+      for name, tiles in tile_options.items():
+        attn = (lambda q, k, v, tiles=tiles:
+                cpu_attention.flash_cpu_attention(q, k, v, pos, pos, tiles=tiles))
+        fwd = jax.jit(attn)
+        fns[name] = lambda fwd=fwd: fwd(qj, kj, vj).block_until_ready()
+        if args.backward:
+          fb = jax.jit(lambda q, k, v, do, attn=attn: jax.vjp(attn, q, k, v)[1](do))
+          fns[f'{name}_fwd_bwd'] = lambda fb=fb: jax.block_until_ready(fb(qj, kj, vj, doj))
+
+      def torch_fwd():
+        with torch.no_grad():
+          F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=True)
+
+      fns['torch'] = torch_fwd
+      if args.backward:
+        qg, kg, vg = (x.clone().requires_grad_() for x in (qt, kt, vt))
+
+        def torch_fwd_bwd():
+          out = F.scaled_dot_product_attention(qg, kg, vg, is_causal=True, enable_gqa=True)
+          torch.autograd.grad(out, (qg, kg, vg), dot)
+
+        fns['torch_fwd_bwd'] = torch_fwd_bwd
+      for fn in fns.values():  # compile and warm up
+        fn()
+      times = {name: [] for name in fns}
+      for _ in range(args.reps):
+        for name, fn in fns.items():
+          start = time.perf_counter()
+          fn()
+          times[name].append(time.perf_counter() - start)
+      medians = {name: statistics.median(ts) for name, ts in times.items()}
+      flops = 4 * N * H * T * (T + 1) / 2  # QK^T and PV over the causal triangle
+      row = dict(shape=shape, length=T, seconds=medians,
+                 torch_over_ours=medians['torch'] / medians['flash_cpu'],
+                 forward_gflops={name: flops / s / 1e9 for name, s in medians.items()
+                                 if 'fwd_bwd' not in name})
+      if args.backward:
+        row['torch_over_ours_fwd_bwd'] = (medians['torch_fwd_bwd'] /
+                                          medians['flash_cpu_fwd_bwd'])
+      rows.append(row)
+      print(f"{shape} T={T}: " + ', '.join(f'{n} {s * 1e3:.1f} ms' for n, s in medians.items())
+            + f"; torch/ours {row['torch_over_ours']:.2f}"
+            + (f", fwd+bwd {row['torch_over_ours_fwd_bwd']:.2f}" if args.backward else ''),
+            flush=True)
+  result = dict(cpu=cpu_model(), threads=threads, torch=torch.__version__, jax=jax.__version__,
+                blas=cpu_attention.blas_library(), reps=args.reps, load_before=load_before,
+                load_after=os.getloadavg(), rows=rows)
+  print(f"load average before {load_before}, after {result['load_after']}")
+  pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+  pathlib.Path(args.out).write_text(json.dumps(result, indent=1) + '\n')
+
+
+if __name__ == '__main__':
+  main()
