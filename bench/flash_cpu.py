@@ -115,7 +115,7 @@ def main() -> None:
             + (f", fwd+bwd {row['torch_over_ours_fwd_bwd']:.2f}" if args.backward else ''),
             flush=True)
   result = dict(cpu=cpu_model(), threads=threads, torch=torch.__version__, jax=jax.__version__,
-                blas=cpu_attention.blas_library(), reps=args.reps, load_before=load_before,
+                kernel_threads=cpu_attention.num_threads(), reps=args.reps, load_before=load_before,
                 load_after=os.getloadavg(), rows=rows)
   print(f"load average before {load_before}, after {result['load_after']}")
   pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -87,18 +87,6 @@ def _build(compiler: str) -> pathlib.Path:
   return target
 
 
-def _blas_path() -> str | None:
-  """The OpenBLAS numpy loaded (its sgemm runs the kernel's matmuls), from /proc/self/maps."""
-  try:
-    for line in pathlib.Path('/proc/self/maps').read_text().splitlines():
-      path = line.split()[-1]
-      if 'openblas' in os.path.basename(path) and '.so' in path:
-        return path
-  except OSError:
-    pass
-  return None
-
-
 def _load() -> ctypes.CDLL | None:
   with _lock:
     if 'lib' in _state or 'error' in _state:
@@ -115,9 +103,6 @@ def _load() -> ctypes.CDLL | None:
     except OSError as e:
       _state['error'] = f'loading the compiled kernel failed: {e}'
       return None
-    blas = _blas_path()
-    lib.LongropeFlashSetBlas.argtypes = [ctypes.c_char_p]
-    _state['blas'] = blas if lib.LongropeFlashSetBlas(blas.encode() if blas else None) else None
     jax.ffi.register_ffi_target(_FORWARD, jax.ffi.pycapsule(lib.LongropeFlashForward),
                                 platform='cpu')
     jax.ffi.register_ffi_target(_BACKWARD, jax.ffi.pycapsule(lib.LongropeFlashBackward),
@@ -139,10 +124,10 @@ def unavailable_reason() -> str | None:
   return _state.get('error')  # type: ignore[return-value]
 
 
-def blas_library() -> str | None:
-  """Path of the BLAS whose sgemm the kernel calls (None: its own plain loops)."""
-  _load()
-  return _state.get('blas')  # type: ignore[return-value]
+def num_threads() -> int:
+  """Threads the kernel runs on (the CPUs this process may use); 0 when unavailable."""
+  lib = _load()
+  return int(lib.LongropeFlashNumThreads()) if lib is not None else 0
 
 
 # ----------------------------------------------------------------------------- tiles
