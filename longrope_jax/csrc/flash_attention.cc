@@ -17,6 +17,7 @@
 // block). Tasks run on a pool with one thread per CPU the process may use; softmax is online, in
 // base 2. Head dims that are not a multiple of 16 are zero-padded inside.
 
+#include <immintrin.h>
 #include <sched.h>
 
 #include <algorithm>
@@ -72,26 +73,38 @@ inline float HSum(Vec v) {
   return s;
 }
 
-// 2^x to ~1 ulp: round x to the nearest integer n, 2^(x - n) by a degree-6 Taylor polynomial
-// on [-0.5, 0.5], times 2^n built in the exponent bits. x <= -127 (and -inf) gives 0.
-inline Vec Exp2(Vec x) {
-  x = Max(x, Splat(-127.f));
-  x = x < Splat(127.f) ? x : Splat(127.f);
-  const Vec magic = Splat(12582912.f);  // 1.5 * 2^23: adding it rounds to an integer
-  Vec n = (x + magic) - magic;
-  Vec f = x - n;
+// 2^x to ~1 ulp for x <= 0 (softmax arguments): x = n + f with n an integer and |f| <= 1/2,
+// 2^f by a degree-6 Taylor polynomial, times 2^n. x < -126 (and -inf) gives 0.
+inline Vec Exp2Poly(Vec f) {
   Vec p = Splat(1.5403530393381606e-4f);
   p = p * f + 1.3333558146428443e-3f;
   p = p * f + 9.6181291076284772e-3f;
   p = p * f + 5.5504108664821580e-2f;
   p = p * f + 2.4022650695910071e-1f;
   p = p * f + 6.9314718055994531e-1f;
-  p = p * f + 1.f;
-  IVec bits = (__builtin_convertvector(n, IVec) + 127) << 23;
+  return p * f + 1.f;
+}
+
+#ifdef __AVX512F__
+inline Vec Exp2(Vec x) {
+  const __m512 xv = (__m512)x;
+  const __m512 n = _mm512_roundscale_ps(xv, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __mmask16 keep = _mm512_cmp_ps_mask(xv, _mm512_set1_ps(-126.f), _CMP_GE_OQ);
+  const Vec p = Exp2Poly((Vec)_mm512_sub_ps(xv, n));
+  return (Vec)_mm512_maskz_scalef_ps(keep, (__m512)p, n);
+}
+#else
+inline Vec Exp2(Vec x) {
+  x = Max(x, Splat(-127.f));
+  x = x < Splat(127.f) ? x : Splat(127.f);
+  const Vec magic = Splat(12582912.f);  // 1.5 * 2^23: adding it rounds to an integer
+  const Vec n = (x + magic) - magic;
+  const IVec bits = (__builtin_convertvector(n, IVec) + 127) << 23;  // 2^n; 0 for n = -127
   Vec scale;
   std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
+  return Exp2Poly(x - n) * scale;
 }
+#endif
 
 // ------------------------------------------------------------------------------ matmul
 // c[i, j] (+)= sum_p a(i, p) * b[p, j] with a(i, p) = a[i * a_si + p * a_sp] (row-major or
