@@ -514,10 +514,8 @@ ffi::Error FlashForwardImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
   PackedKV& kv = caller_kv;
   kv.block = p.Hp * p.Cp;
   const int64_t blocks = p.B * p.K * p.J;
-  if (int64_t(kv.kt.size()) < blocks * kv.block) {
-    kv.kt.resize(blocks * kv.block);
-    kv.v.resize(blocks * kv.block);
-  }
+  Scratch(kv.kt, blocks * kv.block);
+  Scratch(kv.v, blocks * kv.block);
   Pool& pool = Pool::Get();
   pool.Run(blocks, [&](int64_t task) { PackKeyBlock(p, task, kv); });
   pool.Run(p.B * p.K * p.I, [&](int64_t task) { ForwardTask(p, kv, task, o, l); });
@@ -534,33 +532,58 @@ struct Grads {
   std::vector<std::mutex>* locks;  // [B, K, I]
 };
 
-void BackwardTask(const Problem& p, const Grads& gr, int64_t task) {
+// Per query block (b, kv head, i), gathered once per call: q * scale * log2(e) and dout as
+// [G * Q, Hp] rows, lse in base 2 and delta = rowsum(dout * out) as [G * Q].
+struct QueryRows {
+  std::vector<float> q, dout, lse2, delta;
+  int64_t rows;  // G * Q
+  int64_t Offset(const Problem& p, int64_t b, int64_t kh, int64_t i) const {
+    return ((b * p.K + kh) * p.I + i) * rows;
+  }
+};
+
+void GatherQueryBlock(const Problem& p, const Grads& gr, int64_t task, QueryRows& qr) {
+  const int64_t i = task % p.I, bk = task / p.I, b = bk / p.K, kh = bk % p.K;
+  const QueryBlock qb = MakeQueryBlock(p, b, kh, i);
+  const int64_t off = qr.Offset(p, b, kh, i);
+  float* dos = qr.dout.data() + off * p.Hp;
+  GatherRows(p, qb, p.q, p.scale * kLog2e, qr.q.data() + off * p.Hp);
+  GatherRows(p, qb, gr.dout, 1.f, dos);
+  for (int64_t g = 0; g < p.G; ++g) {
+    const int64_t n = kh * p.G + g;
+    for (int64_t t = 0; t < qb.rows; ++t) {
+      const int64_t r = g * qb.rows + t;
+      qr.lse2[off + r] = gr.lse[(b * p.N + n) * p.T + qb.t0 + t] * kLog2e;
+      const float* o = gr.o + ((b * p.T + qb.t0 + t) * p.N + n) * p.H;
+      float d = 0.f;
+      for (int64_t h = 0; h < p.H; ++h) d += o[h] * dos[r * p.Hp + h];
+      qr.delta[off + r] = d;
+    }
+  }
+}
+
+void BackwardTask(const Problem& p, const Grads& gr, const QueryRows& qr, int64_t task) {
   const int64_t j = task / (p.B * p.K);  // first key blocks see the most queries: first
   const int64_t b = (task % (p.B * p.K)) / p.K, kh = task % p.K;
   const int64_t H = p.H, Hp = p.Hp, ld_kv = p.K * p.H, s0 = j * p.C;
   const int64_t cols = std::min(p.C, p.S - s0), Mmax = p.G * p.Q;
   const float* kj = p.k + (b * p.S + s0) * ld_kv + kh * H;
   const float* vj = p.v + (b * p.S + s0) * ld_kv + kh * H;
-  thread_local std::vector<float> kt_buf, vt_buf, kr_buf, q_buf, qp_buf, do_buf, dop_buf, s_buf,
-      dp_buf, dq_buf, dk_buf, dv_buf, lse_buf, delta_buf;
+  thread_local std::vector<float> kt_buf, vt_buf, kr_buf, qp_buf, dop_buf, s_buf, dp_buf, dq_buf,
+      dk_buf, dv_buf;
   float* kt = Scratch(kt_buf, Hp * p.Cp);
   float* vt = Scratch(vt_buf, Hp * p.Cp);
   float* kr = Scratch(kr_buf, p.Cp * Hp);
-  float* qs = Scratch(q_buf, Mmax * Hp);
-  float* dos = Scratch(do_buf, Mmax * Hp);
   float* s = Scratch(s_buf, Mmax * p.Cp);
   float* dp = Scratch(dp_buf, Mmax * p.Cp);
   float* dq = Scratch(dq_buf, Mmax * Hp);
   float* dk = Scratch(dk_buf, p.Cp * Hp);
   float* dv = Scratch(dv_buf, p.Cp * Hp);
-  float* lse2 = Scratch(lse_buf, Mmax);
-  float* delta = Scratch(delta_buf, Mmax);
   PackTransposed(kj, ld_kv, cols, H, Hp, p.Cp, kt);
   PackTransposed(vj, ld_kv, cols, H, Hp, p.Cp, vt);
   PackRows(kj, ld_kv, cols, H, Hp, kr);
   std::fill(dk, dk + cols * Hp, 0.f);
   std::fill(dv, dv + cols * Hp, 0.f);
-  const float q_mul = p.scale * kLog2e;
   bool any = false;
   for (int64_t i = 0; i < p.I; ++i) {
     const QueryBlock qb = MakeQueryBlock(p, b, kh, i);
@@ -568,20 +591,11 @@ void BackwardTask(const Problem& p, const Grads& gr, int64_t task) {
                                            p.k_max[b * p.J + j], p.window);
     if (vis == Visibility::kNone) continue;
     any = true;
-    const int64_t M = qb.M;
-    GatherRows(p, qb, p.q, q_mul, qs);
-    GatherRows(p, qb, gr.dout, 1.f, dos);
-    for (int64_t g = 0; g < p.G; ++g) {
-      const int64_t n = kh * p.G + g;
-      for (int64_t t = 0; t < qb.rows; ++t) {
-        const int64_t r = g * qb.rows + t, bt = b * p.T + qb.t0 + t;
-        lse2[r] = gr.lse[(b * p.N + n) * p.T + qb.t0 + t] * kLog2e;
-        const float* o = gr.o + (bt * p.N + n) * H;
-        float d = 0.f;
-        for (int64_t h = 0; h < H; ++h) d += o[h] * dos[r * Hp + h];
-        delta[r] = d;
-      }
-    }
+    const int64_t M = qb.M, off = qr.Offset(p, b, kh, i);
+    const float* qs = qr.q.data() + off * Hp;
+    const float* dos = qr.dout.data() + off * Hp;
+    const float* lse2 = qr.lse2.data() + off;
+    const float* delta = qr.delta.data() + off;
     MatMul(M, p.Cp, Hp, qs, Hp, 1, kt, s, p.Cp, false);
     if (vis == Visibility::kPartial) {
       MaskScores(p, qb, s0, cols, s);
@@ -644,7 +658,16 @@ ffi::Error FlashBackwardImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
     const int64_t lo = std::min(rows, w * chunk), hi = std::min(rows, lo + chunk);
     std::fill(gr.dq + lo * p.N * p.H, gr.dq + hi * p.N * p.H, 0.f);
   });
-  pool.Run(p.B * p.K * p.J, [&](int64_t task) { BackwardTask(p, gr, task); });
+  thread_local QueryRows caller_qr;  // kept by the calling thread, as in the forward
+  QueryRows& qr = caller_qr;
+  qr.rows = p.G * p.Q;
+  const int64_t blocks = p.B * p.K * p.I;
+  Scratch(qr.q, blocks * qr.rows * p.Hp);
+  Scratch(qr.dout, blocks * qr.rows * p.Hp);
+  Scratch(qr.lse2, blocks * qr.rows);
+  Scratch(qr.delta, blocks * qr.rows);
+  pool.Run(blocks, [&](int64_t task) { GatherQueryBlock(p, gr, task, qr); });
+  pool.Run(p.B * p.K * p.J, [&](int64_t task) { BackwardTask(p, gr, qr, task); });
   return ffi::Error::Success();
 }
 
