@@ -63,6 +63,14 @@ def test_matches_dense_gqa_and_ragged_tiles(kernel, N, K, tiles):
   _assert_matches_dense(q, k, v, *_arange(B, T, S), dout, tiles=tiles)
 
 
+@pytest.mark.parametrize('H', [8, 24, 80, 128])
+def test_matches_dense_any_head_dim(kernel, H):
+  """Head dims below, between and above the kernel's 16-float vectors and 64-column strips."""
+  B, T = 1, 37
+  q, k, v, dout = _inputs(9, B, T, T, 4, 2, H)
+  _assert_matches_dense(q, k, v, *_arange(B, T, T), dout, window=20, tiles=(8, 32))
+
+
 @pytest.mark.parametrize('window', [1, 7, 30])
 def test_matches_dense_sliding_window(kernel, window):
   B, T, H = 1, 61, 16
