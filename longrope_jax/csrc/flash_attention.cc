@@ -48,18 +48,15 @@ constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
-inline Vec Load(const float* p) {
-  Vec v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-inline void Store(float* p, Vec v) { std::memcpy(p, &v, sizeof(v)); }
+typedef float UnalignedVec __attribute__((vector_size(64), aligned(4), may_alias));
+inline Vec Load(const float* p) { return *reinterpret_cast<const UnalignedVec*>(p); }
+inline void Store(float* p, Vec v) { *reinterpret_cast<UnalignedVec*>(p) = v; }
 inline IVec LoadI(const int32_t* p) {
   IVec v;
   std::memcpy(&v, p, sizeof(v));
   return v;
 }
-inline Vec Splat(float x) { return Vec{} + x; }
+inline Vec Splat(float x) { return x - Vec{}; }  // x - 0 is x exactly: a plain broadcast
 inline IVec SplatI(int32_t x) { return IVec{} + x; }
 inline Vec Max(Vec a, Vec b) { return a > b ? a : b; }
 inline float HMax(Vec v) {
@@ -118,36 +115,53 @@ constexpr int kTileVecs = 1;  // 16 registers (AVX2) hold a 6 x 1 tile of 16-flo
 #endif
 constexpr int64_t kStrip = 64;
 
-template <int R, int NV>
+template <int R, int NV, bool kAccumulate>
 inline void MicroTile(int64_t k, const float* a, int64_t a_si, int64_t a_sp, const float* b,
-                      int64_t ldb, float* c, int64_t ldc, bool accumulate) {
+                      int64_t ldb, float* c, int64_t ldc) {
   Vec acc[R][NV];
+#pragma GCC unroll 16
   for (int r = 0; r < R; ++r) {
-    for (int v = 0; v < NV; ++v) acc[r][v] = accumulate ? Load(c + r * ldc + kLanes * v) : Vec{};
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[r][v] = kAccumulate ? Load(c + r * ldc + kLanes * v) : Vec{};
   }
   for (int64_t p = 0; p < k; ++p) {
     Vec bv[NV];
+#pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) bv[v] = Load(b + p * ldb + kLanes * v);
+#pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
-      const float x = a[r * a_si + p * a_sp];
+      const Vec x = Splat(a[r * a_si + p * a_sp]);
+#pragma GCC unroll 4
       for (int v = 0; v < NV; ++v) acc[r][v] += x * bv[v];
     }
   }
+#pragma GCC unroll 16
   for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) Store(c + r * ldc + kLanes * v, acc[r][v]);
   }
+}
+
+template <int NV, bool kAccumulate>
+void MatMulColumns(int64_t m, int64_t k, const float* a, int64_t a_si, int64_t a_sp,
+                   const float* b, int64_t ldb, float* c, int64_t ldc) {
+  constexpr int R = NV == 2 ? 8 : 6;
+  int64_t i = 0;
+  for (; i + R <= m; i += R) {
+    MicroTile<R, NV, kAccumulate>(k, a + i * a_si, a_si, a_sp, b, ldb, c + i * ldc, ldc);
+  }
+  for (; i < m; ++i) MicroTile<1, NV, kAccumulate>(k, a + i * a_si, a_si, a_sp, b, ldb,
+                                                   c + i * ldc, ldc);
 }
 
 template <int NV>
 void MatMulColumns(int64_t m, int64_t k, const float* a, int64_t a_si, int64_t a_sp,
                    const float* b, int64_t ldb, float* c, int64_t ldc, bool accumulate) {
-  constexpr int R = NV == 4 ? 6 : NV == 1 ? 6 : 8;
-  int64_t i = 0;
-  for (; i + R <= m; i += R) {
-    MicroTile<R, NV>(k, a + i * a_si, a_si, a_sp, b, ldb, c + i * ldc, ldc, accumulate);
+  if (accumulate) {
+    MatMulColumns<NV, true>(m, k, a, a_si, a_sp, b, ldb, c, ldc);
+  } else {
+    MatMulColumns<NV, false>(m, k, a, a_si, a_sp, b, ldb, c, ldc);
   }
-  for (; i < m; ++i) MicroTile<1, NV>(k, a + i * a_si, a_si, a_sp, b, ldb, c + i * ldc, ldc,
-                                      accumulate);
 }
 
 void MatMul(int64_t m, int64_t n, int64_t k, const float* a, int64_t a_si, int64_t a_sp,
