@@ -1,12 +1,14 @@
 """One attention layer: the fused CPU kernel (`cpu_attention.flash_cpu_attention`) against torch.
 
   python bench/flash_cpu.py [--lengths 2048 8192 16384] [--reps 5] [--tiles 256x256 ...]
-                            [--backward] [--out bench/results/flash_cpu.json]
+                            [--backward] [--model] [--out bench/results/flash_cpu.json]
 
 Causal GQA attention of one sequence, f32, on the demo shape (N=2 query heads, K=1 kv head, head
 dim 64) and on N=4, K=4, H=64, against `torch.nn.functional.scaled_dot_product_attention(
 is_causal=True, enable_gqa=True)`, both on every core this process may use, interleaved in one
 process; the median of `reps` calls. With --backward also forward+backward (gradients of q, k, v).
+With --model also the whole demo model's forward (`model.get_config('demo')`) with flash_cpu and
+with blockwise attention against transformers' LlamaForCausalLM (sdpa), as bench/attention.py.
 Prints figures and writes JSON with the CPU model and the load average before and after; never
 asserts on time.
 """
@@ -32,6 +34,57 @@ def cpu_model() -> str:
   return platform.processor()
 
 
+def bench_model(lengths, reps: int) -> list[dict]:
+  """Demo model forward of one sequence: flash_cpu and blockwise against torch + transformers."""
+  import importlib.util
+
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import torch
+
+  from longrope_jax import model as model_lib
+  from longrope_jax import rope as rope_lib
+
+  spec = importlib.util.spec_from_file_location('bench_attention', REPO / 'bench/attention.py')
+  bench_attention = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench_attention)
+  base = model_lib.get_config('demo')
+  params = model_lib.init_params(base, jax.random.key(0))
+  rope = rope_lib.none(head_dim=base.head_dim)
+  rows = []
+  for T in lengths:
+    tokens = np.random.default_rng(0).integers(0, base.vocab_size, (1, T))
+    tokens_j, positions = jnp.asarray(tokens, jnp.int32), jnp.arange(T, dtype=jnp.int32)[None]
+    fns = {}
+    for attention in ('flash_cpu', 'blockwise'):
+      config = base.replace(attention=attention)
+      fwd = jax.jit(lambda p, t, config=config: model_lib.forward(config, p, t, positions, rope))
+      fns[attention] = lambda fwd=fwd: fwd(params, tokens_j).block_until_ready()
+    llama, tokens_t = bench_attention.torch_llama(base, T), torch.from_numpy(tokens)
+
+    def torch_forward():
+      with torch.no_grad():
+        llama(tokens_t)
+
+    fns['torch'] = torch_forward
+    for fn in fns.values():
+      fn()
+    times = {name: [] for name in fns}
+    for _ in range(reps):
+      for name, fn in fns.items():
+        start = time.perf_counter()
+        fn()
+        times[name].append(time.perf_counter() - start)
+    medians = {name: statistics.median(ts) for name, ts in times.items()}
+    rows.append(dict(length=T, seconds=medians,
+                     torch_over_flash_cpu=medians['torch'] / medians['flash_cpu'],
+                     torch_over_blockwise=medians['torch'] / medians['blockwise']))
+    print(f"demo model T={T}: " + ', '.join(f'{n} {s * 1e3:.1f} ms' for n, s in medians.items())
+          + f"; torch/flash_cpu {rows[-1]['torch_over_flash_cpu']:.2f}", flush=True)
+  return rows
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--lengths', type=int, nargs='+', default=[2048, 8192, 16384])
@@ -40,6 +93,7 @@ def main() -> None:
   parser.add_argument('--tiles', nargs='*', default=[],
                       help='extra QxC tiles to time, e.g. 256x256')
   parser.add_argument('--backward', action='store_true', help='also time forward+backward')
+  parser.add_argument('--model', action='store_true', help='also time the demo model forward')
   parser.add_argument('--out', default=str(REPO / 'bench/results/flash_cpu.json'))
   args = parser.parse_args()
 
@@ -114,9 +168,10 @@ def main() -> None:
             + f"; torch/ours {row['torch_over_ours']:.2f}"
             + (f", fwd+bwd {row['torch_over_ours_fwd_bwd']:.2f}" if args.backward else ''),
             flush=True)
+  model_rows = bench_model(args.lengths, args.reps) if args.model else []
   result = dict(cpu=cpu_model(), threads=threads, torch=torch.__version__, jax=jax.__version__,
                 kernel_threads=cpu_attention.num_threads(), reps=args.reps, load_before=load_before,
-                load_after=os.getloadavg(), rows=rows)
+                load_after=os.getloadavg(), rows=rows, model_rows=model_rows)
   print(f"load average before {load_before}, after {result['load_after']}")
   pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
   pathlib.Path(args.out).write_text(json.dumps(result, indent=1) + '\n')
