@@ -132,8 +132,15 @@ def num_threads() -> int:
 
 # ----------------------------------------------------------------------------- tiles
 def default_tiles(num_groups: int) -> tuple[int, int]:
-  """(query block Q, key block C) by measurement: G * Q ~ 512 stacked rows per sgemm."""
-  return max(64, 512 // num_groups), 256
+  """Forward (query block Q, key block C), by measurement (bench/flash_cpu.py --tiles, 2-core
+  Xeon, demo and 4-kv-head shapes at 4K-8K): 256 x 256, with at most 1024 stacked rows (G * Q)."""
+  return max(16, min(256, 1024 // num_groups)), 256
+
+
+def default_backward_tiles(num_groups: int) -> tuple[int, int]:
+  """Backward (Q, C), as `default_tiles`: 128 x 128 (its five products and their buffers per
+  block pair favour smaller blocks), with at most 512 stacked rows."""
+  return max(16, min(128, 512 // num_groups)), 128
 
 
 # ----------------------------------------------------------------------------- custom calls
@@ -151,22 +158,22 @@ def _forward_call(q, k, v, q_pos, k_pos, window, tiles):
       q, k, v, q_pos, k_pos, **_attrs(window, H, tiles))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _flash(q, k, v, q_pos, k_pos, window, tiles):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _flash(q, k, v, q_pos, k_pos, window, tiles, backward_tiles):
   return _forward_call(q, k, v, q_pos, k_pos, window, tiles)[0]
 
 
-def _flash_fwd(q, k, v, q_pos, k_pos, window, tiles):
+def _flash_fwd(q, k, v, q_pos, k_pos, window, tiles, backward_tiles):
   out, lse = _forward_call(q, k, v, q_pos, k_pos, window, tiles)
   return out, (q, k, v, q_pos, k_pos, out, lse)
 
 
-def _flash_bwd(window, tiles, residuals, dout):
+def _flash_bwd(window, tiles, backward_tiles, residuals, dout):
   q, k, v, q_pos, k_pos, out, lse = residuals
   out_types = tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q, k, v))
   dq, dk, dv = jax.ffi.ffi_call(_BACKWARD, out_types, vmap_method='broadcast_all')(
       q, k, v, q_pos, k_pos, out, lse, dout.astype(jnp.float32),
-      **_attrs(window, q.shape[-1], tiles))
+      **_attrs(window, q.shape[-1], backward_tiles))
   return dq, dk, dv, None, None
 
 
@@ -175,11 +182,12 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 def flash_cpu_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array,
                         q_pos_BT: jax.Array, k_pos_BS: jax.Array, *, window: int | None = None,
-                        tiles: tuple[int, int] | None = None, **unused) -> jax.Array:
+                        tiles: tuple[int, int] | None = None,
+                        backward_tiles: tuple[int, int] | None = None, **unused) -> jax.Array:
   """Causal GQA out[B, T, N, H] by the fused C++ kernel (f32 inside; bf16 is upcast), equal to
   `attention.dense_attention`. Falls back, with one warning, to `attention.blockwise_attention`
-  when the kernel cannot be built or the backend is not the CPU. `tiles` = (Q, C) overrides
-  `default_tiles`."""
+  when the kernel cannot be built or the backend is not the CPU. `tiles` and `backward_tiles`
+  = (Q, C) override `default_tiles` and `default_backward_tiles`."""
   attention_lib.validate_attention_shapes(q_BTNH, k_BSKH, v_BSKH, q_pos_BT, k_pos_BS)
   if window is not None and (not isinstance(window, int) or window <= 0):
     raise ValueError(f"window must be a positive integer or None, got {window!r}.")
@@ -192,7 +200,9 @@ def flash_cpu_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array,
                                              window=window, **unused)
   G = q_BTNH.shape[2] // k_BSKH.shape[2]
   tiles = default_tiles(G) if tiles is None else tuple(tiles)
+  backward_tiles = (default_backward_tiles(G) if backward_tiles is None else
+                    tuple(backward_tiles))
   out_BTNH = _flash(q_BTNH.astype(jnp.float32), k_BSKH.astype(jnp.float32),
                     v_BSKH.astype(jnp.float32), q_pos_BT.astype(jnp.int32),
-                    k_pos_BS.astype(jnp.int32), window, tiles)
+                    k_pos_BS.astype(jnp.int32), window, tiles, backward_tiles)
   return out_BTNH.astype(q_BTNH.dtype)
