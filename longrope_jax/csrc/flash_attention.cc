@@ -142,6 +142,19 @@ inline void MicroTile(int64_t k, const float* a, int64_t a_si, int64_t a_sp, con
   }
 }
 
+// The last rows < R of a column strip, as one tile of exactly that many rows.
+template <int R, int NV, bool kAccumulate>
+inline void RemainderTile(int64_t rows, int64_t k, const float* a, int64_t a_si, int64_t a_sp,
+                          const float* b, int64_t ldb, float* c, int64_t ldc) {
+  if constexpr (R > 0) {
+    if (rows == R) {
+      MicroTile<R, NV, kAccumulate>(k, a, a_si, a_sp, b, ldb, c, ldc);
+    } else {
+      RemainderTile<R - 1, NV, kAccumulate>(rows, k, a, a_si, a_sp, b, ldb, c, ldc);
+    }
+  }
+}
+
 template <int NV, bool kAccumulate>
 void MatMulColumns(int64_t m, int64_t k, const float* a, int64_t a_si, int64_t a_sp,
                    const float* b, int64_t ldb, float* c, int64_t ldc) {
@@ -150,8 +163,8 @@ void MatMulColumns(int64_t m, int64_t k, const float* a, int64_t a_si, int64_t a
   for (; i + R <= m; i += R) {
     MicroTile<R, NV, kAccumulate>(k, a + i * a_si, a_si, a_sp, b, ldb, c + i * ldc, ldc);
   }
-  for (; i < m; ++i) MicroTile<1, NV, kAccumulate>(k, a + i * a_si, a_si, a_sp, b, ldb,
-                                                   c + i * ldc, ldc);
+  RemainderTile<R - 1, NV, kAccumulate>(m - i, k, a + i * a_si, a_si, a_sp, b, ldb, c + i * ldc,
+                                        ldc);
 }
 
 template <int NV>
