@@ -9,8 +9,8 @@ is_causal=True, enable_gqa=True)`, both on every core this process may use, inte
 process; the median of `reps` calls. With --backward also forward+backward (gradients of q, k, v).
 With --model also the whole demo model's forward (`model.get_config('demo')`) with flash_cpu and
 with blockwise attention against transformers' LlamaForCausalLM (sdpa), as bench/attention.py.
-Prints figures and writes JSON with the CPU model and the load average before and after; never
-asserts on time.
+Prints figures and writes JSON with the CPU model and the load average at start and end (`busy`
+when other processes held half the cores at the start); never asserts on time.
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ def main() -> None:
     raise SystemExit(f'flash_cpu is unavailable: {cpu_attention.unavailable_reason()}')
   threads = len(os.sched_getaffinity(0))
   torch.set_num_threads(threads)
-  load_before = os.getloadavg()
+  load_start = os.getloadavg()
   rows = []
   for shape in args.shapes:
     N, K, H = SHAPES[shape]
@@ -169,10 +169,15 @@ def main() -> None:
             + (f", fwd+bwd {row['torch_over_ours_fwd_bwd']:.2f}" if args.backward else ''),
             flush=True)
   model_rows = bench_model(args.lengths, args.reps) if args.model else []
-  result = dict(cpu=cpu_model(), threads=threads, torch=torch.__version__, jax=jax.__version__,
-                kernel_threads=cpu_attention.num_threads(), reps=args.reps, load_before=load_before,
-                load_after=os.getloadavg(), rows=rows, model_rows=model_rows)
-  print(f"load average before {load_before}, after {result['load_after']}")
+  load_end = os.getloadavg()
+  # Busy: other processes held half the cores when the run started (the end includes our own).
+  busy = load_start[0] > 0.5 * threads
+  result = dict(cpu=cpu_model(), usable_cores=threads, torch=torch.__version__,
+                jax=jax.__version__, kernel_threads=cpu_attention.num_threads(), reps=args.reps,
+                load_average_start=load_start, load_average_end=load_end, busy=busy, rows=rows,
+                model_rows=model_rows)
+  print(f"load average start {load_start}, end {load_end}" +
+        (' (BUSY machine: indicative only)' if busy else ''))
   pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
   pathlib.Path(args.out).write_text(json.dumps(result, indent=1) + '\n')
 

@@ -7,18 +7,20 @@
 // lse [B, N, T] (natural log, +inf where no key is visible); N = K * G.
 //
 // One task is (b, kv head, query block) in the forward and (b, kv head, key block) in the
-// backward; the G query heads of a kv head are stacked as rows (M = G * Q) so one sgemm serves
+// backward; the G query heads of a kv head are stacked as rows (M = G * Q) so one matmul serves
 // the whole group. Key blocks outside a query block's position range are skipped, and only
 // blocks straddling the causal edge (or the window edge) are masked element by element.
-// Matmuls run on a register-tiled kernel written with GCC vector extensions (AVX-512 when the
-// build machine has it): the B operand is packed into 64-column strips, the A operand is read in
+// Matmuls run on a register-tiled kernel written with GCC vector extensions (AVX-512, AVX or
+// 128-bit vectors, whichever the build machine has): the B operand is packed into 64-column strips, the A operand is read in
 // place (row-major or transposed), so no product needs a BLAS. On this project's 2-core Xeon it
 // measured 15-30% above OpenBLAS sgemm single-threaded at these shapes (K = head dim or a key
 // block). Tasks run on a pool with one thread per CPU the process may use; softmax is online, in
-// base 2. Head dims that are not a multiple of 16 are zero-padded inside.
+// base 2. Head dims that are not a whole number of vectors are zero-padded inside.
 
-#include <immintrin.h>
 #include <sched.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <atomic>
@@ -41,14 +43,21 @@ namespace ffi = xla::ffi;
 namespace {
 
 // ------------------------------------------------------------------------------ vectors
-constexpr int kLanes = 16;
-typedef float Vec __attribute__((vector_size(64)));
-typedef int32_t IVec __attribute__((vector_size(64)));
+// One vector register: 16 floats with AVX-512 (32 registers), 8 with AVX (16 registers), else 4.
+#if defined(__AVX512F__)
+constexpr int kLanes = 16, kRegisters = 32;
+#elif defined(__AVX__)
+constexpr int kLanes = 8, kRegisters = 16;
+#else
+constexpr int kLanes = 4, kRegisters = 16;
+#endif
+typedef float Vec __attribute__((vector_size(4 * kLanes)));
+typedef int32_t IVec __attribute__((vector_size(4 * kLanes)));
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
-typedef float UnalignedVec __attribute__((vector_size(64), aligned(4), may_alias));
+typedef float UnalignedVec __attribute__((vector_size(4 * kLanes), aligned(4), may_alias));
 inline Vec Load(const float* p) { return *reinterpret_cast<const UnalignedVec*>(p); }
 inline void Store(float* p, Vec v) { *reinterpret_cast<UnalignedVec*>(p) = v; }
 inline IVec LoadI(const int32_t* p) {
@@ -106,13 +115,9 @@ inline Vec Exp2(Vec x) {
 // ------------------------------------------------------------------------------ matmul
 // c[i, j] (+)= sum_p a(i, p) * b[p, j] with a(i, p) = a[i * a_si + p * a_sp] (row-major or
 // transposed A in place) and b packed by PackRows / PackTransposed: columns in strips of 64, strip
-// s a row-major [k, w] block at b + 64 * s * k (w = 64, or 16..48 for the last). n and every
-// strip width are multiples of 16; c has room for n columns.
-#ifdef __AVX512F__
-constexpr int kTileVecs = 4;  // 32 registers: 6 x 4 accumulators + 4 b vectors
-#else
-constexpr int kTileVecs = 1;  // 16 registers (AVX2) hold a 6 x 1 tile of 16-float vectors
-#endif
+// s a row-major [k, w] block at b + 64 * s * k (w = 64 but for the last). n and every strip width
+// are multiples of kLanes; c has room for n columns.
+constexpr int kTileVecs = kRegisters >= 32 ? 4 : 2;  // vectors across a micro-tile
 constexpr int64_t kStrip = 64;
 
 template <int R, int NV, bool kAccumulate>
@@ -158,7 +163,8 @@ inline void RemainderTile(int64_t rows, int64_t k, const float* a, int64_t a_si,
 template <int NV, bool kAccumulate>
 void MatMulColumns(int64_t m, int64_t k, const float* a, int64_t a_si, int64_t a_sp,
                    const float* b, int64_t ldb, float* c, int64_t ldc) {
-  constexpr int R = NV == 2 ? 8 : 6;
+  // Rows: as many as the registers hold (R * NV accumulators, NV b vectors, one broadcast).
+  constexpr int R = std::min(8, (kRegisters - NV - 1) / NV);
   int64_t i = 0;
   for (; i + R <= m; i += R) {
     MicroTile<R, NV, kAccumulate>(k, a + i * a_si, a_si, a_sp, b, ldb, c + i * ldc, ldc);
@@ -419,11 +425,13 @@ void MaskScores(const Problem& p, const QueryBlock& qb, int64_t s0, int64_t cols
   for (int64_t c = 0; c < p.Cp; ++c) kpb[c] = c < cols ? k_pos[c] : 0;
   const int32_t* q_pos = p.q_pos + qb.b * p.T + qb.t0;
   const Vec neg_inf = Splat(-kInf);
+  IVec iota;
+  for (int i = 0; i < kLanes; ++i) iota[i] = i;
   for (int64_t r = 0; r < qb.M; ++r) {
     const IVec qp = SplatI(q_pos[r % qb.rows]);
     float* row = s + r * p.Cp;
     for (int64_t c = 0; c < p.Cp; c += kLanes) {
-      IVec lane = SplatI(int32_t(c)) + IVec{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+      const IVec lane = SplatI(int32_t(c)) + iota;
       IVec d = qp - LoadI(kpb + c);
       IVec visible = (d >= 0) & (d < SplatI(p.window)) & (lane < SplatI(int32_t(cols)));
       Store(row + c, visible ? Load(row + c) : neg_inf);
