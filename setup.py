@@ -8,6 +8,7 @@ setup(
     description="LongRoPE (and every other RoPE scaling method) for JAX/Flax language models",
     python_requires=">=3.11",
     packages=find_packages(include=["longrope_jax", "longrope_jax.*"]),
+    package_data={"longrope_jax": ["csrc/*.cc"]},  # compiled on first use (cpu_attention.py)
     install_requires=[
         "jax>=0.10.2,<=0.10.2",
         "jaxlib>=0.10.2,<=0.10.2",

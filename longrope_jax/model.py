@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from longrope_jax import attention as attention_lib
+from longrope_jax import cpu_attention
 from longrope_jax import validation
 from longrope_jax import ring_attention as ring_lib
 from longrope_jax.rope import RopeScaling, apply_rope
@@ -27,13 +28,15 @@ DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 # name -> fn(q, k, v, q_pos, k_pos, *, window, block_q, block_k) -> out[B, T, N, H]
 # ring: T split over the 'seq' axis of the current mesh (`jax.set_mesh`);
-# fused: jax.nn.dot_product_attention (cuDNN on a GPU).
+# fused: jax.nn.dot_product_attention (cuDNN on a GPU);
+# flash_cpu: the fused C++ kernel of cpu_attention.py (XLA FFI custom call on the CPU).
 ATTENTION: dict[str, Callable[..., jax.Array]] = {
     'dense': attention_lib.dense_attention,
     'blockwise': attention_lib.blockwise_attention,
     'chunked': attention_lib.chunked_attention,
     'ring': ring_lib.ring_attention,
     'fused': attention_lib.fused_attention,
+    'flash_cpu': cpu_attention.flash_cpu_attention,
 }
 ATTENTION_IMPLS = tuple(ATTENTION)
 REMAT_NAMED = ('none', 'full')  # other values name a jax.checkpoint_policies policy
