@@ -136,6 +136,11 @@ VARIANTS: dict[str, ModelConfig] = {
     # Sized for a 2-core CPU: about 0.8M parameters, compute-optimal for ~10 minutes of training.
     'demo': ModelConfig(vocab_size=258, dim=128, num_layers=4, num_heads=2, num_kv_heads=1,
                         head_dim=64, mlp_dim=384, original_length=256, tie_embeddings=True),
+    # The demo's width with four heads of their own keys and values: it learns to copy (induction
+    # heads) within a few thousand steps at L0 = 128, where the demo's two query heads sharing one
+    # kv head stayed at the bag-of-digits plateau (configs/demo.py:retrieval).
+    'retrieval': ModelConfig(vocab_size=258, dim=128, num_layers=4, num_heads=4, num_kv_heads=4,
+                             head_dim=32, mlp_dim=384, original_length=128, tie_embeddings=True),
     # A few seconds to train; for tests.
     'test': ModelConfig(vocab_size=258, dim=64, num_layers=2, num_heads=4, num_kv_heads=2,
                         head_dim=16, mlp_dim=128, original_length=64, tie_embeddings=True),

