@@ -297,7 +297,8 @@ def render(results: Mapping, *, model: str) -> str:
               f"answer at {a['length']} tokens without scaling is {a['total']:.2f} nats "
               f"({', '.join(f'{x:.2f}' for x in a['nll'])} per token) against {a['guess']:.2f} "
               "for a guess among digits, so every accuracy would be 0. Retrieval needs a model "
-              "that copies (induction heads); see the README's passkey section.", '']
+              "that copies (induction heads): on the embedded corpus, `configs/demo.py:retrieval` "
+              "trains one (the README's passkey section).", '']
   elif 'passkey' in results:
     r = results['passkey']
     lines += ['## Passkey retrieval', '',
