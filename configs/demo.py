@@ -29,8 +29,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   a = common.parse_arg(arg, test=False, progressive=False, seeds=False, finetuned=False,
                        ablations=False, sliding=False, retrieval=False)
   c = common.base_config(('pretrain', 'search', 'evaluate', 'passkey', 'report'))
-  # demo: L0 = 256 bytes. Pretraining is dense; evaluation blockwise.
-  c.model = common.model_section('demo')
+  # demo: L0 = 256 bytes. Attention is the fused CPU kernel (bench/forward.py: 1.2-1.4x
+  # PyTorch's forward on this CPU); where it cannot be built it warns and runs blockwise.
+  c.model = common.model_section('demo', attention='flash_cpu')
   c.data = common.data_section()
   # Rows of a repeated random string (induction data): 0 in the demo. At 0.2 the 800-step model
   # still did not copy (copy-row NLL 3.4-3.6 nats of ln 62 = 4.1 at step 500) and its held-out
@@ -38,9 +39,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.pretrain = common.pretrain_section(copy_fraction=0.0)
   # LongRoPE's search at 8x with a short budget (the paper's: population 64, 32 parents,
   # 16 + 16 children, 40 generations, 5 documents); fitness on validation documents only;
-  # blockwise attention skips masked blocks.
+  # the attention kernel skips masked blocks.
   c.search = common.search_section(8, num_windows=4, population=16, parents=8, mutations=4,
-                                   crossovers=4, generations=10, attention='blockwise')
+                                   crossovers=4, generations=10, attention='flash_cpu')
   c.evaluate = common.evaluate_section(multiples=(1, 2, 4, 8, 16), num_windows=16)
   c.passkey = common.passkey_section()
   # Progressive extension (variant :progressive): fine-tune at the search length with the

@@ -123,7 +123,7 @@ class Run:
 
   def training_config(self, attention: str) -> model_lib.ModelConfig:
     """The model as trained: ring attention when the training mesh splits sequences over 'seq',
-    else `attention` (dense for short pretraining windows, the model's own for fine-tuning)."""
+    else `attention` (the model's own)."""
     ring = self.train_mesh is not None and self.train_mesh.shape[mesh_lib.SEQ_AXIS] > 1
     return self.model_config.replace(attention='ring' if ring else attention)
 
@@ -171,7 +171,8 @@ def pretrain(run: Run) -> None:
   val = data_lib.eval_windows(run.documents('validation'), run.original_length, c.eval_windows,
                               seed=run.config.seed)
   t0 = time.time()
-  train_lib.train(run.training_config('dense'), train_lib.OptimConfig.from_config(c), batches,
+  train_lib.train(run.training_config(run.model_config.attention),
+                  train_lib.OptimConfig.from_config(c), batches,
                   rope_lib.none(head_dim=mc.head_dim), run.workdir, seed=run.config.seed,
                   eval_windows=val, eval_every=c.eval_every, ckpt_every=c.ckpt_every,
                   desc='pretrain', mesh=run.train_mesh)

@@ -22,7 +22,7 @@ from longrope_jax import checkpoint as ckpt_lib
 RECORD_FILE = 'provenance.json'
 
 # Performance knobs that change how, not what, a stage computes (up to float summation order).
-_SEARCH_PERF = ('chunk', 'memory_gb', 'doc_batch')
+_SEARCH_PERF = ('chunk', 'memory_gb', 'doc_batch', 'attention')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,7 +212,8 @@ def read_records(workdir: str | pathlib.Path) -> dict[str, StageRecord]:
 
 
 # Fields stages read once and no longer do; records written then still hold them.
-RETIRED_FIELDS = ('model.attention',)
+RETIRED_FIELDS = ('model.attention', 'search.settings.attention',
+                  'progressive.search.attention')
 
 
 def _without_retired(records: Mapping[str, StageRecord]) -> dict[str, StageRecord]:

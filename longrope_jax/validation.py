@@ -211,7 +211,7 @@ RULES: dict[str, Check] = {
     **{f'mesh.{axis}': at_least(-1) for axis in ('data', 'fsdp', 'seq', 'pop')},
     'model.variant': string,
     'model.path': optional(string),
-    'model.attention': choice(('dense', 'blockwise', 'ring')),
+    'model.attention': choice(_attention_impls),
     'model.dtype': choice(_dtypes),
     'model.param_dtype': optional(choice(_dtypes)),
     'model.original_length': optional(positive_int),
