@@ -134,7 +134,7 @@ class Run:
     --force, which the constructor already enforced)."""
     load_after = os.getloadavg()
     record = dict(command=[sys.executable, *sys.argv], machine=machine_facts(),
-                  load_average_before=self.load_before, load_average_after=load_after,
+                  load_average_start=self.load_before, load_average_end=load_after,
                   busy=self.busy, max_load=self.args.max_load,
                   wall_seconds=time.time() - self.started, **result)
     out = pathlib.Path(self.args.out)
