@@ -377,9 +377,13 @@ def progressive_evaluate(run: Run) -> dict:
       search_lib.SearchResult.from_json(record['short']).rope(),
       search_lib.SearchResult.from_json(record['long']).rope(), run.original_length)
   params = train_lib.load_params(run.model_config, run.workdir / 'progressive')
+  # Cells depend on the factors: a progressive record rewritten (its short factors chosen anew)
+  # recomputes them instead of reporting the old ones.
   return _perplexity(run, 'progressive_perplexity', params, (),
                      {'longrope_progressive': factors.select,
-                      'longrope_progressive_no_short': factors.long})
+                      'longrope_progressive_no_short': factors.long},
+                     depends=dict(long=record['long']['factors'],
+                                  short=record['short']['factors']))
 
 
 def finetune(run: Run, rope: rope_lib.RopeScaling, workdir: pathlib.Path) -> Any:
