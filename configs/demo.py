@@ -10,7 +10,7 @@ Opt-in reproduction variants (combinable, `:seeds,finetuned`, and with `test`; e
   :finetuned    PI, YaRN and LongRoPE each fine-tuned at 8x with one budget, evaluated 1x-32x
   :ablations    uniform PI / per-dim factors / + n_hat / best seed (LongRoPE Table 11)
   :sliding      the perplexity table again with windows sliding by evaluate.sliding_stride
-  :retrieval    a base model that copies (L0 = 128 bytes, induction-rich pretraining), so that
+  :retrieval    a base model that copies (L0 = 256 bytes, induction-rich pretraining), so that
                 passkey retrieval is compared across methods from 1x to 16x (its own workdir)
 
 Any field can be overridden: --config.pretrain.steps=200 --config.search.settings.population=32
@@ -72,7 +72,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # half the rows passkey prompts and 40% repeated random strings at L0 = 128 bytes, the demo
     # model copied the key's first digit by step 500 but stayed at the bag-of-digits plateau for
     # the rest (1.2 nats per digit at step 2600); four heads with their own keys and values
-    # (model 'retrieval') copied all five (answer NLL 0.75 nats in all at step 1250).
+    # (model 'retrieval') copied all five (answer NLL 0.75 nats in all at step 1250). Its L0 is
+    # 256: at 128 the passkey rows had no room for filler, and that model retrieved at L0 (1.00)
+    # but at no longer length with any method.
     c.model.variant = 'retrieval'
     c.pretrain.update(steps=RETRIEVAL_STEPS, passkey_fraction=0.5, copy_fraction=0.4)
     c.passkey.update(multiples=(1, 2, 4, 8, 16))

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from configs import demo as demo_config
+from longrope_jax import model as model_lib
 from longrope_jax import pipeline
 from longrope_jax import validation
 
@@ -38,9 +39,10 @@ def test_variant_stage_lists():
                                                'report')
 
 
-def test_retrieval_variant_trains_a_copying_base_model_at_l0_128():
+def test_retrieval_variant_trains_a_copying_base_model_at_l0_256():
   c = demo_config.get_config('retrieval')
   assert c.model.variant == 'retrieval'
+  assert model_lib.get_config(c.model.variant).original_length == 256
   assert c.pretrain.passkey_fraction + c.pretrain.copy_fraction == pytest.approx(0.9)
   assert c.passkey.multiples == (1, 2, 4, 8, 16) and c.passkey.skip_fraction is not None
   assert validation.errors(c) == []
