@@ -1,8 +1,8 @@
 """The harness every speed bench uses: machine facts, all cores for both frameworks, load average
 before and after (a busy machine's result is refused unless --force, then marked), interleaved
 timing with per-repeat torch / ours ratios, and the JSON written under bench/results/ with the
-command line. Like the experiments/ entry points, a bench started with LONGROPE_MALLOC=tuned
-restarts itself with the glibc malloc tunables of longrope_jax/runtime.py.
+command line. Like the experiments/ entry points, a bench tunes glibc malloc
+(longrope_jax/runtime.py; LONGROPE_MALLOC=default keeps glibc's settings), for torch as for ours.
 
   args = harness.parser(__doc__, out='attention.json').parse_args()
   run = harness.Run(args)                   # checks the load before anything heavy starts
@@ -113,9 +113,10 @@ class Run:
   """One bench run: load check at start, facts and load at the end, JSON with the command."""
 
   def __init__(self, args: argparse.Namespace):
-    # As the experiments/ entry points: glibc malloc tunables with LONGROPE_MALLOC=tuned.
+    # As the experiments/ entry points: glibc malloc tuned unless LONGROPE_MALLOC=default (the
+    # process's setting, so torch runs under it too).
     from longrope_jax import runtime
-    runtime.reexec_with_malloc_tunables()
+    self.malloc = 'tuned' if runtime.tune_malloc() else 'default'
     self.args = args
     self.started = time.time()
     self.load_before = os.getloadavg()
@@ -135,7 +136,7 @@ class Run:
     load_after = os.getloadavg()
     record = dict(command=[sys.executable, *sys.argv], machine=machine_facts(),
                   load_average_start=self.load_before, load_average_end=load_after,
-                  busy=self.busy, max_load=self.args.max_load,
+                  busy=self.busy, max_load=self.args.max_load, malloc=self.malloc,
                   wall_seconds=time.time() - self.started, **result)
     out = pathlib.Path(self.args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -160,7 +161,7 @@ def time_call(fn: Callable[[], object]) -> float:
 
 def minor_faults(fn: Callable[[], object]) -> int:
   """Minor page faults of the process during one call (XLA:CPU's scratch mapped afresh shows
-  here; GLIBC_TUNABLES in docs of bench/forward.py)."""
+  here unless runtime.tune_malloc is on)."""
   before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
   fn()
   return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before

@@ -1,54 +1,47 @@
-"""Process settings that must be in place before the process starts: glibc malloc tunables.
+"""Process settings: glibc malloc keeps XLA:CPU's scratch buffers instead of unmapping them.
 
-XLA:CPU takes each call's scratch buffers from malloc; with glibc's defaults buffers above the
-mmap threshold (attention scores, activations at long lengths) are mapped and unmapped on every
-call, each page faulted in again. With MALLOC_TUNABLES (one arena, no mmap, no trimming) the
-heap keeps and reuses them (the CPU-speed study: no page faults after the first call); freed
-memory stays with the process. glibc reads GLIBC_TUNABLES at start-up only, so with
-LONGROPE_MALLOC=tuned an entry point re-executes itself once (`reexec_with_malloc_tunables`);
-unset or 'default' keeps glibc's settings (opt-in until a quiet benchmark shows the gain: on the
-loaded 2-core machine the page faults of a demo forward at 8K fell for blockwise attention
-(12.5K -> 8.3K per call) but not reliably for dense or chunked). Equivalent by hand:
+XLA:CPU takes each call's scratch buffers from malloc. With glibc's defaults a buffer above the
+mmap threshold (activations, attention scores, gradients) is mapped and unmapped on every call,
+and each of its pages is faulted in and zeroed again: the demo's training step faulted about 65K
+pages (260 MB) per step. `tune_malloc` sets glibc's mallopt once (no mmap, no trimming, one
+arena), so the heap keeps and reuses those buffers: 8x fewer page faults and a faster step
+(bench/train_step.py). Freed memory then stays with the process: it holds its peak, not more.
 
-  export GLIBC_TUNABLES=glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:\
-glibc.malloc.trim_threshold=68719476736
+The entry points (experiments/, bench/) call it first thing; it is on unless LONGROPE_MALLOC is
+'default'. In a notebook, call `runtime.tune_malloc()` before the first JAX computation. Outside
+glibc Linux it does nothing.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import platform
 import sys
 
-MALLOC_TUNABLES = ('glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:'
-                   'glibc.malloc.trim_threshold=68719476736')
-SWITCH = 'LONGROPE_MALLOC'  # 'tuned' or 'default' (unset: glibc's own settings)
+SWITCH = 'LONGROPE_MALLOC'  # 'tuned' (the default) or 'default' (glibc's own settings)
 SWITCH_VALUES = ('tuned', 'default')
+# mallopt parameters (glibc malloc.h) and their values: no mmap'd chunks, never trim the heap's
+# top, one arena for all threads.
+M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8
+MALLOPT = ((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, 2 ** 31 - 1), (M_ARENA_MAX, 1))
 
 
-def malloc_env(environ: dict[str, str]) -> dict[str, str] | None:
-  """The environment to restart with (MALLOC_TUNABLES added to GLIBC_TUNABLES), or None when
-  nothing is to change: not switched on (LONGROPE_MALLOC=tuned), already set, or not glibc
-  Linux."""
-  switch = environ.get(SWITCH, 'default')
+def malloc_switch(environ: dict[str, str]) -> str:
+  """LONGROPE_MALLOC's value ('tuned' when unset); a clear error for anything else."""
+  switch = environ.get(SWITCH, 'tuned')
   if switch not in SWITCH_VALUES:
-    raise ValueError(f"{SWITCH} must be one of {SWITCH_VALUES}, got {switch!r}.")
-  current = environ.get('GLIBC_TUNABLES', '')
-  if switch == 'default' or 'glibc.malloc.mmap_max' in current:
-    return None
+    raise ValueError(f"{SWITCH} must be one of {SWITCH_VALUES} ('default' keeps glibc's own "
+                     f"malloc settings), got {switch!r}.")
+  return switch
+
+
+def tune_malloc(environ: dict[str, str] | None = None) -> bool:
+  """Applies MALLOPT unless LONGROPE_MALLOC=default or the C library is not glibc; True when
+  applied. Safe to call more than once."""
+  if malloc_switch(dict(os.environ) if environ is None else environ) == 'default':
+    return False
   if sys.platform != 'linux' or platform.libc_ver()[0] != 'glibc':
-    return None
-  env = dict(environ)
-  env['GLIBC_TUNABLES'] = f'{current}:{MALLOC_TUNABLES}' if current else MALLOC_TUNABLES
-  return env
-
-
-def reexec_with_malloc_tunables() -> None:
-  """Restarts this process (same interpreter and command line) with MALLOC_TUNABLES unless
-  `malloc_env` says nothing is to change; call first thing in an entry point."""
-  env = malloc_env(dict(os.environ))
-  if env is None:
-    return
-  sys.stdout.flush()
-  sys.stderr.flush()
-  os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+    return False
+  libc = ctypes.CDLL(None)
+  return all(libc.mallopt(param, value) == 1 for param, value in MALLOPT)
