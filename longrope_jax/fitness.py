@@ -59,9 +59,12 @@ class PopulationFitness:
     self.mesh = mesh_lib.population_mesh() if mesh is None else mesh
     self.pop_devices = mesh_lib.population_axis_size(self.mesh)
     local = -(-max_population // self.pop_devices)
-    chunk = chunk or auto_chunk(config, length, doc_batch, memory_bytes)
-    self.chunk = min(chunk, local)
-    self.local = -(-local // self.chunk) * self.chunk
+    chunk = min(chunk or auto_chunk(config, length, doc_batch, memory_bytes), local)
+    # As few chunks as the limit allows, of equal size: 16 candidates under a limit of 13 run as
+    # 2 x 8, not 2 x 13 with 10 padded ones computed for nothing (bench/search.py at 8K).
+    num_chunks = -(-local // chunk)
+    self.chunk = -(-local // num_chunks)
+    self.local = num_chunks * self.chunk
     self.capacity = self.local * self.pop_devices
     windows_NL = windows_NL[:, :length].astype(np.int32)
     N = windows_NL.shape[0]

@@ -255,6 +255,11 @@ def test_fitness_is_the_same_on_one_and_eight_devices_and_compiles_once(params, 
   eight = fitness_lib.PopulationFitness(CFG, params, windows, length=TARGET, max_population=16,
                                        mesh=mesh_lib.population_mesh(8), chunk=4)
   assert (one.capacity, one.chunk, eight.capacity, eight.chunk) == (16, 4, 16, 2)
+  # Chunks are balanced: 16 under a limit of 13 run as 2 x 8, not 2 x 13 (10 padded).
+  balanced = fitness_lib.PopulationFitness(CFG, params, windows, length=TARGET,
+                                           max_population=16, mesh=mesh_lib.population_mesh(1),
+                                           chunk=13)
+  assert (balanced.chunk, balanced.capacity) == (8, 16)
   a, b = one(s.rope(genomes)), eight(s.rope(genomes))
   np.testing.assert_allclose(a, b, rtol=1e-5)
   # Any population size up to the capacity reuses the one compiled program.
