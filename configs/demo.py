@@ -11,7 +11,8 @@ Opt-in reproduction variants (combinable, `:seeds,finetuned`, and with `test`; e
   :ablations    uniform PI / per-dim factors / + n_hat / best seed (LongRoPE Table 11)
   :sliding      the perplexity table again with windows sliding by evaluate.sliding_stride
   :retrieval    a base model that copies (L0 = 256 bytes, induction-rich pretraining), so that
-                passkey retrieval is compared across methods from 1x to 16x (its own workdir)
+                passkey retrieval is compared across methods from 1x to 16x (its own workdir);
+                :retrieval,progressive adds the fine-tuned model's retrieval up to 32x
 
 Any field can be overridden: --config.pretrain.steps=200 --config.search.settings.population=32
 """
@@ -61,8 +62,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     stages.append('seeds')
   if a.ablations:
     stages.append('ablations')
-  if a.progressive:
-    stages += ['progressive', 'progressive_evaluate']
+  if a.progressive:  # with passkey retrieval of the fine-tuned model (skipped with the base's)
+    stages += ['progressive', 'progressive_evaluate', 'progressive_passkey']
   if a.finetuned:
     stages.append('finetuned')
   if a.progressive or a.finetuned:  # one set of documents, as long as 32x, for every table

@@ -369,21 +369,64 @@ def progressive(run: Run) -> dict:
   return summary
 
 
-def progressive_evaluate(run: Run) -> dict:
-  """Perplexity of the fine-tuned model with the progressive factors (the short ones at L <= L0)
-  next to the base model's methods (results 'perplexity'), on the same held-out windows."""
+def progressive_factors(run: Run) -> tuple[rope_lib.LongRopeFactors, dict]:
+  """The progressive stage's factors (short up to L0, long beyond) and what they were built
+  from (JSON, for the cells' `depends`)."""
   record = run.results()['progressive']
   factors = rope_lib.LongRopeFactors(
       search_lib.SearchResult.from_json(record['short']).rope(),
       search_lib.SearchResult.from_json(record['long']).rope(), run.original_length)
+  return factors, dict(long=record['long']['factors'], short=record['short']['factors'])
+
+
+def progressive_evaluate(run: Run) -> dict:
+  """Perplexity of the fine-tuned model with the progressive factors (the short ones at L <= L0)
+  next to the base model's methods (results 'perplexity'), on the same held-out windows."""
+  factors, depends = progressive_factors(run)
   params = train_lib.load_params(run.model_config, run.workdir / 'progressive')
   # Cells depend on the factors: a progressive record rewritten (its short factors chosen anew)
   # recomputes them instead of reporting the old ones.
   return _perplexity(run, 'progressive_perplexity', params, (),
                      {'longrope_progressive': factors.select,
-                      'longrope_progressive_no_short': factors.long},
-                     depends=dict(long=record['long']['factors'],
-                                  short=record['short']['factors']))
+                      'longrope_progressive_no_short': factors.long}, depends=depends)
+
+
+def progressive_passkey(run: Run) -> dict:
+  """Passkey retrieval of the fine-tuned model with the progressive factors, on the passkey
+  stage's prompts, at passkey.multiples and the second search's length (resumable per cell;
+  cells depend on the factors). Skipped, as the passkey stage, when the base model does not
+  copy."""
+  base = run.results()['passkey']
+  if base.get('skipped'):
+    print('progressive_passkey: skipped, as the passkey stage (the base model does not copy).',
+          flush=True)
+    results = dict(skipped=True)
+    run.save_result('progressive_passkey', results)
+    return results
+  c = run.config.passkey
+  mc = run.model_config
+  if mc.attention == 'ring':
+    mc = mc.replace(attention='blockwise')
+  factors, depends = progressive_factors(run)
+  params = train_lib.load_params(run.model_config, run.workdir / 'progressive')
+  lengths = run.lengths(tuple(c.multiples) + (run.config.progressive.multiple,))
+  cache_path = run.workdir / 'eval' / 'progressive_passkey.jsonl'
+  ckpt_lib.truncate_jsonl(cache_path, lambda r: r.get('depends') == depends)
+  done = {(r['method'], r['length']): r['accuracy'] for r in ckpt_lib.read_jsonl(cache_path)}
+  results = eval_lib.passkey_accuracy(
+      mc, params, run.tokenizer, lengths, methods=(),
+      extra={'longrope_progressive': factors.select}, depths=c.depths, trials=c.trials,
+      seed=run.config.seed, done=done,
+      on_result=lambda m, L, acc: ckpt_lib.append_jsonl(cache_path, dict(
+          method=m, length=L, accuracy=acc, depends=depends)))
+  run.save_result('progressive_passkey', results)
+  plots.passkey_heatmaps(report_lib.merged_passkey(base, results),
+                         run.workdir / 'plots' / 'progressive_passkey.png',
+                         title='Passkey retrieval: base model and after progressive extension',
+                         caption=plots.measured_caption(
+                             what=f'Accuracy over {c.trials} keys per cell, greedy decoding',
+                             machine=run.results().get('machine')))
+  return results
 
 
 def finetune(run: Run, rope: rope_lib.RopeScaling, workdir: pathlib.Path) -> Any:
@@ -577,6 +620,7 @@ STAGES: dict[str, Callable[[Run], Any]] = {
     'passkey': passkey,
     'progressive': progressive,
     'progressive_evaluate': progressive_evaluate,
+    'progressive_passkey': progressive_passkey,
     'evaluate_sliding': evaluate_sliding,
     'seeds': seeds,
     'finetuned': finetuned,

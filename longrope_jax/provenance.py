@@ -95,6 +95,12 @@ STAGES: dict[str, StageSpec] = {
         cells=('evaluate.multiples',),
         upstream=('progressive',), outputs=('eval/progressive.jsonl',),
         results=('progressive_perplexity',)),
+    'progressive_passkey': StageSpec(
+        reads=('seed', *_MODEL, 'data.tokenizer', 'passkey', 'progressive.multiple'),
+        cells=('passkey.multiples',),
+        upstream=('passkey', 'progressive'),
+        outputs=('eval/progressive_passkey.jsonl', 'plots/progressive_passkey.png'),
+        results=('progressive_passkey',)),
     'evaluate_sliding': StageSpec(
         reads=('seed', *_MODEL, 'data', 'evaluate'),
         ignore=('evaluate.batch_tokens', 'evaluate.stride'),

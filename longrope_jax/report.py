@@ -258,6 +258,19 @@ def ablations_summary(r: Mapping) -> list[str]:
   return lines
 
 
+def merged_passkey(base: dict, extra: dict) -> dict:
+  """Passkey results of the base model and `extra` rows on the union of their lengths (None
+  where a row has no cell)."""
+  lengths = sorted(set(base['lengths']) | set(extra['lengths']))
+  methods = {}
+  for source in (base, extra):
+    for name, row in source['methods'].items():
+      at = dict(zip(source['lengths'], zip(row['accuracy'], row['mean'])))
+      methods[name] = dict(accuracy=[at.get(L, (None, None))[0] for L in lengths],
+                           mean=[at.get(L, (None, None))[1] for L in lengths])
+  return dict(base, lengths=lengths, methods=methods)
+
+
 def render(results: Mapping, *, model: str) -> str:
   """report.md from results.json; `model` is the opening line describing model and corpus."""
   lines = ['# longrope-jax run report', '', model, '']
@@ -313,6 +326,18 @@ def render(results: Mapping, *, model: str) -> str:
                 f"scaling: {', '.join(f'{x:.2f}' for x in a['nll'])} nats (ln 10 = "
                 f"{math.log(10):.2f} is a guess among digits; a model that copies the key goes "
                 "toward 0).", '']
+  prog_key = results.get('progressive_passkey', {})
+  if 'passkey' in results and prog_key and not prog_key.get('skipped'):
+    p = results.get('progressive', {})
+    merged = merged_passkey(results['passkey'], prog_key)
+    lines += ['## Passkey retrieval after progressive extension', '',
+              f"`longrope_progressive`: the model fine-tuned {p.get('finetune_steps', '?')} steps "
+              f"at {p.get('finetune_length', '?')} tokens (its data mixes in passkey rows as "
+              "pretraining's did), with the progressive factors (short up to L0, long beyond); "
+              "the other rows are the base model without fine-tuning, on the same prompts. "
+              "Best per column in bold.", '',
+              markdown_table(merged, metric='mean', digits=2, best=max), '',
+              '![progressive passkey](plots/progressive_passkey.png)', '']
   if 'progressive_perplexity' in results and 'perplexity' in results:
     base, prog = results['perplexity'], results['progressive_perplexity']
     if base['lengths'] == prog['lengths']:

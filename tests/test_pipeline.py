@@ -74,8 +74,9 @@ def test_unknown_stage_and_locked_config(tmp_path):
 
 def test_progressive_stages_on_the_toy_config(tmp_path):
   config = demo_config.get_config('test')
-  pipeline.run(config, tmp_path, stages=('pretrain', 'search', 'evaluate', 'progressive',
-                                         'progressive_evaluate', 'report'))
+  stages = ('pretrain', 'search', 'evaluate', 'passkey', 'progressive', 'progressive_evaluate',
+            'progressive_passkey', 'report')
+  pipeline.run(config, tmp_path, stages=stages)
   results = json.loads((tmp_path / 'results.json').read_text())
   prog = results['progressive']
   L0 = 64
@@ -107,6 +108,21 @@ def test_progressive_stages_on_the_toy_config(tmp_path):
   assert f"short factors {short_1x:.3f}" in report
   best_4x = min(m['perplexity'][-1] for m in base.values() if m['perplexity'][-1] is not None)
   assert f"{best_4x:.3f} (" in report
+  # Passkey retrieval of the fine-tuned model at passkey.multiples (2x) and the second search's
+  # length (8x), next to the base rows (2x only) in one table and heat map.
+  keys = results['progressive_passkey']
+  assert keys['lengths'] == [2 * L0, 8 * L0] and list(keys['methods']) == ['longrope_progressive']
+  accuracy = keys['methods']['longrope_progressive']['accuracy']
+  assert [len(row) for row in accuracy] == [2, 2]
+  assert all(0.0 <= a <= 1.0 for row in accuracy for a in row)
+  assert '## Passkey retrieval after progressive extension' in report
+  table = report.split('## Passkey retrieval after progressive extension')[1]
+  assert '| 128 (2x) | 512 (8x) |' in table and '| yarn |' in table
+  assert (tmp_path / 'plots' / 'progressive_passkey.png').stat().st_size > 0
+  # Resumes per cell: a second run computes nothing.
+  cells = (tmp_path / 'eval' / 'progressive_passkey.jsonl').read_text()
+  pipeline.run(config, tmp_path, stages=stages)
+  assert (tmp_path / 'eval' / 'progressive_passkey.jsonl').read_text() == cells
 
 
 @pytest.mark.slow

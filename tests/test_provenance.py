@@ -149,9 +149,10 @@ def test_damaged_record_file_names_its_path(tmp_path):
 
 def test_downstream_of_pretrain_is_every_stage():
   assert prov.downstream('pretrain') == ['search', 'evaluate', 'passkey', 'progressive',
-                                         'progressive_evaluate', 'evaluate_sliding', 'seeds',
-                                         'finetuned', 'ablations']
-  assert prov.downstream('progressive') == ['progressive_evaluate']
+                                         'progressive_evaluate', 'progressive_passkey',
+                                         'evaluate_sliding', 'seeds', 'finetuned', 'ablations']
+  assert prov.downstream('progressive') == ['progressive_evaluate', 'progressive_passkey']
+  assert prov.downstream('passkey') == ['progressive_passkey']
 
 
 def test_a_new_search_drops_only_the_longrope_cells(tmp_path):

@@ -33,7 +33,8 @@ def _variant(base_run, tmp_path, variant):
 def test_variant_stage_lists():
   stages = demo_config.get_config('seeds,finetuned,ablations,sliding,progressive').stages
   assert stages == ('pretrain', 'search', 'evaluate', 'passkey', 'evaluate_sliding', 'seeds',
-                    'ablations', 'progressive', 'progressive_evaluate', 'finetuned', 'report')
+                    'ablations', 'progressive', 'progressive_evaluate', 'progressive_passkey',
+                    'finetuned', 'report')
   assert demo_config.get_config('finetuned').evaluate.multiples[-1] == 32
   assert demo_config.get_config('').stages == ('pretrain', 'search', 'evaluate', 'passkey',
                                                'report')
