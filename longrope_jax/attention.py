@@ -61,13 +61,14 @@ def dense_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, q_p
 # ----------------------------------------------------------------------------- block sizes
 # Block (blockwise, ring) and query-chunk (chunked) size by query length: per implementation,
 # (longest length, size) pairs, the first that covers the length wins; other implementations use
-# 'blockwise's. From `bench/attention.py --parts blocks` (one layer's f32 attention forward, demo
-# and wide shapes, 2-core Sapphire Rapids, a loaded machine: remeasure quietly) and the CPU-speed
-# study: blockwise gains from larger blocks as the length grows (1024 beat 512 at 8K and 16K);
-# chunked keeps 512-query chunks (256 and 1024 were within noise or slower up to 16K; longer
-# sequences take 1024 so that the unrolled chunk loop stays short).
+# 'blockwise's. From `bench/attention.py --parts blocks` on the quiet 2-core Sapphire Rapids
+# (bench/results/attention_blocks.json: one layer's f32 attention forward, demo and wide shapes,
+# sizes 256-2048): blockwise 512 was fastest at 2K and 8K on both shapes (1024 tied on the demo
+# at 8K, 7% slower on the wide one); at 16K 1024 won on the demo by 6% and lost on the wide one
+# by 6%. Chunked: 512 was best or within 6% of best (256) everywhere up to 16K; longer sequences
+# take 1024 so that the unrolled chunk loop stays short.
 DEFAULT_BLOCKS: dict[str, tuple[tuple[int, int], ...]] = {
-    'blockwise': ((2048, 512), (2**62, 1024)),
+    'blockwise': ((8192, 512), (2**62, 1024)),
     'chunked': ((16384, 512), (2**62, 1024)),
 }
 

@@ -87,8 +87,8 @@ class ModelConfig:
   # token_nll computes logits for at most this many positions at once (no [B, T, V] array).
   nll_chunk: int = 2048
   # Layers per iteration of the layer scan (num_layers: straight-line code, params sliced
-  # statically and no residual stacking in the backward; the demo's CPU training step ran about
-  # 7% faster unrolled). Compile time grows with it; 1 keeps one compiled layer.
+  # statically, no residual stacking in the backward). Compile time grows with it; 1 keeps one
+  # compiled layer. The training step unrolls small models fully (train.UNROLL_MAX_LAYERS).
   scan_unroll: int = 1
 
   def __post_init__(self):
@@ -139,15 +139,13 @@ VARIANTS: dict[str, ModelConfig] = {
     # The embedded default: a byte-level model trained here on the standard library's source.
     # Sized for a 2-core CPU: about 0.8M parameters, compute-optimal for ~10 minutes of training.
     'demo': ModelConfig(vocab_size=258, dim=128, num_layers=4, num_heads=2, num_kv_heads=1,
-                        head_dim=64, mlp_dim=384, original_length=256, tie_embeddings=True,
-                        scan_unroll=4),
+                        head_dim=64, mlp_dim=384, original_length=256, tie_embeddings=True),
     # The demo's width with four heads of their own keys and values: it learns to copy (induction
     # heads) within a few thousand steps, where the demo's two query heads sharing one kv head
     # stayed at the bag-of-digits plateau (configs/demo.py:retrieval). L0 = 256 as the demo's: at
     # 128 a passkey prompt fills the window, so training never retrieves across filler.
     'retrieval': ModelConfig(vocab_size=258, dim=128, num_layers=4, num_heads=4, num_kv_heads=4,
-                             head_dim=32, mlp_dim=384, original_length=256, tie_embeddings=True,
-                             scan_unroll=4),
+                             head_dim=32, mlp_dim=384, original_length=256, tie_embeddings=True),
     # A few seconds to train; for tests.
     'test': ModelConfig(vocab_size=258, dim=64, num_layers=2, num_heads=4, num_kv_heads=2,
                         head_dim=16, mlp_dim=128, original_length=64, tie_embeddings=True),

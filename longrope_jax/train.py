@@ -34,6 +34,10 @@ from longrope_jax.data import PackedBatches
 from longrope_jax.rope import RopeScaling
 
 LN2 = math.log(2.0)
+# The training step unrolls the layer scan of models with at most this many layers: the demo's
+# CPU step (4 layers) ran 12% faster unrolled (273 against 309 ms, quiet, interleaved), while a
+# forward alone ran 2-7% slower, so inference keeps ModelConfig.scan_unroll.
+UNROLL_MAX_LAYERS = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,8 +171,11 @@ def make_train_step(config: model_lib.ModelConfig, optimizer: optax.GradientTran
   """(state, tokens i32[B, T+1], rope) -> (state, metrics); jitted (on a mesh: state donated).
 
   With `mesh`, the state must be in `state_shardings` (init_sharded_state) and the tokens are
-  placed in `batch_sharding`; the same step then runs data / FSDP / sequence parallel.
+  placed in `batch_sharding`; the same step then runs data / FSDP / sequence parallel. Models
+  of at most UNROLL_MAX_LAYERS layers train with the layer scan unrolled (same numbers).
   """
+  if config.num_layers <= UNROLL_MAX_LAYERS:
+    config = config.replace(scan_unroll=config.num_layers)
 
   def loss_fn(params, tokens_BT, rope):
     return model_lib.token_nll(config, params, tokens_BT, rope).mean()

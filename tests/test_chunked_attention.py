@@ -111,7 +111,8 @@ def test_default_block_table():
     sizes = [attention_lib.default_block(n, impl) for n in (1, 2048, 8192, 16384, 2**20)]
     assert all(s > 0 for s in sizes) and sizes == sorted(sizes), impl
   assert attention_lib.default_block(2048) == 512
-  assert attention_lib.default_block(8192) == 1024
+  assert attention_lib.default_block(8192) == 512
+  assert attention_lib.default_block(16384) == 1024
   assert (attention_lib.default_block(8192, 'flash_cpu') ==
           attention_lib.default_block(8192, 'blockwise'))
 
