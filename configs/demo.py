@@ -78,6 +78,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # but at no longer length with any method.
     c.model.variant = 'retrieval'
     c.pretrain.update(steps=RETRIEVAL_STEPS, passkey_fraction=0.5, copy_fraction=0.4)
+    # Fine-tuning (:retrieval,progressive) keeps pretraining's mixture: with the demo's (10%
+    # passkey rows, no copy rows) the fine-tuned model lost retrieval even at L0 (0.08).
+    c.progressive.finetune.update(passkey_fraction=0.5, copy_fraction=0.4)
     c.passkey.update(multiples=(1, 2, 4, 8, 16))
   c.stages = tuple(stages + ['report'])
 

@@ -46,6 +46,8 @@ def test_retrieval_variant_trains_a_copying_base_model_at_l0_256():
   assert model_lib.get_config(c.model.variant).original_length == 256
   assert c.pretrain.passkey_fraction + c.pretrain.copy_fraction == pytest.approx(0.9)
   assert c.passkey.multiples == (1, 2, 4, 8, 16) and c.passkey.skip_fraction is not None
+  tuning = c.progressive.finetune
+  assert (tuning.passkey_fraction, tuning.copy_fraction) == (0.5, 0.4)
   assert validation.errors(c) == []
 
 
