@@ -332,8 +332,9 @@ def render(results: Mapping, *, model: str) -> str:
     merged = merged_passkey(results['passkey'], prog_key)
     lines += ['## Passkey retrieval after progressive extension', '',
               f"`longrope_progressive`: the model fine-tuned {p.get('finetune_steps', '?')} steps "
-              f"at {p.get('finetune_length', '?')} tokens (its data mixes in passkey rows as "
-              "pretraining's did), with the progressive factors (short up to L0, long beyond); "
+              f"at {p.get('finetune_length', '?')} tokens (passkey rows in its data as set by "
+              "progressive.finetune.passkey_fraction), with the progressive factors (short up to "
+              "L0, long beyond); "
               "the other rows are the base model without fine-tuning, on the same prompts. "
               "Best per column in bold.", '',
               markdown_table(merged, metric='mean', digits=2, best=max), '',
