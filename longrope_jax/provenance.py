@@ -93,7 +93,7 @@ STAGES: dict[str, StageSpec] = {
         reads=('seed', *_MODEL, 'data', 'evaluate.split',
                'evaluate.num_windows', 'evaluate.multiples'),
         cells=('evaluate.multiples',),
-        upstream=('progressive',), outputs=('eval/progressive.jsonl',),
+        upstream=('progressive',), outputs=('eval/progressive_perplexity.jsonl',),
         results=('progressive_perplexity',)),
     'progressive_passkey': StageSpec(
         reads=('seed', *_MODEL, 'data.tokenizer', 'passkey', 'progressive.multiple'),
