@@ -353,8 +353,9 @@ def progressive(run: Run) -> dict:
   # The readjusted factors must earn their place at L0: the model was fine-tuned with the long
   # factors, which lie outside the short search's lambda <= short_lambda_max and can be better
   # there (the demo: 4.538 against 5.035). Then they serve as the short factors too.
-  at_l0 = {name: eval_lib.mean_nll(run.model_config, params, windows0, result.rope())
-           for name, result in (('searched', short), ('long', long))}
+  with run.sequence_mesh():  # ring attention needs its 'seq' mesh
+    at_l0 = {name: eval_lib.mean_nll(run.model_config, params, windows0, result.rope())
+             for name, result in (('searched', short), ('long', long))}
   chosen = 'searched' if at_l0['searched'] <= at_l0['long'] else 'long'
   print(f"progressive: short factors at L0 = {run.original_length}: searched NLL "
         f"{at_l0['searched']:.4f}, long {at_l0['long']:.4f} on the short fitness windows; "
