@@ -249,6 +249,13 @@ def _perplexity(run: Run, key: str, params: Any, methods, extra: dict, *,
   return results
 
 
+def passkey_model(run: Run) -> model_lib.ModelConfig:
+  """The model as passkey prompts run it: ring attention becomes blockwise (prompts of any
+  length, one per device; decoding is dense)."""
+  mc = run.model_config
+  return mc.replace(attention='blockwise') if mc.attention == 'ring' else mc
+
+
 def passkey(run: Run) -> dict:
   """Passkey retrieval accuracy per method, length and depth (resumable per cell).
 
@@ -256,9 +263,7 @@ def passkey(run: Run) -> dict:
   whose total over the key stays above passkey.skip_fraction of a guess (5 ln 10 for 5 digits)
   does not copy, so the sweep (all zeros) is skipped and the stage says so."""
   c = run.config.passkey
-  mc = run.model_config
-  if mc.attention == 'ring':  # prompts of any length, one per device: blockwise (decode is dense)
-    mc = mc.replace(attention='blockwise')
+  mc = passkey_model(run)
   lengths = run.lengths(c.multiples)
   answer_length = min(lengths, default=run.original_length)
   answer_nll = (eval_lib.passkey_answer_nll(mc, run.params(), run.tokenizer, answer_length,
@@ -405,9 +410,7 @@ def progressive_passkey(run: Run) -> dict:
     run.save_result('progressive_passkey', results)
     return results
   c = run.config.passkey
-  mc = run.model_config
-  if mc.attention == 'ring':
-    mc = mc.replace(attention='blockwise')
+  mc = passkey_model(run)
   factors, depends = progressive_factors(run)
   params = train_lib.load_params(run.model_config, run.workdir / 'progressive')
   lengths = run.lengths(tuple(c.multiples) + (run.config.progressive.multiple,))
