@@ -22,7 +22,8 @@ from longrope_jax import attention as attention_lib
 from longrope_jax import cpu_attention
 from longrope_jax import validation
 from longrope_jax import ring_attention as ring_lib
-from longrope_jax.rope import RopeScaling, apply_rope
+from longrope_jax import rope as rope_lib
+from longrope_jax.rope import RopeScaling
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
@@ -179,12 +180,14 @@ def project(x_MD: jax.Array, w_DXY: jax.Array) -> jax.Array:
 
 
 class Attention(nn.Module):
-  """Grouped-query self-attention with RoPE applied at explicit positions."""
+  """Grouped-query self-attention at explicit positions; queries and keys rotated by the table
+  `rotary` = (cos, sin) f32[B, T, H] (rope.rope_cos_sin, built once per forward by Decoder)."""
 
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BTD, positions_BT, rope: RopeScaling, cache: dict | None = None):
+  def __call__(self, x_BTD, positions_BT, rotary: tuple[jax.Array, jax.Array],
+               cache: dict | None = None):
     c = self.config
     init = nn.initializers.normal(c.dim ** -0.5)
     wq_DNH = self.param('q', init, (c.dim, c.num_heads, c.head_dim), c.weight_dtype)
@@ -199,8 +202,8 @@ class Attention(nn.Module):
     q_BTNH = project(x_MD, wq_DNH.astype(dt)).reshape(B, T, c.num_heads, c.head_dim)
     k_BTKH = project(x_MD, wk_DKH.astype(dt)).reshape(B, T, c.num_kv_heads, c.head_dim)
     v_BTKH = project(x_MD, wv_DKH.astype(dt)).reshape(B, T, c.num_kv_heads, c.head_dim)
-    q_BTNH = apply_rope(q_BTNH, positions_BT, rope, theta=c.rope_theta)
-    k_BTKH = apply_rope(k_BTKH, positions_BT, rope, theta=c.rope_theta)
+    q_BTNH = rope_lib.rotate(q_BTNH, *rotary)
+    k_BTKH = rope_lib.rotate(k_BTKH, *rotary)
 
     if cache is None:
       k_BSKH, v_BSKH, k_pos_BS = k_BTKH, v_BTKH, positions_BT
@@ -242,11 +245,11 @@ class DecoderLayer(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BTD, positions_BT, rope, cache=None):
+  def __call__(self, x_BTD, positions_BT, rotary, cache=None):
     c = self.config
     norm = lambda name: nn.RMSNorm(epsilon=c.norm_eps, dtype=jnp.float32,
                                    param_dtype=c.weight_dtype, name=name)
-    attn_BTD, cache = Attention(c, name='attn')(norm('attn_norm')(x_BTD), positions_BT, rope,
+    attn_BTD, cache = Attention(c, name='attn')(norm('attn_norm')(x_BTD), positions_BT, rotary,
                                                 cache)
     x_BTD = x_BTD + attn_BTD.astype(x_BTD.dtype)
     x_BTD = x_BTD + MLP(c, name='mlp')(norm('mlp_norm')(x_BTD)).astype(x_BTD.dtype)
@@ -267,6 +270,8 @@ class Decoder(nn.Module):
   compiled layer whatever the depth). `scan_layers=False` unrolls them with params 'layer_{i}'
   (the layout of `init_params`' random draw and of HF checkpoints; see stack_layers).
   `hidden=True` returns the final-norm hidden states f32[B, T, D] instead of logits.
+  `rotary`: the (cos, sin) table of `positions` (rope.rope_cos_sin, f32[B or 1, T, H]) when the
+  caller computed it in another jitted call (see train.make_train_step); built here otherwise.
   """
 
   config: ModelConfig
@@ -274,11 +279,14 @@ class Decoder(nn.Module):
 
   @nn.compact
   def __call__(self, tokens_BT, positions_BT, rope: RopeScaling, cache: dict | None = None,
-               hidden: bool = False):
+               hidden: bool = False, rotary: tuple[jax.Array, jax.Array] | None = None):
     c = self.config
     embed = nn.Embed(c.vocab_size, c.dim, embedding_init=nn.initializers.normal(c.dim ** -0.5),
                      param_dtype=c.weight_dtype, name='embed')
     x_BTD = embed(tokens_BT).astype(jnp.float32)
+    rope_lib.check_head_dim(c.head_dim, rope)
+    if rotary is None:
+      rotary = rope_lib.rope_cos_sin(positions_BT, rope, theta=c.rope_theta)
     layer = _layer_class(c)
     if self.scan_layers:
       # The carry must vary over the manual mesh axes (shard_map over 'pop' in the search) the way
@@ -287,12 +295,13 @@ class Decoder(nn.Module):
       layers = nn.scan(layer, variable_axes={'params': 0}, split_rngs={'params': True},
                        in_axes=(nn.broadcast, nn.broadcast, 0), length=c.num_layers,
                        unroll=min(c.scan_unroll, c.num_layers))
-      x_BTD, cache = layers(c, name=LAYERS)(x_BTD, positions_BT, rope, cache)
+      x_BTD, cache = layers(c, name=LAYERS)(x_BTD, positions_BT, rotary, cache)
     else:
       caches = []
       for i in range(c.num_layers):
         layer_cache = None if cache is None else jax.tree.map(lambda x: x[i], cache)
-        x_BTD, layer_cache = layer(c, name=f'layer_{i}')(x_BTD, positions_BT, rope, layer_cache)
+        x_BTD, layer_cache = layer(c, name=f'layer_{i}')(x_BTD, positions_BT, rotary,
+                                                         layer_cache)
         caches.append(layer_cache)
       if cache is not None:
         cache = jax.tree.map(lambda *xs: jnp.stack(xs), *caches)
@@ -364,12 +373,14 @@ def forward(config: ModelConfig, params, tokens_BT, positions_BT, rope: RopeScal
 
 
 def token_nll(config: ModelConfig, params, tokens_BT, rope: RopeScaling,
-              positions_BT: jax.Array | None = None) -> jax.Array:
+              positions_BT: jax.Array | None = None,
+              rotary: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
   """Next-token negative log-likelihood f32[B, T - 1] (nats) of sequences tokens[B, T].
 
   Logits exist for at most `config.nll_chunk` positions at a time: beyond that the positions are
   split into strided chunks (chunk j: positions j, j + n, j + 2n, ...; a sequence split over the
   'seq' axis stays split) folded by a rematerialized scan, so no [B, T, V] array is built.
+  `rotary`: the rotary table of the T positions, as Decoder takes it (optional).
   """
   B, T = tokens_BT.shape
   if positions_BT is None:
@@ -378,8 +389,10 @@ def token_nll(config: ModelConfig, params, tokens_BT, rope: RopeScaling,
   # evaluation uses) runs all T positions and drops the last prediction: causal, so the first
   # T - 1 are unchanged. Other attentions run the T - 1 positions that predict something.
   inputs = T if config.attention == 'ring' and T % 2 == 0 else T - 1
+  if rotary is not None:
+    rotary = tuple(table[:, :inputs] for table in rotary)
   x_BTD, _ = Decoder(config).apply({'params': params}, tokens_BT[:, :inputs],
-                                   positions_BT[:, :inputs], rope, hidden=True)
+                                   positions_BT[:, :inputs], rope, hidden=True, rotary=rotary)
   x_BTD = x_BTD[:, :T - 1]
   target_BT = tokens_BT[:, 1:]
   T, D = T - 1, x_BTD.shape[-1]

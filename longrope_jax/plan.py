@@ -90,7 +90,7 @@ def compile_step(kind: str, config: model_lib.ModelConfig, mesh, batch: int, len
       optimizer = optimizer or train_lib.make_optimizer(train_lib.OptimConfig(steps=1000))
       step = train_lib.make_train_step(config, optimizer, mesh)
       state = train_lib.abstract_state(config, optimizer, mesh)
-      return step.jitted.lower(state, tokens, rope).compile()
+      return step.lower(state, tokens, rope).compile()
     fitness = jax.jit(lambda p, t, r: model_lib.token_nll(config, p, t, r).mean(),
                       out_shardings=NamedSharding(mesh, P()))
     return fitness.lower(abstract_params(config, mesh), tokens, rope).compile()

@@ -342,16 +342,25 @@ def rope_cos_sin(positions: jax.Array, rope: RopeScaling, *, theta: float):
 def apply_rope(x_BTNH: jax.Array, positions_BT: jax.Array, rope: RopeScaling, *,
                theta: float) -> jax.Array:
   """Rotates queries or keys x[B, T, N, H] (HF / GPT-NeoX rotate-half layout)."""
-  if x_BTNH.shape[-1] != 2 * rope.factors.shape[-1]:
-    raise ValueError(
-        f"head_dim {x_BTNH.shape[-1]} of x does not match rope with {rope.factors.shape[-1]} "
-        f"factors (head_dim // 2 needed): build the RopeScaling with head_dim={x_BTNH.shape[-1]}.")
-  cos_BTH, sin_BTH = rope_cos_sin(positions_BT, rope, theta=theta)
+  check_head_dim(x_BTNH.shape[-1], rope)
+  return rotate(x_BTNH, *rope_cos_sin(positions_BT, rope, theta=theta))
+
+
+def rotate(x_BTNH: jax.Array, cos_BTH: jax.Array, sin_BTH: jax.Array) -> jax.Array:
+  """Rotates x[B, T, N, H] by a table from `rope_cos_sin` (the same for every head)."""
   cos_BT1H, sin_BT1H = cos_BTH[:, :, None, :], sin_BTH[:, :, None, :]
   x = x_BTNH.astype(jnp.float32)
   x1, x2 = jnp.split(x, 2, axis=-1)
   rotated = jnp.concatenate([-x2, x1], axis=-1)
   return (x * cos_BT1H + rotated * sin_BT1H).astype(x_BTNH.dtype)
+
+
+def check_head_dim(head_dim: int, rope: RopeScaling) -> None:
+  """Raises unless `rope` has head_dim // 2 factors."""
+  if head_dim != 2 * rope.factors.shape[-1]:
+    raise ValueError(
+        f"head_dim {head_dim} of x does not match rope with {rope.factors.shape[-1]} "
+        f"factors (head_dim // 2 needed): build the RopeScaling with head_dim={head_dim}.")
 
 
 def stack(ropes: list[RopeScaling]) -> RopeScaling:

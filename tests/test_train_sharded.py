@@ -46,6 +46,20 @@ def _close(a, b, tol=1e-5):
                                                        rtol=tol), a, b)
 
 
+def test_step_with_its_rotary_table_equals_the_plain_gradient_step(reference):
+  """make_train_step builds the rotary table in a jitted call of its own (for XLA:CPU's speed);
+  the step must equal AdamW on the gradient of token_nll with the table built inside."""
+  before, expected, expected_metrics = reference
+  optimizer, tokens, rope = _setup()
+  loss_fn = lambda p: model_lib.token_nll(CFG, p, jnp.asarray(tokens), rope).mean()
+  loss, grads = jax.jit(jax.value_and_grad(loss_fn))(before['params'])
+  updates, opt_state = optimizer.update(grads, before['opt_state'], before['params'])
+  np.testing.assert_allclose(expected_metrics['loss'], loss, rtol=1e-6)
+  _close(expected['params'], optax.apply_updates(before['params'], updates))
+  _close(expected['opt_state'], opt_state)
+  assert float(rope.attn_scale) != 1.0  # the table carries YaRN's temperature
+
+
 @pytest.mark.parametrize('sizes', [
     dict(fsdp=8),
     pytest.param(dict(data=2, fsdp=2, seq=2), marks=pytest.mark.slow),  # ~40 s each on 2 cores
