@@ -223,11 +223,16 @@ def torch_llama(config, *, max_length: int | None = None):
 
 def matmul_peaks(n: int = 2048, repeats: int = 5) -> dict:
   """Best f32 FLOP/s of an n^3 matmul with jnp.dot and torch.matmul (the practical peaks)."""
+  return matmul_rates(n, n, n, repeats)
+
+
+def matmul_rates(m: int, k: int, n: int, repeats: int = 5) -> dict:
+  """Best f32 FLOP/s of an [m, k] @ [k, n] matmul with jnp.dot and torch.matmul, interleaved."""
   import jax
   import jax.numpy as jnp
   import numpy as np
   rng = np.random.default_rng(0)
-  a, b = (rng.standard_normal((n, n), dtype=np.float32) for _ in range(2))
+  a, b = rng.standard_normal((m, k), dtype=np.float32), rng.standard_normal((k, n), dtype=np.float32)
   fns = {}
   aj, bj = jnp.asarray(a), jnp.asarray(b)
   dot = jax.jit(jnp.dot)
@@ -239,4 +244,4 @@ def matmul_peaks(n: int = 2048, repeats: int = 5) -> dict:
   except ImportError:
     pass
   times = interleaved(fns, repeats)
-  return {name: 2 * n**3 / min(ts) for name, ts in times.items()}
+  return {name: 2 * m * k * n / min(ts) for name, ts in times.items()}

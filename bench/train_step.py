@@ -10,6 +10,9 @@ projections are 2-D matmuls.
    `--devices N` runs ours data-parallel over N simulated CPU devices (mesh data = N).
 2. The gradient of one SwiGLU block at that shape written with 3-D einsums (BTD,DF->BTF) against
    the same block over M = B * T rows as 2-D matmuls, as model.py has it.
+3. The step's matmul shapes alone (M = B * T rows; forward and the two backward products of the
+   MLP's up projection), jnp.dot against torch.matmul: what XLA:CPU's f32 GEMM leaves on the
+   table, since about 60% of the step is these products.
 
 Writes bench/results/train_step.json under bench/harness.py; never asserts on time. Needs the
 `compare` extra (torch).
@@ -123,6 +126,9 @@ def main(argv=None):
   step = harness.summarize(harness.interleaved(fns, args.repeats), 'torch')
   mlp = harness.summarize(harness.interleaved(mlp_grad_fns(B, T, base.dim, base.mlp_dim),
                                               args.repeats * 2), None)
+  D, F, M = base.dim, base.mlp_dim, B * T
+  matmuls = {f'{m}x{k}x{n}': harness.matmul_rates(m, k, n, args.repeats * 2)
+             for m, k, n in ((M, D, F), (M, F, D), (D, M, F))}  # x @ W, dy @ W.T, x.T @ dy
   med = step['seconds_median']
   print(f"train step, demo model, {B} x {T} tokens, {args.devices} JAX device(s) (median of "
         f"{args.repeats}, interleaved, {run.cores} cores):")
@@ -133,11 +139,15 @@ def main(argv=None):
   print(f"SwiGLU block gradient at [{B}, {T}, {base.dim}] -> {base.mlp_dim}: " +
         '  '.join(f'{n} {s * 1e3:.2f} ms' for n, s in mlp_med.items()) +
         f"  (3-D / 2-D {mlp_med['einsum_3d'] / mlp_med['matmul_2d']:.2f})")
+  print("the step's matmul shapes, best GFLOP/s: " + '  '.join(
+      f"{shape} jax {r['jax'] / 1e9:.0f} torch {r.get('torch', float('nan')) / 1e9:.0f}"
+      for shape, r in matmuls.items()))
   run.write(dict(shape=dict(batch=B, length=T, variant='demo', params=base.num_params()),
                  pretrain=DEMO_PRETRAIN, devices=args.devices, impls=impls, train_step=step,
                  tokens_per_sec={k: B * T / v for k, v in med.items()},
                  mlp_grad=mlp,
-                 mlp_einsum_3d_over_matmul_2d=mlp_med['einsum_3d'] / mlp_med['matmul_2d']))
+                 mlp_einsum_3d_over_matmul_2d=mlp_med['einsum_3d'] / mlp_med['matmul_2d'],
+                 matmul_flops_per_sec=matmuls))
 
 
 if __name__ == '__main__':
