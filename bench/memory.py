@@ -53,8 +53,11 @@ def measure(kind: str, batch: int, length: int, remat: str) -> dict:
   if kind == 'train':
     optimizer = train_lib.make_optimizer(train_lib.OptimConfig(steps=1000))
     state = train_lib.init_state(config, optimizer, jax.random.key(0))
-    fn = train_lib.make_train_step(config, optimizer)
-    args = (state, tokens, rope)
+    step = train_lib.make_train_step(config, optimizer)
+    if hasattr(step, 'rotary_table'):  # the step itself, its rotary table an argument (3d826c8)
+      fn, args = step.jitted, (state, tokens, rope, step.rotary_table(tokens.shape[1], rope))
+    else:  # a tree from before the rotary table (--before_repo): the step is the jitted function
+      fn, args = step, (state, tokens, rope)
   else:
     fn = jax.jit(lambda p, t, r: model_lib.token_nll(config, p, t, r).mean())
     args = (params, tokens, rope)

@@ -171,13 +171,18 @@ def place(tree: Any, shardings: Any) -> Any:
 def make_train_step(config: model_lib.ModelConfig, optimizer: optax.GradientTransformation,
                     mesh: jax.sharding.Mesh | None = None) -> Callable:
   """(state, tokens i32[B, T+1], rope) -> (state, metrics); jitted (on a mesh: state donated);
-  `.lower(state, tokens, rope)` lowers it ahead of time.
+  `.lower(state, tokens, rope)` lowers it ahead of time; `.jitted(state, tokens, rope, table)`
+  is the step itself, with the table from `.rotary_table(T + 1, rope)`.
 
   With `mesh`, the state must be in `state_shardings` (init_sharded_state) and the tokens are
   placed in `batch_sharding`; the same step then runs data / FSDP / sequence parallel. Models
-  of at most UNROLL_MAX_LAYERS layers train with the layer scan unrolled (same numbers).
+  of at most UNROLL_MAX_LAYERS layers without remat train with the layer scan unrolled (same
+  numbers).
   """
-  if config.num_layers <= UNROLL_MAX_LAYERS:
+  # Not with remat: unrolled, XLA merges the recomputation with the forward (remat's
+  # prevent_cse=False is safe only inside the scan) and keeps every activation (the demo at 16K:
+  # 963 MiB of temporaries with remat 'full' unrolled, 304 MiB with the loop).
+  if config.num_layers <= UNROLL_MAX_LAYERS and config.remat == 'none':
     config = config.replace(scan_unroll=config.num_layers)
   rotary_table = jax.jit(functools.partial(_rotary_table, theta=config.rope_theta),
                          static_argnums=0)
@@ -217,6 +222,7 @@ def make_train_step(config: model_lib.ModelConfig, optimizer: optax.GradientTran
     return jitted.lower(state, tokens_BT, rope, rotary)
 
   run_step.lower = lower
+  run_step.jitted, run_step.rotary_table = jitted, rotary_table  # (length, rope) -> table
   return run_step
 
 
