@@ -29,8 +29,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from longrope_jax import checkpoint as ckpt_lib
 from longrope_jax import metrics as metrics_lib
 from longrope_jax import mesh as mesh_lib
-from longrope_jax import rope as rope_lib
 from longrope_jax import model as model_lib
+from longrope_jax import rope as rope_lib
 from longrope_jax import validation
 from longrope_jax.data import PackedBatches
 from longrope_jax.rope import RopeScaling
