@@ -8,7 +8,8 @@ measured figures are written by a program from the artifacts that hold them, nev
 
 Run tables are report.py's; what each bench measures is the first line of its script's
 docstring; the plan tables summarize experiments.plan's JSON (its full tables stay in the .md
-printed beside it). Nothing here runs a model.
+printed beside it). `broken_links` lists a markdown file's relative links and #anchors that lead
+nowhere. Nothing here runs a model.
 """
 
 from __future__ import annotations
@@ -452,16 +453,30 @@ LINK = re.compile(r'!?\[[^\]]*\]\(([^)\s]+)(?:\s+"[^"]*")?\)')
 
 
 def relative_links(markdown: pathlib.Path) -> list[str]:
-  """The relative link and image targets of a markdown file (no URLs, no pure anchors), without
-  their #fragment."""
-  targets = []
-  for target in LINK.findall(markdown.read_text()):
-    if re.match(r'^[a-z][a-z0-9+.-]*:', target) or target.startswith('#'):
-      continue
-    targets.append(target.split('#', 1)[0])
-  return targets
+  """The relative link and image targets of a markdown file, '#fragment' included (no URLs)."""
+  return [target for target in LINK.findall(markdown.read_text())
+          if not re.match(r'^[a-z][a-z0-9+.-]*:', target)]
+
+
+def headings(markdown: pathlib.Path) -> set[str]:
+  """The #fragments of a markdown file's headings (outside code blocks)."""
+  out, fenced = set(), False
+  for line in markdown.read_text().splitlines():
+    fenced ^= line.startswith('```')
+    if not fenced and re.match(r'^#{1,6} ', line):
+      out.add(anchor(line.lstrip('#')))
+  return out
 
 
 def broken_links(markdown: pathlib.Path) -> list[str]:
-  """Relative targets of `markdown` that do not exist (resolved from its folder)."""
-  return [t for t in relative_links(markdown) if not (markdown.parent / t).exists()]
+  """Relative targets of `markdown` (resolved from its folder) that do not exist, or whose
+  #fragment names no heading of the markdown file it points to."""
+  broken = []
+  for target in relative_links(markdown):
+    name, _, fragment = target.partition('#')
+    path = markdown.parent / name if name else markdown
+    if not path.exists():
+      broken.append(target)
+    elif fragment and path.suffix == '.md' and fragment not in headings(path):
+      broken.append(target)
+  return broken

@@ -209,16 +209,30 @@ def test_relative_links_of_readme_and_docs_resolve():
   broken = {}
   for path in _markdown_files():
     missing = [t for t in docs.broken_links(path)
-               if (path.parent / t).resolve().relative_to(REPO).as_posix() not in PENDING]
+               if (path.parent / t.partition('#')[0]).resolve().relative_to(REPO).as_posix()
+               not in PENDING]
     if missing:
       broken[path.relative_to(REPO).as_posix()] = missing
   assert not broken, f'links to files that do not exist: {broken}'
 
 
-def test_broken_links_finds_images_and_links_but_not_urls_or_anchors(tmp_path):
+def test_broken_links_finds_missing_files_and_anchors_but_not_urls(tmp_path):
   (tmp_path / 'there.png').write_bytes(b'')
+  (tmp_path / 'other.md').write_text("# Title\n\n## The paper's shapes\n\n```\n# not a heading\n```\n")
   page = tmp_path / 'page.md'
-  page.write_text('![a](there.png) ![b](gone.png) [c](missing.md#part) [d](#anchor) '
-                  '[e](https://example.org/x.md) [f](there.png#x)\n')
-  assert docs.relative_links(page) == ['there.png', 'gone.png', 'missing.md', 'there.png']
-  assert docs.broken_links(page) == ['gone.png', 'missing.md']
+  page.write_text('# Page\n\n![a](there.png) ![b](gone.png) [c](missing.md#part) [d](#page) '
+                  "[e](https://example.org/x.md) [f](other.md#the-papers-shapes) [g](#nowhere) "
+                  '[h](other.md#not-a-heading)\n')
+  assert docs.relative_links(page) == ['there.png', 'gone.png', 'missing.md#part', '#page',
+                                       'other.md#the-papers-shapes', '#nowhere',
+                                       'other.md#not-a-heading']
+  assert docs.broken_links(page) == ['gone.png', 'missing.md#part', '#nowhere',
+                                     'other.md#not-a-heading']
+
+
+def test_readme_tables_are_quoted_from_the_demo_report():
+  report = (REPO / 'docs' / 'demo' / 'report.md').read_text().splitlines()
+  rows = [line for line in (REPO / 'README.md').read_text().splitlines() if line.startswith('|')]
+  assert rows, 'the README has lost its headline table'
+  assert [row for row in rows if row not in report] == [], (
+      "the README's table rows must be the demo report's (docs/demo/report.md), verbatim")
