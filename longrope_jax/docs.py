@@ -18,6 +18,7 @@ import ast
 import json
 import pathlib
 import re
+import shlex
 from typing import Callable, Mapping
 
 from longrope_jax import console
@@ -316,7 +317,7 @@ def bench_facts(d: Mapping, script: pathlib.Path | None) -> list[str]:
   """Command, machine, date, load before / after, threads of one bench JSON."""
   command = d.get('command')
   if command:
-    shown = f"`python {' '.join(command[1:])}`"
+    shown = f"`{shlex.join(['python', *command[1:]])}`"
   else:
     shown = (f'{NOT_RECORDED} (the script: `python bench/{script.name}`)' if script
              else NOT_RECORDED)
@@ -348,9 +349,12 @@ def bench_section(path: pathlib.Path, bench_dir: pathlib.Path) -> str:
   what = (f'`bench/{script.name}`: {script_summary(script)}' if script and script.is_file()
           else 'The script that wrote it is not in bench/.')
   render = BENCH_TABLES.get(script.name if script else '')
-  tables = (render(d) if render else
-            [f'No table for `{path.name}` here (no renderer in longrope_jax/docs.py '
-             'BENCH_TABLES): see the JSON.', ''])
+  try:
+    tables = render(d) if render else [f'No table for `{path.name}` here (no renderer in '
+                                       'longrope_jax/docs.py BENCH_TABLES): see the JSON.', '']
+  except KeyError as e:  # another mode of the same script (bench/search.py without --vs-torch)
+    tables = [f'No table for `{path.name}` here (its layout lacks {e}, which the renderer of '
+              f'{script.name} in longrope_jax/docs.py BENCH_TABLES reads): see the JSON.', '']
   lines = [f'## {path.stem}', '', what, '', *bench_facts(d, script), '', *tables,
            f'JSON: [{path.name}](../{BENCH_RESULTS}/{path.name}).']
   return '\n'.join(lines) + '\n'

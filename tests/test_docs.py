@@ -136,6 +136,8 @@ def _bench_root(tmp_path: pathlib.Path) -> pathlib.Path:
           name='forward_64k', tree='after', remat='none', length=65536,
           measured_peak_bytes=300 * 2 ** 20, planned_bytes=200 * 2 ** 20)])))
   (results / 'odd.json').write_text(json.dumps(dict(command=['python', 'bench/odd.py'])))
+  (results / 'forward_other_mode.json').write_text(json.dumps(dict(
+      command=['python', 'bench/forward.py', '--label', 'a b'], machine=facts, parts=['x'])))
   plan = dict(variant='llama2_7b', kind='train', length=32768, batch=8, mesh=dict(fsdp=8),
               model_flops=2e15, step_s=5.0, peak_bytes=int(77.9 * 2 ** 30))
   (results / 'plan_x.json').write_text(json.dumps([plan, dict(plan, mesh=dict(fsdp=4, seq=2),
@@ -148,7 +150,11 @@ def _bench_root(tmp_path: pathlib.Path) -> pathlib.Path:
 def test_benchmarks_page_from_fixture_results(tmp_path):
   page = docs.benchmarks_page(_bench_root(tmp_path))
   sections = {s.split('\n')[0]: s for s in page.split('\n## ')[1:]}
-  assert list(sections) == ['forward_x', 'memory', 'odd', "Plans of the paper's shapes"]
+  assert list(sections) == ['forward_other_mode', 'forward_x', 'memory', 'odd',
+                            "Plans of the paper's shapes"]
+  other = sections['forward_other_mode']
+  assert "- Command: `python bench/forward.py --label 'a b'`" in other
+  assert "its layout lacks 'rows', which the renderer of forward.py" in other
   forward = sections['forward_x']
   assert '`bench/forward.py`: Forward of one sequence against torch.' in forward
   assert ('- Command: `python bench/forward.py --shapes demo`\n'
