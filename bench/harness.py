@@ -8,7 +8,7 @@ command line. Like the experiments/ entry points, a bench tunes glibc malloc
   run = harness.Run(args)                   # checks the load before anything heavy starts
   times = run.interleaved({'torch': f, 'chunked': g}, repeats=args.repeats)
   summary = harness.summarize(times, reference='torch')
-  run.write(result)                         # load after, machine facts, command line
+  run.write(result)                         # load after, machine facts, date, command line
 
 Never asserts on time.
 """
@@ -135,6 +135,7 @@ class Run:
     --force, which the constructor already enforced)."""
     load_after = os.getloadavg()
     record = dict(command=[sys.executable, *sys.argv], machine=machine_facts(),
+                  date=time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(self.started)),
                   load_average_start=self.load_before, load_average_end=load_after,
                   busy=self.busy, max_load=self.args.max_load, malloc=self.malloc,
                   wall_seconds=time.time() - self.started, **result)
