@@ -12,6 +12,8 @@ from typing import Callable, Iterable, Mapping
 
 import numpy as np
 
+from longrope_jax import console
+
 RESAMPLES = 2000
 
 
@@ -275,7 +277,6 @@ def render(results: Mapping, *, model: str) -> str:
   """report.md from results.json; `model` is the opening line describing model and corpus."""
   lines = ['# longrope-jax run report', '', model, '']
   if 'machine' in results:
-    from longrope_jax import console
     lines += [f"Measured on: {console.describe_machine(results['machine'])}.", '']
   if 'pretrain' in results:
     p = results['pretrain']

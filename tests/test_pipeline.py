@@ -10,7 +10,7 @@ from configs import demo as demo_config
 from longrope_jax import console
 from longrope_jax import metrics as metrics_lib
 from longrope_jax import pipeline
-from longrope_jax import provenance as prov
+from longrope_jax import stages as stages_lib
 
 
 def test_demo_test_config_runs_end_to_end_and_resumes(tmp_path):
@@ -123,7 +123,7 @@ def test_progressive_stages_on_the_toy_config(tmp_path):
   # Every output a stage owns (deleted when the stage is recomputed) is a file it wrote: a
   # misnamed cache survives a new fine-tune and reports the old model's numbers.
   for stage in stages:
-    for output in prov.STAGES[stage].outputs:
+    for output in stages_lib.STAGES[stage].outputs:
       assert list(tmp_path.glob(output)), (stage, output)
   # Resumes per cell: a second run computes nothing.
   cells = (tmp_path / 'eval' / 'progressive_passkey.jsonl').read_text()
