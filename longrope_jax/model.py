@@ -40,6 +40,11 @@ ATTENTION: dict[str, Callable[..., jax.Array]] = {
     'flash_cpu': cpu_attention.flash_cpu_attention,
 }
 ATTENTION_IMPLS = tuple(ATTENTION)
+# name -> (why it cannot run here or None, the implementation that runs instead): the
+# implementations that fall back by themselves where they cannot run.
+FALLBACKS: dict[str, tuple[Callable[[], str | None], str]] = {
+    'flash_cpu': (cpu_attention.unavailable_reason, 'blockwise'),
+}
 REMAT_NAMED = ('none', 'full')  # other values name a jax.checkpoint_policies policy
 LAYERS = 'layers'  # params[LAYERS]: every layer's params stacked on a leading axis of size L
 
@@ -57,6 +62,18 @@ def attend(q_BTNH, k_BSKH, v_BSKH, q_pos_BT, k_pos_BS, *, impl: str = 'dense',
   block_k = attention_lib.default_block(T, impl) if block_k is None else block_k
   return ATTENTION[impl](q_BTNH, k_BSKH, v_BSKH, q_pos_BT, k_pos_BS, window=window,
                          block_q=block_q, block_k=block_k)
+
+
+def attention_that_runs(impl: str) -> dict:
+  """What computes `impl`'s attention on this machine: {'requested': impl, 'ran': the
+  implementation that runs, 'reason': why it differs (None when it does not)}; flash_cpu runs
+  blockwise where its kernel cannot be built (`FALLBACKS`)."""
+  if impl not in ATTENTION:
+    raise ValueError(f"Unknown attention implementation {impl!r}; choose one of "
+                     f"{sorted(ATTENTION)}.")
+  unavailable, instead = FALLBACKS.get(impl, (lambda: None, impl))
+  reason = unavailable()
+  return dict(requested=impl, ran=impl if reason is None else instead, reason=reason)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,6 +8,7 @@ below them, and is this module's too: `pipeline.Run`.
 
 from __future__ import annotations
 
+import datetime
 import pathlib
 import time
 
@@ -33,7 +34,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
   """Runs `stages` (default: config.stages) in order after validating the whole config. A stage
   whose inputs (config fields, upstream results) are unchanged is reused; one whose inputs
   changed is recomputed with everything downstream of it, or, without config.overwrite, the run
-  refuses naming the changed fields. Every stage resumes from the workdir."""
+  refuses naming the changed fields. Every stage resumes from the workdir. results.json records
+  the machine, the attention implementations that ran and the run itself (date, commit,
+  command, seconds per stage)."""
   stages = tuple(stages or config.stages)
   unknown = [s for s in stages if s not in STAGES]
   if unknown:
@@ -44,8 +47,16 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
   decisions = provenance.prepare(config, stages, r.workdir,
                                  overwrite=config.get('overwrite', False))
   r.write_config()
-  if jax.process_index() == 0:
+  writer = jax.process_index() == 0
+  record = r.results().get('run', {})
+  stage_seconds = dict(record.get('stage_seconds', {}))
+  if writer:
     r.save_result('machine', console.machine_info())
+    r.save_result('attention', r.attention())
+    record = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
+                  commit=console.source_commit(), command=console.command_line(),
+                  stage_seconds=stage_seconds)
+    r.save_result('run', record)
   seconds = {}
   for d in decisions:
     state = 'new' if d.stage not in earlier else _ACTION_WORDS[d.action]
@@ -58,6 +69,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
     stage.function(r)
     provenance.finish(r.workdir, d)
     seconds[d.stage] = time.time() - t0
+    if writer:  # the time of the results the workdir holds: a recomputed stage starts over
+      prior = 0.0 if d.action == provenance.RECOMPUTE else stage_seconds.get(d.stage, 0.0)
+      stage_seconds[d.stage] = prior + seconds[d.stage]
+      r.save_result('run', dict(record, stage_seconds=stage_seconds))
   console.summary(r.results(), seconds,
                   report_path=r.workdir / 'report.md' if 'report' in stages else None,
                   tensorboard_dir=r.workdir / metrics_lib.TB_DIR)

@@ -88,7 +88,7 @@ RULES: dict[str, Rule] = {
         'dense within 1e-5): dense the reference, blockwise memory-efficient, chunked by query '
         "chunks, ring one sequence over the 'seq' mesh axis, fused jax.nn.dot_product_attention "
         '(cuDNN on a GPU), flash_cpu the fused C++ CPU kernel (blockwise where it cannot be '
-        'built)'),
+        'built; results.json says which ran)'),
     'model.dtype': Rule(checks.choice(model.DTYPES), 'compute dtype'),
     'model.param_dtype': Rule(checks.optional(checks.choice(model.DTYPES)),
                               'parameter dtype (None: as stored, else model.dtype)'),

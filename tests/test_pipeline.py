@@ -1,6 +1,7 @@
 """The one-command pipeline on the toy config: every stage runs, writes its outputs, resumes."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -35,10 +36,23 @@ def test_demo_test_config_runs_end_to_end_and_resumes(tmp_path):
   assert len(tb['search']['search/best_perplexity']) == results['search']['generations'] + 1
   assert [s for s, _ in tb['perplexity']['perplexity/longrope']] == [128, 256]
   assert [s for s, _ in tb['passkey']['passkey/none']] == results['passkey']['lengths']
+  # The run says what ran: the attention implementations (the toy model's dense, which the
+  # search keeps) and the run itself.
+  dense = dict(requested='dense', ran='dense', reason=None)
+  assert results['attention'] == dict(model=dense, search=dense)
+  assert 'Attention: dense (model, search).' in report
+  record = results['run']
+  assert set(record) == {'date', 'commit', 'command', 'stage_seconds'}
+  assert record['date'].endswith('+00:00') and record['command']
+  assert record['commit'] is None or re.fullmatch(r'[0-9a-f]{40}(-dirty)?', record['commit'])
+  assert list(record['stage_seconds']) == list(config.stages)
   # Everything is done: a second run recomputes nothing and gives the same results.
   mtime = (tmp_path / 'ckpt').stat().st_mtime
   pipeline.run(config, tmp_path)
-  assert json.loads((tmp_path / 'results.json').read_text())['perplexity'] == ppl
+  again = json.loads((tmp_path / 'results.json').read_text())
+  assert again['perplexity'] == ppl
+  for stage, seconds in record['stage_seconds'].items():  # accumulated over the two runs
+    assert again['run']['stage_seconds'][stage] > seconds
   assert (tmp_path / 'ckpt').stat().st_mtime == mtime
   assert run.results()['pretrain']['steps'] == 20
   # A model that does not copy: the passkey stage says so and skips its sweep of zeros.

@@ -171,3 +171,16 @@ class Run:
     mc = self.model_config
     return mc.replace(attention='blockwise') if mc.attention == 'ring' else mc
 
+  def attention(self) -> dict:
+    """The attention implementation requested and the one that runs here
+    (`model.attention_that_runs`) for the model, the search and, when the run holds the
+    progressive stage, its search (search settings' attention None: the model's)."""
+    c = self.config
+    model = c.model.attention
+    used = {'model': model_lib.attention_that_runs(model)}
+    if 'search' in c:
+      used['search'] = model_lib.attention_that_runs(c.search.settings.attention or model)
+    if 'progressive' in c and 'progressive' in c.stages:
+      used['progressive_search'] = model_lib.attention_that_runs(
+          c.progressive.search.attention or model)
+    return used
