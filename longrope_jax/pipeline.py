@@ -2,8 +2,8 @@
 a header each, and close with a summary. Each stage resumes from the workdir.
 
 The entry points in `experiments/` only parse flags and call `run`. The stages are declared in
-`stages/` (`stages.STAGES`); `Run` (the config and workdir the stages share) lives there too,
-below them, and is this module's too: `pipeline.Run`.
+`stages/` (`stages.STAGES`). `Run`, the config and workdir the stages share, is defined in
+stages/run.py, below the stages that take it, and exported here as `pipeline.Run`.
 """
 
 from __future__ import annotations
