@@ -1,5 +1,5 @@
 """LongRoPE search (and evaluation) on any local Hugging Face Llama-family checkpoint
-(LlamaForCausalLM, MistralForCausalLM, Phi3ForCausalLM), read by longrope_jax/hf.py.
+(LlamaForCausalLM, MistralForCausalLM, Phi3ForCausalLM), read by longrope_jax/hf/.
 
   python -m experiments.search --config configs/hf.py --config.model.path=/path/to/ckpt \
       --workdir runs/my_model

@@ -1,7 +1,7 @@
 """The paper's non-fine-tuned setting for LLaMA-2-7B: search LongRoPE factors for 4k -> 32k (8x)
 on PG19 validation books, then compare every method on PG19 test books at 4k-32k.
 
-Needs the weights (a local Hugging Face checkpoint folder, read by longrope_jax/hf.py) and an
+Needs the weights (a local Hugging Face checkpoint folder, read by longrope_jax/hf/) and an
 accelerator; the search evaluates a population of 64 candidates on 5 documents of 32k tokens per
 generation.
 

@@ -1,12 +1,15 @@
 """What a researcher sees on the console: quiet library logging, one header per stage, the closing
-summary of a run, and the facts of the machine the numbers were measured on."""
+summary of a run, and the facts of the machine, source and command the numbers came from."""
 
 from __future__ import annotations
 
 import logging
 import math
 import os
+import pathlib
 import platform
+import shlex
+import subprocess
 import sys
 from typing import Any, Mapping, TextIO
 
@@ -183,6 +186,29 @@ def machine_info() -> dict:
               devices=len(devices), processes=jax.process_count(),
               jax=jax.__version__, jaxlib=jaxlib.__version__, flax=flax.__version__,
               python=platform.python_version(), system=f'{platform.system()} {platform.machine()}')
+
+
+def source_commit() -> str | None:
+  """The git commit of the library's source tree ('<sha>-dirty' when tracked files have
+  uncommitted changes); None outside a git checkout or without git."""
+  where = str(pathlib.Path(__file__).resolve().parent)
+
+  def git(*args: str) -> str:
+    return subprocess.run(['git', '-C', where, *args], capture_output=True, text=True,
+                          check=True, timeout=30).stdout.strip()
+
+  try:
+    commit = git('rev-parse', 'HEAD')
+    dirty = bool(git('status', '--porcelain', '--untracked-files=no'))
+  except (OSError, subprocess.SubprocessError):
+    return None
+  return commit + ('-dirty' if dirty else '')
+
+
+def command_line() -> str:
+  """The command that started this process, as typed (`python -m experiments.run --config ...`),
+  quoted for a shell."""
+  return shlex.join(getattr(sys, 'orig_argv', None) or [sys.executable, *sys.argv])
 
 
 def describe_machine(info: Mapping) -> str:

@@ -19,8 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from longrope_jax import attention as attention_lib
+from longrope_jax import checks
 from longrope_jax import cpu_attention
-from longrope_jax import validation
 from longrope_jax import ring_attention as ring_lib
 from longrope_jax import rope as rope_lib
 from longrope_jax.rope import RopeScaling
@@ -40,6 +40,11 @@ ATTENTION: dict[str, Callable[..., jax.Array]] = {
     'flash_cpu': cpu_attention.flash_cpu_attention,
 }
 ATTENTION_IMPLS = tuple(ATTENTION)
+# name -> (why it cannot run here or None, the implementation that runs instead): the
+# implementations that fall back by themselves where they cannot run.
+FALLBACKS: dict[str, tuple[Callable[[], str | None], str]] = {
+    'flash_cpu': (cpu_attention.unavailable_reason, 'blockwise'),
+}
 REMAT_NAMED = ('none', 'full')  # other values name a jax.checkpoint_policies policy
 LAYERS = 'layers'  # params[LAYERS]: every layer's params stacked on a leading axis of size L
 
@@ -57,6 +62,18 @@ def attend(q_BTNH, k_BSKH, v_BSKH, q_pos_BT, k_pos_BS, *, impl: str = 'dense',
   block_k = attention_lib.default_block(T, impl) if block_k is None else block_k
   return ATTENTION[impl](q_BTNH, k_BSKH, v_BSKH, q_pos_BT, k_pos_BS, window=window,
                          block_q=block_q, block_k=block_k)
+
+
+def attention_that_runs(impl: str) -> dict:
+  """What computes `impl`'s attention on this machine: {'requested': impl, 'ran': the
+  implementation that runs, 'reason': why it differs (None when it does not)}; flash_cpu runs
+  blockwise where its kernel cannot be built (`FALLBACKS`)."""
+  if impl not in ATTENTION:
+    raise ValueError(f"Unknown attention implementation {impl!r}; choose one of "
+                     f"{sorted(ATTENTION)}.")
+  unavailable, instead = FALLBACKS.get(impl, (lambda: None, impl))
+  reason = unavailable()
+  return dict(requested=impl, ran=impl if reason is None else instead, reason=reason)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,20 +112,20 @@ class ModelConfig:
   def __post_init__(self):
     for name in ('vocab_size', 'dim', 'num_layers', 'num_heads', 'num_kv_heads', 'head_dim',
                  'mlp_dim', 'original_length', 'nll_chunk', 'scan_unroll'):
-      validation.positive_int(getattr(self, name), f'ModelConfig.{name}')
+      checks.positive_int(getattr(self, name), f'ModelConfig.{name}')
     for name in ('block_q', 'block_k'):
-      validation.optional(validation.positive_int)(getattr(self, name), f'ModelConfig.{name}')
+      checks.optional(checks.positive_int)(getattr(self, name), f'ModelConfig.{name}')
     if self.head_dim % 2:
       raise ValueError(f"ModelConfig.head_dim must be even for RoPE, got {self.head_dim}.")
     if self.num_heads % self.num_kv_heads:
       raise ValueError(f"ModelConfig.num_heads ({self.num_heads}) must be a multiple of "
                        f"num_kv_heads ({self.num_kv_heads}).")
-    validation.optional(validation.positive_int)(self.sliding_window, 'ModelConfig.sliding_window')
-    validation.positive_float(self.rope_theta, 'ModelConfig.rope_theta')
-    validation.positive_float(self.norm_eps, 'ModelConfig.norm_eps')
+    checks.optional(checks.positive_int)(self.sliding_window, 'ModelConfig.sliding_window')
+    checks.positive_float(self.rope_theta, 'ModelConfig.rope_theta')
+    checks.positive_float(self.norm_eps, 'ModelConfig.norm_eps')
     for name in ('dtype', 'param_dtype'):
-      validation.choice(DTYPES)(getattr(self, name), f'ModelConfig.{name}')
-    validation.choice(ATTENTION_IMPLS)(self.attention, 'ModelConfig.attention')
+      checks.choice(DTYPES)(getattr(self, name), f'ModelConfig.{name}')
+    checks.choice(ATTENTION_IMPLS)(self.attention, 'ModelConfig.attention')
     if self.remat not in REMAT_NAMED and not hasattr(jax.checkpoint_policies, self.remat):
       raise ValueError(f"ModelConfig.remat must be 'none', 'full' or a jax.checkpoint_policies "
                        f"name (e.g. 'dots_with_no_batch_dims_saveable'), got {self.remat!r}.")
@@ -322,7 +339,6 @@ def init_params(config: ModelConfig, key: jax.Array) -> Any:
 
   Drawn in the unrolled layout and stacked, so a key gives the same weights as before scan.
   """
-  from longrope_jax import rope as rope_lib
   tokens = jnp.zeros((1, 8), jnp.int32)
   positions = jnp.arange(8, dtype=jnp.int32)[None]
   rope = rope_lib.none(head_dim=config.head_dim)

@@ -21,6 +21,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib import ticker  # noqa: E402
 
+from longrope_jax import console  # noqa: E402
+
 MARKERS = ('o', 's', '^', 'D', 'v', 'P', 'X', '<', '>', 'h')
 LINESTYLES = ('-', '--', '-.', ':')
 CAPTION_FONTSIZE = 8
@@ -29,7 +31,6 @@ CAPTION_FONTSIZE = 8
 def measured_caption(*, what: str | None = None, split: str | None = None,
                      documents: int | None = None, machine: Mapping | None = None) -> str:
   """'Perplexity on 4 test documents per length. Measured on: Xeon, 2 cores, cpu, jax 0.10.2.'"""
-  from longrope_jax import console
   parts = []
   if what or split or documents:
     where = ' '.join(str(p) for p in (documents, split, 'documents' if documents or split else None)

@@ -1,11 +1,12 @@
-"""Stage provenance: what each pipeline stage depends on, its fingerprint, and the decision on
-rerun (keep, extend, recompute or refuse).
+"""Stage provenance: the engine that reads the stages' declarations (`stages.STAGES`: reads,
+upstream, outputs, results, cells) to fingerprint each stage's inputs and decide, on a rerun,
+what to do with it (keep, rerun, extend, recompute or refuse).
 
-Owns the stage dependency graph (`STAGES`) and workdir/provenance.json. A stage's fingerprint is a
-hash of the config fields it reads and of its upstream stages' fingerprints, so a change anywhere
-upstream changes every stage after it. Before a stage runs, `plan` compares the recorded
-fingerprints with the config's; a stage whose inputs changed is recomputed (its outputs deleted
-by `invalidate`) when config.overwrite is set, else the run refuses with the changed fields.
+Owns workdir/provenance.json. A stage's fingerprint is a hash of the config fields it reads and of
+its upstream stages' fingerprints, so a change anywhere upstream changes every stage after it.
+Before a stage runs, `plan` compares the recorded fingerprints with the config's; a stage whose
+inputs changed is recomputed (its outputs deleted by `invalidate`) when config.overwrite is set,
+else the run refuses with the changed fields.
 """
 
 from __future__ import annotations
@@ -18,115 +19,10 @@ import shutil
 from typing import Any, Mapping
 
 from longrope_jax import checkpoint as ckpt_lib
+from longrope_jax.checks import lookup
+from longrope_jax.stages import STAGES
 
 RECORD_FILE = 'provenance.json'
-
-# Performance knobs that change how, not what, a stage computes (up to float summation order).
-_SEARCH_PERF = ('chunk', 'memory_gb', 'doc_batch', 'attention')
-
-
-@dataclasses.dataclass(frozen=True)
-class StageSpec:
-  """What a stage reads and writes.
-
-  reads: dotted config fields or sections the stage's results depend on.
-  ignore: fields under `reads` that do not change the results (checkpoint cadence, memory).
-  cells: fields that only select which cached cells are computed (a change reruns the stage with
-    its caches kept: a (method, length) cell does not depend on which other cells exist).
-  extend: fields whose increase continues the stage from its outputs (training to more steps).
-  method_upstream: (upstream stage, method) pairs: that method's cached cells are the only ones
-    reading that upstream stage (evaluate's 'longrope' cells read the search), so a change there
-    alone drops those cells instead of the whole cache.
-  upstream: stages whose results this stage reads.
-  outputs: workdir paths (or glob patterns) the stage owns (deleted when it recomputes).
-  results: results.json keys it owns.
-  """
-
-  reads: tuple[str, ...]
-  upstream: tuple[str, ...] = ()
-  outputs: tuple[str, ...] = ()
-  results: tuple[str, ...] = ()
-  ignore: tuple[str, ...] = ()
-  cells: tuple[str, ...] = ()
-  extend: tuple[str, ...] = ()
-  method_upstream: tuple[tuple[str, str], ...] = ()
-
-  @property
-  def sections(self) -> tuple[str, ...]:
-    """Top-level config sections the stage needs."""
-    return tuple(dict.fromkeys(f.split('.')[0] for f in self.reads))
-
-
-# model.attention is not among them: every registered implementation equals dense attention
-# within 1e-5 (tests/test_attention.py, test_cpu_attention.py), so switching to a faster one,
-# like the search's chunk sizes, changes how a stage computes, not what.
-_MODEL = ('model.variant', 'model.path', 'model.original_length', 'model.sliding_window',
-          'model.dtype', 'model.param_dtype')
-
-STAGES: dict[str, StageSpec] = {
-    'pretrain': StageSpec(
-        reads=('seed', *_MODEL, 'data', 'pretrain'),
-        ignore=('pretrain.ckpt_every', 'pretrain.eval_every'),
-        extend=('pretrain.steps',),
-        outputs=('ckpt', 'metrics.jsonl', 'plots/pretrain.png'), results=('pretrain',)),
-    'search': StageSpec(
-        reads=('seed', *_MODEL, 'data', 'search'),
-        ignore=tuple(f'search.settings.{k}' for k in _SEARCH_PERF),
-        upstream=('pretrain',), outputs=('search',), results=('search',)),
-    'evaluate': StageSpec(
-        reads=('seed', *_MODEL, 'data', 'evaluate'),
-        ignore=('evaluate.batch_tokens',), cells=('evaluate.multiples', 'evaluate.methods'),
-        upstream=('pretrain', 'search'), outputs=('eval/perplexity.jsonl', 'plots/perplexity.png'),
-        results=('perplexity',), method_upstream=(('search', 'longrope'),)),
-    'passkey': StageSpec(
-        reads=('seed', *_MODEL, 'data.tokenizer', 'passkey'),
-        cells=('passkey.multiples', 'passkey.methods', 'passkey.skip_fraction'),
-        upstream=('pretrain', 'search'), outputs=('eval/passkey.jsonl', 'plots/passkey.png'),
-        results=('passkey',), method_upstream=(('search', 'longrope'),)),
-    'progressive': StageSpec(
-        reads=('seed', *_MODEL, 'data', 'search.split', 'search.num_windows',
-               'progressive'),
-        ignore=('progressive.finetune.ckpt_every',
-                *(f'progressive.search.{k}' for k in _SEARCH_PERF)),
-        upstream=('pretrain', 'search'), outputs=('progressive',), results=('progressive',)),
-    'progressive_evaluate': StageSpec(
-        reads=('seed', *_MODEL, 'data', 'evaluate.split',
-               'evaluate.num_windows', 'evaluate.multiples'),
-        cells=('evaluate.multiples',),
-        upstream=('progressive',), outputs=('eval/progressive_perplexity.jsonl',),
-        results=('progressive_perplexity',)),
-    'progressive_passkey': StageSpec(
-        reads=('seed', *_MODEL, 'data.tokenizer', 'passkey', 'progressive.multiple'),
-        cells=('passkey.multiples',),
-        upstream=('passkey', 'progressive'),
-        outputs=('eval/progressive_passkey.jsonl', 'plots/progressive_passkey.png'),
-        results=('progressive_passkey',)),
-    'evaluate_sliding': StageSpec(
-        reads=('seed', *_MODEL, 'data', 'evaluate'),
-        ignore=('evaluate.batch_tokens', 'evaluate.stride'),
-        cells=('evaluate.multiples', 'evaluate.methods'),
-        upstream=('pretrain', 'search'), outputs=('eval/perplexity_sliding.jsonl',),
-        results=('perplexity_sliding',), method_upstream=(('search', 'longrope'),)),
-    'seeds': StageSpec(
-        reads=('seed', *_MODEL, 'data', 'search', 'evaluate'),
-        ignore=('evaluate.batch_tokens', *(f'search.settings.{k}' for k in _SEARCH_PERF)),
-        upstream=('pretrain',), outputs=('seeds', 'eval/seeds_perplexity.jsonl'),
-        results=('seeds',)),
-    'finetuned': StageSpec(
-        reads=('seed', *_MODEL, 'data', 'evaluate', 'progressive.finetune',
-               'finetuned'),
-        ignore=('evaluate.batch_tokens', 'progressive.finetune.ckpt_every'),
-        upstream=('pretrain', 'search'),
-        outputs=('finetuned', 'eval/finetuned_*.jsonl', 'plots/finetuned.png'),
-        results=('finetuned',)),
-    'ablations': StageSpec(
-        reads=('seed', *_MODEL, 'data', 'search', 'evaluate'),
-        ignore=('evaluate.batch_tokens', *(f'search.settings.{k}' for k in _SEARCH_PERF)),
-        upstream=('pretrain', 'search'), outputs=('ablations', 'eval/ablations.jsonl'),
-        results=('ablations',)),
-    # Rewritten from results.json on every run: nothing cached, so always kept.
-    'report': StageSpec(reads=(), outputs=('report.md',)),
-}
 
 
 def downstream(stage: str) -> list[str]:
@@ -171,7 +67,6 @@ def fingerprint(config_sections: Mapping[str, Any], upstream: Mapping[str, str])
 
 def stage_fields(config: Mapping, stage: str) -> dict[str, Any]:
   """The flattened config fields `stage` reads (absent ones left out), minus its ignored ones."""
-  from longrope_jax.validation import lookup
   spec, missing = STAGES[stage], object()
   fields = {}
   for name in spec.reads:

@@ -12,6 +12,8 @@ from typing import Callable, Iterable, Mapping
 
 import numpy as np
 
+from longrope_jax import console
+
 RESAMPLES = 2000
 
 
@@ -271,12 +273,25 @@ def merged_passkey(base: dict, extra: dict) -> dict:
   return dict(base, lengths=lengths, methods=methods)
 
 
+def attention_line(attention: Mapping[str, Mapping]) -> str:
+  """'Attention: flash_cpu (model, search).' from results.json's 'attention' ({part: {requested,
+  ran, reason}}); a fallback reads 'flash_cpu requested, blockwise ran (reason)'."""
+  parts: dict[str, list[str]] = {}
+  for name, used in attention.items():
+    what = (used['ran'] if used['ran'] == used['requested'] else
+            f"{used['requested']} requested, {used['ran']} ran ({used.get('reason')})")
+    parts.setdefault(what, []).append(name.replace('_', ' '))
+  return 'Attention: ' + '; '.join(f"{what} ({', '.join(names)})"
+                                   for what, names in parts.items()) + '.'
+
+
 def render(results: Mapping, *, model: str) -> str:
   """report.md from results.json; `model` is the opening line describing model and corpus."""
   lines = ['# longrope-jax run report', '', model, '']
   if 'machine' in results:
-    from longrope_jax import console
     lines += [f"Measured on: {console.describe_machine(results['machine'])}.", '']
+  if 'attention' in results:
+    lines += [attention_line(results['attention']), '']
   if 'pretrain' in results:
     p = results['pretrain']
     lines += ['## Pretraining', '',

@@ -22,15 +22,84 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from longrope_jax import checkpoint as ckpt_lib
+from longrope_jax import checks
 from longrope_jax import mesh as mesh_lib
 from longrope_jax import model as model_lib
 from longrope_jax import plots
 from longrope_jax import rope as rope_lib
-from longrope_jax import validation
 from longrope_jax.fitness import PopulationFitness
 from longrope_jax.rope import Extension, RopeScaling
 from longrope_jax.search_space import SearchSpace, make_space, seed_genomes
 from longrope_jax.strategies import PAPER_GA, EvosaxStrategy, PaperGA, initial_population, numpy_rng
+
+
+def _check_strategy(value: Any, field: str) -> None:
+  if value == PAPER_GA:
+    return
+  from evosax.algorithms import algorithms  # evosax is imported only when asked for
+  if value not in algorithms:
+    checks.fail(field, value,
+                f"{PAPER_GA!r} or an evosax algorithm ({', '.join(sorted(algorithms))})",
+                f"set --config.{field}={PAPER_GA} or e.g. --config.{field}=CMA_ES")
+
+
+# The rules of SearchConfig's fields (config sections search.settings, progressive.search).
+SEARCH_SETTINGS_RULES: dict[str, checks.Rule] = {
+    'strategy': checks.Rule(checks.Check(_check_strategy, f"{PAPER_GA!r} or the name of an "
+                                         "evosax algorithm (CMA_ES, SNES, ...)"),
+                            "the search strategy: the paper's GA or an evosax algorithm"),
+    'population': checks.Rule(checks.positive_int, 'candidates per generation'),
+    'parents': checks.Rule(checks.positive_int, 'paper_ga: top candidates kept as parents'),
+    'mutations': checks.Rule(checks.non_negative_int, 'paper_ga: mutated children per generation'),
+    'crossovers': checks.Rule(checks.non_negative_int,
+                              'paper_ga: crossover children per generation'),
+    'mutation_prob': checks.Rule(checks.fraction, 'paper_ga: probability of resampling each gene'),
+    'generations': checks.Rule(checks.positive_int, 'generations after the initial population'),
+    'max_evaluations': checks.Rule(checks.optional(checks.positive_int),
+                                   'stop after this many candidates (None: no cap)'),
+    'lambda_max': checks.Rule(checks.optional(checks.at_least(1.0)),
+                              'largest factor (None: 1.25 s)'),
+    'lambda_step': checks.Rule(checks.positive_float, 'grid step of the factors'),
+    'monotone': checks.Rule(checks.boolean, 'factors non-decreasing with the frequency index'),
+    'search_n_hat': checks.Rule(checks.boolean,
+                                'search n_hat among n_hat_choices (else fixed at n_hat)'),
+    'n_hat': checks.Rule(checks.non_negative_int, 'the fixed n_hat when it is not searched'),
+    'n_hat_choices': checks.Rule(checks.optional(checks.tuple_of(checks.non_negative_int)),
+                                 "n_hat choices (None: the paper's set below L')"),
+    'attn_scale': checks.Rule(checks.optional(checks.positive_float),
+                              'attention scale of every candidate (None: sqrt(1 + ln s / ln L0))'),
+    'es_std': checks.Rule(checks.positive_float,
+                          'evosax strategies: initial standard deviation in the latent space'),
+    'doc_batch': checks.Rule(checks.positive_int, 'fitness documents per micro-batch'),
+    'chunk': checks.Rule(checks.optional(checks.positive_int),
+                         'candidates per device per step (None: from memory_gb)'),
+    'memory_gb': checks.Rule(checks.positive_float,
+                             'activation memory per device for the fitness call (GiB)'),
+    'attention': checks.Rule(checks.optional(checks.choice(model_lib.ATTENTION)),
+                             'attention implementation of the fitness call (None: '
+                             'model.attention)'),
+}
+
+
+def check_search_settings(settings: Mapping, prefix: str = 'search.settings') -> None:
+  """Every SearchConfig field present in `settings`, then the cross-field rules (names reported
+  as prefix.field)."""
+  checks.check_section(settings, SEARCH_SETTINGS_RULES, prefix)
+  population, parents = settings.get('population'), settings.get('parents')
+  if population is not None and parents is not None and parents > population:
+    raise checks.ConfigError(
+        f'{prefix}.parents', f"{prefix}.population ({population}) is smaller than "
+        f"{prefix}.parents ({parents}); the population must hold the parents: raise "
+        f"{prefix}.population or lower {prefix}.parents.")
+  if settings.get('strategy', PAPER_GA) == PAPER_GA and all(
+      settings.get(k) is not None for k in ('population', 'parents', 'mutations', 'crossovers')):
+    total = settings['parents'] + settings['mutations'] + settings['crossovers']
+    if total != population:
+      raise checks.ConfigError(
+          f'{prefix}.population',
+          f"{PAPER_GA} needs {prefix}.parents + mutations + crossovers == population; got "
+          f"{settings['parents']} + {settings['mutations']} + {settings['crossovers']} = "
+          f"{total} != {population}: change {prefix}.population or the three counts.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,7 +130,14 @@ class SearchConfig:
   attention: str | None = None      # the model's attention for the search (None: as configured)
 
   def __post_init__(self):
-    validation.check_search_settings(dataclasses.asdict(self), 'search.settings')
+    check_search_settings(dataclasses.asdict(self), 'search.settings')
+
+  def space(self, *, head_dim: int, extension: Extension) -> SearchSpace:
+    """The search space these settings define for `extension` (`search_space.make_space`)."""
+    return make_space(head_dim=head_dim, extension=extension, lambda_max=self.lambda_max,
+                      step=self.lambda_step, monotone=self.monotone,
+                      search_n_hat=self.search_n_hat, n_hat=self.n_hat,
+                      n_hat_choices=self.n_hat_choices, attn_scale=self.attn_scale)
 
   @classmethod
   def from_config(cls, config: Mapping) -> 'SearchConfig':
@@ -202,11 +278,7 @@ def search(model_config: model_lib.ModelConfig, params: Any, windows_NL: np.ndar
                      "the model was fine-tuned at), and base_length needs the base factors.")
   if settings.attention:
     model_config = model_config.replace(attention=settings.attention)
-  space = make_space(head_dim=model_config.head_dim, extension=extension,
-                     lambda_max=settings.lambda_max, step=settings.lambda_step,
-                     monotone=settings.monotone, search_n_hat=settings.search_n_hat,
-                     n_hat=settings.n_hat, n_hat_choices=settings.n_hat_choices,
-                     attn_scale=settings.attn_scale)
+  space = settings.space(head_dim=model_config.head_dim, extension=extension)
   archive = Archive(settings.population * (settings.generations + 1), space.genome_size)
   strategy = make_strategy(settings, space, archive)
   if fitness is None:

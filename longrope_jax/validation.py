@@ -1,305 +1,172 @@
-"""Config validation: small reusable checks and one pass over the whole config before any stage.
+"""The config rules: one pass over the whole config before any stage, and the config reference.
 
-Owns the rules. Every check takes (value, field) and raises `ConfigError` (a ValueError) naming
-the dotted field (`pretrain.batch_size`) and the fix; the library's dataclasses (ModelConfig,
-OptimConfig, SearchConfig) call the same checks with their own field names. `validate_config`
-walks `RULES` (field -> check) and the cross-field checks in `CROSS_CHECKS`; a section that is
-absent (configs/hf.py has no pretrain) is skipped.
+Owns `RULES` (dotted field -> `checks.Rule`: its check and a one-line meaning) and the cross-field
+checks (`CROSS_CHECKS`). The rules of a dataclass's own fields come from its module
+(`train.OPTIM_RULES`, `search.SEARCH_SETTINGS_RULES`), the choices from the registries
+(`model.ATTENTION`, `rope.METHODS`, `stages.STAGES`), so this module sits above them all.
+`validate_config` raises `ConfigError` naming the first bad field; a section that is absent
+(configs/hf.py has no pretrain) is skipped. `reference()` renders the rules as docs/config.md:
+
+  python -m longrope_jax.validation > docs/config.md
 """
 
 from __future__ import annotations
 
 import math
-import numbers
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Mapping
 
-from longrope_jax.strategies import PAPER_GA
+import jax
 
-Check = Callable[[Any, str], None]
+from longrope_jax import checks
+from longrope_jax import data
+from longrope_jax import hf
+from longrope_jax import mesh as mesh_lib
+from longrope_jax import model
+from longrope_jax import rope
+from longrope_jax import search
+from longrope_jax import train
+from longrope_jax.checks import ConfigError, Rule, lookup
+from longrope_jax.stages import STAGES
+
 _ABSENT = object()
+# model.variant of configs/hf.py: the checkpoint at model.path decides the model.
+HF_VARIANT = 'hf'
+REFERENCE_COMMAND = 'python -m longrope_jax.validation > docs/config.md'
 
 
-class ConfigError(ValueError):
-  """A bad config value: `field` is its dotted name."""
-
-  def __init__(self, field: str, message: str):
-    super().__init__(message)
-    self.field = field
-
-
-def fail(field: str, value: Any, what: str, fix: str | None = None) -> None:
-  """Raises ConfigError: '{field} must be {what}, got {value!r}; {fix}.'."""
-  fix = fix or f"set {field} to {what} (e.g. --config.{field}=...)"
-  raise ConfigError(field, f"{field} must be {what}, got {value!r}; {fix}.")
-
-
-# ----------------------------------------------------------------------------- single values
-def _is_int(value: Any) -> bool:
-  return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _is_real(value: Any) -> bool:
-  return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def positive_int(value: Any, field: str) -> None:
-  if not _is_int(value) or value < 1:
-    fail(field, value, 'a positive integer (>= 1)')
-
-
-def non_negative_int(value: Any, field: str) -> None:
-  if not _is_int(value) or value < 0:
-    fail(field, value, 'a non-negative integer (>= 0)')
-
-
-def fraction(value: Any, field: str) -> None:
-  if not _is_real(value) or not 0.0 <= value <= 1.0:
-    fail(field, value, 'a number in [0, 1]')
-
-
-def positive_float(value: Any, field: str) -> None:
-  if not _is_real(value) or value <= 0:
-    fail(field, value, 'a finite number > 0')
-
-
-def non_negative_float(value: Any, field: str) -> None:
-  if not _is_real(value) or value < 0:
-    fail(field, value, 'a finite number >= 0')
-
-
-def boolean(value: Any, field: str) -> None:
-  if not isinstance(value, bool):
-    fail(field, value, 'True or False')
-
-
-def string(value: Any, field: str) -> None:
-  if not isinstance(value, str) or not value:
-    fail(field, value, 'a non-empty string')
-
-
-def at_least(minimum: float) -> Check:
-  """A finite number >= minimum."""
-
-  def check(value: Any, field: str) -> None:
-    if not _is_real(value) or value < minimum:
-      fail(field, value, f'a finite number >= {minimum:g}')
-
-  return check
-
-
-def choice(options: Iterable[str] | Callable[[], Iterable[str]]) -> Check:
-  """One of `options` (or of what the callable returns, looked up when checked)."""
-
-  def check(value: Any, field: str) -> None:
-    allowed = sorted(options() if callable(options) else options)
-    if value not in allowed:
-      fail(field, value, f"one of {', '.join(map(repr, allowed))}")
-
-  return check
-
-
-def optional(check: Check) -> Check:
-  """None (unset), or a value passing `check`."""
-
-  def checked(value: Any, field: str) -> None:
-    if value is not None:
-      try:
-        check(value, field)
-      except ConfigError as e:
-        raise ConfigError(e.field, f"{e} (None leaves it unset)") from None
-
-  return checked
-
-
-def tuple_of(check: Check, nonempty: bool = True) -> Check:
-  """A tuple (or list) whose every item passes `check` (the item is named field[i])."""
-
-  def checked(value: Any, field: str) -> None:
-    if not isinstance(value, (tuple, list)) or (nonempty and not value):
-      fail(field, value, f"a {'non-empty ' if nonempty else ''}tuple",
-           f"set {field} to e.g. (1, 2)")
-    for i, item in enumerate(value):
-      check(item, f'{field}[{i}]')
-
-  return checked
-
-
-# ----------------------------------------------------------------------------- choices
-def _methods() -> Iterable[str]:
-  from longrope_jax import rope
-  return rope.METHODS
-
-
-def _variants() -> Iterable[str]:
-  from longrope_jax import model
-  return model.VARIANTS
-
-
-def _dtypes() -> Iterable[str]:
-  from longrope_jax import model
-  return model.DTYPES
-
-
-def _attention_impls() -> Iterable[str]:
-  from longrope_jax import model
-  return model.ATTENTION_IMPLS
-
-
-def _splits() -> Iterable[str]:
-  from longrope_jax import data
-  return data.SPLITS
-
-
-def sliding_window(value: Any, field: str) -> None:
-  """'keep' (the checkpoint's or variant's window), 'none' (no window) or a positive integer."""
-  from longrope_jax import hf
+# ----------------------------------------------------------------------------- field checks
+def _sliding_window(value: Any, field: str) -> None:
   try:
     hf.parse_sliding_window(value)
   except ValueError:
-    fail(field, value, "'keep', 'none' or a positive number of tokens",
-         f"set --config.{field}=keep (the model's own window) or none (full causal attention)")
+    checks.fail(field, value, "'keep', 'none' or a positive number of tokens",
+                f"set --config.{field}=keep (the model's own window) or none (full causal "
+                "attention)")
 
 
-def strategy(value: Any, field: str) -> None:
-  """'paper_ga' or the name of an evosax 0.3 algorithm."""
-  if value == PAPER_GA:
-    return
-  from evosax.algorithms import algorithms
-  if value not in algorithms:
-    fail(field, value, f"{PAPER_GA!r} or an evosax algorithm ({', '.join(sorted(algorithms))})",
-         f"set --config.{field}={PAPER_GA} or e.g. --config.{field}=CMA_ES")
+def _remat(value: Any, field: str) -> None:
+  checks.string(value, field)
+  if value not in model.REMAT_NAMED and not hasattr(jax.checkpoint_policies, value):
+    checks.fail(field, value, "'none', 'full' or a jax.checkpoint_policies name",
+                f"set --config.{field}=full or e.g. dots_with_no_batch_dims_saveable")
+
+
+sliding_window = checks.Check(_sliding_window, "'keep', 'none' or a positive number of tokens")
+remat = checks.Check(_remat, "'none', 'full' or a jax.checkpoint_policies name")
+splits = checks.choice(data.SPLITS)
+methods = checks.tuple_of(checks.choice(rope.METHODS), nonempty=False)
+multiples = checks.tuple_of(checks.positive_float)
 
 
 # ----------------------------------------------------------------------------- the rule table
-# search.settings and progressive.search share these (SearchConfig's fields).
-SEARCH_SETTINGS_RULES: dict[str, Check] = {
-    'strategy': strategy,
-    'population': positive_int,
-    'parents': positive_int,
-    'mutations': non_negative_int,
-    'crossovers': non_negative_int,
-    'mutation_prob': fraction,
-    'generations': positive_int,
-    'max_evaluations': optional(positive_int),
-    'lambda_max': optional(at_least(1.0)),
-    'lambda_step': positive_float,
-    'monotone': boolean,
-    'search_n_hat': boolean,
-    'n_hat': non_negative_int,
-    'n_hat_choices': optional(tuple_of(non_negative_int)),
-    'attn_scale': optional(positive_float),
-    'es_std': positive_float,
-    'doc_batch': positive_int,
-    'chunk': optional(positive_int),
-    'memory_gb': positive_float,
-    'attention': optional(choice(_attention_impls)),
-}
+def _each(prefix: str, rules: Mapping[str, Rule], what: str = '') -> dict[str, Rule]:
+  """`rules` under `prefix`, their docs led by `what`."""
+  return {f'{prefix}.{k}': Rule(r.check, f'{what}{r.doc}') for k, r in rules.items()}
 
-OPTIM_RULES: dict[str, Check] = {
-    'steps': positive_int,
-    'lr': positive_float,
-    'warmup': non_negative_int,
-    'final_lr_ratio': fraction,
-    'weight_decay': non_negative_float,
-    'clip': positive_float,
-}
 
-RULES: dict[str, Check] = {
-    'seed': non_negative_int,
-    'stages': tuple_of(string),
-    'overwrite': boolean,
-    **{f'mesh.{axis}': at_least(-1) for axis in ('data', 'fsdp', 'seq', 'pop')},
-    'model.variant': string,
-    'model.path': optional(string),
-    'model.attention': choice(_attention_impls),
-    'model.dtype': choice(_dtypes),
-    'model.param_dtype': optional(choice(_dtypes)),
-    'model.original_length': optional(positive_int),
-    'model.sliding_window': sliding_window,
-    'model.remat': string,
-    'data.source': choice(('stdlib', 'files', 'tfds')),
-    'data.path': optional(string),
-    'data.tfds_name': optional(string),
-    'data.data_dir': optional(string),
-    'data.text_key': string,
-    'data.tokenizer': string,
-    **{f'pretrain.{k}': v for k, v in OPTIM_RULES.items()},
-    'pretrain.batch_size': positive_int,
-    'pretrain.eval_every': positive_int,
-    'pretrain.ckpt_every': positive_int,
-    'pretrain.eval_windows': positive_int,
-    'pretrain.passkey_fraction': fraction,
-    'pretrain.copy_fraction': fraction,
-    'search.multiple': at_least(1.0),
-    'search.split': choice(_splits),
-    'search.num_windows': positive_int,
-    **{f'search.settings.{k}': v for k, v in SEARCH_SETTINGS_RULES.items()},
-    'evaluate.split': choice(_splits),
-    'evaluate.multiples': tuple_of(positive_float),
-    'evaluate.methods': tuple_of(choice(_methods), nonempty=False),
-    'evaluate.num_windows': positive_int,
-    'evaluate.batch_tokens': positive_int,
-    'evaluate.stride': optional(positive_int),
-    'evaluate.sliding_stride': positive_int,
-    'search.num_seeds': positive_int,
-    'finetuned.methods': tuple_of(choice(_methods)),
-    'finetuned.multiples': tuple_of(positive_float),
-    'passkey.multiples': tuple_of(positive_float),
-    'passkey.methods': tuple_of(choice(_methods), nonempty=False),
-    'passkey.depths': tuple_of(fraction),
-    'passkey.trials': positive_int,
-    'passkey.skip_fraction': optional(positive_float),
-    'progressive.multiple': at_least(1.0),
-    'progressive.short_lambda_max': at_least(1.0),
-    'progressive.short_num_windows': positive_int,
-    **{f'progressive.finetune.{k}': OPTIM_RULES[k]
-       for k in ('steps', 'lr', 'warmup', 'final_lr_ratio', 'weight_decay', 'clip')},
-    'progressive.finetune.batch_size': positive_int,
-    'progressive.finetune.passkey_fraction': fraction,
-    'progressive.finetune.copy_fraction': fraction,
-    'progressive.finetune.ckpt_every': positive_int,
-    **{f'progressive.search.{k}': v for k, v in SEARCH_SETTINGS_RULES.items()},
+_MESH_AXES = {'data': 'devices over the batch (training, fine-tuning)',
+              'fsdp': 'devices over parameters, optimizer state and batch (training, fully '
+                      'sharded)',
+              'seq': 'devices over one sequence (ring attention: training, evaluation, search)',
+              'pop': 'devices over the search candidates'}
+
+RULES: dict[str, Rule] = {
+    'seed': Rule(checks.non_negative_int,
+                 'seed of data order, eval windows, initialization and search'),
+    'stages': Rule(checks.tuple_of(checks.string),
+                   f"stages experiments.run runs, in order, from: {', '.join(STAGES)}"),
+    'overwrite': Rule(checks.boolean, "recompute stages whose inputs changed since the workdir's "
+                      "last run (else the run refuses, naming the changed fields)"),
+    **{f'mesh.{axis}': Rule(checks.at_least(-1), f'{what}; one axis may be -1: the rest of '
+                            'the devices') for axis, what in _MESH_AXES.items()},
+    'model.variant': Rule(checks.string, f"a named ModelConfig ({', '.join(model.VARIANTS)}) "
+                          f"when model.path is unset ('{HF_VARIANT}': the checkpoint decides)"),
+    'model.path': Rule(checks.optional(checks.string),
+                       'a Hugging Face checkpoint folder (its config.json decides the shape)'),
+    'model.attention': Rule(
+        checks.choice(model.ATTENTION), 'attention implementation (model.ATTENTION; all equal '
+        'dense within 1e-5): dense the reference, blockwise memory-efficient, chunked by query '
+        "chunks, ring one sequence over the 'seq' mesh axis, fused jax.nn.dot_product_attention "
+        '(cuDNN on a GPU), flash_cpu the fused C++ CPU kernel (blockwise where it cannot be '
+        'built; results.json says which ran)'),
+    'model.dtype': Rule(checks.choice(model.DTYPES), 'compute dtype'),
+    'model.param_dtype': Rule(checks.optional(checks.choice(model.DTYPES)),
+                              'parameter dtype (None: as stored, else model.dtype)'),
+    'model.original_length': Rule(checks.optional(checks.positive_int),
+                                  "the pretraining window L0, where config.json's differs"),
+    'model.sliding_window': Rule(sliding_window, "the attention window: keep (the model's own), "
+                                 'none (full causal attention) or a number of tokens'),
+    'model.remat': Rule(remat, 'rematerialization of each layer in training (activation '
+                        'memory)'),
+    'data.source': Rule(checks.choice(('stdlib', 'files', 'tfds')),
+                        "corpus: stdlib (the Python standard library's source), files or tfds"),
+    'data.path': Rule(checks.optional(checks.string),
+                      'files: a text file or a folder of them'),
+    'data.tfds_name': Rule(checks.optional(checks.string),
+                           'tfds: a prepared dataset name (array_record, no TensorFlow)'),
+    'data.data_dir': Rule(checks.optional(checks.string), 'tfds: its data_dir'),
+    'data.text_key': Rule(checks.string, 'tfds: the feature holding the text'),
+    'data.tokenizer': Rule(checks.string, 'bytes, the path of a tokenizer.json, or auto (the '
+                           "tokenizer.json of model.path)"),
+    **_each('pretrain', train.OPTIM_RULES, 'pretraining at L0: '),
+    'pretrain.batch_size': Rule(checks.positive_int, 'packed sequences of L0 tokens per step'),
+    'pretrain.eval_every': Rule(checks.positive_int, 'steps between validation evaluations'),
+    'pretrain.ckpt_every': Rule(checks.positive_int,
+                                'steps between checkpoints (a killed run resumes from the last)'),
+    'pretrain.eval_windows': Rule(checks.positive_int, 'validation windows of L0 tokens'),
+    'pretrain.passkey_fraction': Rule(
+        checks.fraction, 'fraction of training rows that start with an in-window passkey sample'),
+    'pretrain.copy_fraction': Rule(
+        checks.fraction, 'fraction of training rows that repeat a random string (induction data)'),
+    'search.multiple': Rule(checks.at_least(1.0), "target length L' as a multiple of L0"),
+    'search.split': Rule(splits, 'split of the fitness documents (validation; test is kept for '
+                         'the final tables)'),
+    'search.num_windows': Rule(checks.positive_int,
+                               "fitness documents of at least L' tokens, truncated to L'"),
+    'search.num_seeds': Rule(checks.positive_int, 'seeds stage: searches repeated with other '
+                             'seeds and fitness documents'),
+    **_each('search.settings', search.SEARCH_SETTINGS_RULES),
+    'evaluate.split': Rule(splits, 'held-out split of the perplexity table'),
+    'evaluate.multiples': Rule(multiples, 'evaluation lengths as multiples of L0'),
+    'evaluate.methods': Rule(methods, 'registered methods compared (LongRoPE is added once '
+                             'searched)'),
+    'evaluate.num_windows': Rule(checks.positive_int, 'documents, the same at every length (as '
+                                 'long as the longest)'),
+    'evaluate.batch_tokens': Rule(checks.positive_int, 'tokens per evaluation micro-batch'),
+    'evaluate.stride': Rule(checks.optional(checks.positive_int), 'None: the first L tokens '
+                            '(truncated); a stride: windows of L sliding over each document'),
+    'evaluate.sliding_stride': Rule(checks.positive_int, 'stride of the evaluate_sliding stage'),
+    'finetuned.methods': Rule(checks.tuple_of(checks.choice(rope.METHODS)),
+                              "fine-tuned baselines ('longrope': the searched factors)"),
+    'finetuned.multiples': Rule(multiples, 'evaluation lengths of the fine-tuned baselines'),
+    'passkey.multiples': Rule(multiples, 'passkey prompt lengths as multiples of L0'),
+    'passkey.methods': Rule(methods, 'methods compared (LongRoPE is added once searched)'),
+    'passkey.depths': Rule(checks.tuple_of(checks.fraction),
+                           'relative depths of the key in the prompt'),
+    'passkey.trials': Rule(checks.positive_int, 'keys per length and depth'),
+    'passkey.skip_fraction': Rule(checks.optional(checks.positive_float), 'skip the sweep when '
+                                  "the answer's NLL is above this fraction of a guess (None: "
+                                  'never)'),
+    'progressive.multiple': Rule(checks.at_least(1.0),
+                                 "the second search's target as a multiple of L0"),
+    'progressive.short_lambda_max': Rule(checks.at_least(1.0),
+                                         'largest factor of the short-factor search at L0'),
+    'progressive.short_num_windows': Rule(checks.positive_int,
+                                          'fitness documents of the short-factor search at L0'),
+    **_each('progressive.finetune', train.OPTIM_RULES, 'fine-tuning at the search length: '),
+    'progressive.finetune.batch_size': Rule(checks.positive_int,
+                                            'packed sequences of the search length per step'),
+    'progressive.finetune.passkey_fraction': Rule(checks.fraction,
+                                                  'as pretrain.passkey_fraction, in fine-tuning'),
+    'progressive.finetune.copy_fraction': Rule(checks.fraction,
+                                               'as pretrain.copy_fraction, in fine-tuning'),
+    'progressive.finetune.ckpt_every': Rule(checks.positive_int,
+                                            'steps between fine-tuning checkpoints'),
+    **_each('progressive.search', search.SEARCH_SETTINGS_RULES, 'second search: '),
 }
 
 
 # ----------------------------------------------------------------------------- cross-field
-def lookup(config: Mapping, field: str, default: Any = None) -> Any:
-  """config['a']['b'] for field 'a.b' (ConfigDict or nested dicts); `default` if absent."""
-  node = config
-  for part in field.split('.'):
-    if not hasattr(node, 'keys') or part not in node:
-      return default
-    node = node[part]
-  return node
-
-
-def check_search_settings(settings: Mapping, prefix: str = 'search.settings') -> None:
-  """Every SearchConfig field present in `settings`, then the cross-field rules (for
-  SearchConfig.__post_init__: `check_search_settings(dataclasses.asdict(self), 'search')`)."""
-  check_section(settings, SEARCH_SETTINGS_RULES, prefix)
-  population, parents = settings.get('population'), settings.get('parents')
-  if population is not None and parents is not None and parents > population:
-    raise ConfigError(f'{prefix}.parents', f"{prefix}.population ({population}) is smaller than "
-                      f"{prefix}.parents ({parents}); the population must hold the parents: raise "
-                      f"{prefix}.population or lower {prefix}.parents.")
-  if settings.get('strategy', PAPER_GA) == PAPER_GA and all(
-      settings.get(k) is not None for k in ('population', 'parents', 'mutations', 'crossovers')):
-    total = settings['parents'] + settings['mutations'] + settings['crossovers']
-    if total != population:
-      raise ConfigError(f'{prefix}.population',
-                        f"{PAPER_GA} needs {prefix}.parents + mutations + crossovers == population;"
-                        f" got {settings['parents']} + {settings['mutations']} + "
-                        f"{settings['crossovers']} = {total} != {population}: change "
-                        f"{prefix}.population or the three counts.")
-
-
-def check_section(values: Mapping, rules: Mapping[str, Check], prefix: str) -> None:
-  """Checks each field of `values` that has a rule (names reported as prefix.field)."""
-  for name, check in rules.items():
-    if name in values:
-      check(values[name], f'{prefix}.{name}')
-
-
 def _optim_cross(config: Mapping, prefix: str) -> None:
   steps, warmup = lookup(config, f'{prefix}.steps', None), lookup(config, f'{prefix}.warmup', None)
   if steps is not None and warmup is not None and warmup >= steps:
@@ -326,7 +193,7 @@ def check_searches(config: Mapping) -> None:
     settings = lookup(config, prefix)
     if settings is None:
       continue
-    check_search_settings(settings, prefix)
+    search.check_search_settings(settings, prefix)
     if settings.get('search_n_hat') is False and settings.get('n_hat_choices'):
       raise ConfigError(f'{prefix}.n_hat_choices', f"{prefix}.n_hat_choices is set but "
                         f"{prefix}.search_n_hat is False (n_hat is fixed to {prefix}.n_hat); "
@@ -348,23 +215,32 @@ def check_data(config: Mapping) -> None:
 
 
 def check_model(config: Mapping) -> None:
-  if lookup(config, 'model', None) is None:
+  """Without model.path, model.variant names the model: a named variant (configs/hf.py's 'hf'
+  needs model.path)."""
+  if lookup(config, 'model', None) is None or lookup(config, 'model.path', None):
     return
-  if not lookup(config, 'model.path', None):
-    variant = lookup(config, 'model.variant', None)
-    choice(_variants)(variant, 'model.variant')
+  variant = lookup(config, 'model.variant', None)
+  if variant == HF_VARIANT:
+    raise ConfigError('model.path', f"model.path is needed: model.variant '{HF_VARIANT}' takes "
+                      "the model from a Hugging Face checkpoint folder (config.json and "
+                      "safetensors), and model.path is unset; set "
+                      "--config.model.path=/path/to/checkpoint.")
+  if variant not in model.VARIANTS:
+    checks.fail('model.variant', variant,
+                f"one of {', '.join(map(repr, sorted(model.VARIANTS)))}",
+                "set --config.model.variant to a named variant, or --config.model.path to a "
+                "Hugging Face checkpoint folder")
 
 
 def check_stages(config: Mapping) -> None:
-  """Every stage named is known and its section is present; progressive needs a search."""
-  from longrope_jax import provenance
+  """Every stage named is known and its section is present."""
   stages = _stages(config)
-  unknown = [s for s in stages if s not in provenance.STAGES]
+  unknown = [s for s in stages if s not in STAGES]
   if unknown:
     raise ConfigError('stages', f"unknown stages {unknown} in stages; choose from "
-                      f"{list(provenance.STAGES)}.")
+                      f"{list(STAGES)}.")
   for stage in stages:
-    for section in provenance.STAGES[stage].sections:
+    for section in STAGES[stage].sections:
       if section != 'seed' and lookup(config, section, None) is None:
         raise ConfigError(section, f"stage {stage!r} needs the config section {section!r}, "
                           f"which is absent; add it or remove {stage!r} from stages.")
@@ -373,7 +249,6 @@ def check_stages(config: Mapping) -> None:
 def check_passkey(config: Mapping) -> None:
   """Passkey prompts need PASSKEY_MIN_LENGTH tokens: every passkey length (and the pretraining
   window when pretrain.passkey_fraction > 0) must hold one, for a byte-level workdir model."""
-  from longrope_jax import data, model
   if lookup(config, 'model.path', None) or lookup(config, 'model.variant', None) not in \
       model.VARIANTS:
     return
@@ -399,7 +274,7 @@ def _attentions(config: Mapping) -> list[tuple[str, Any]]:
 
 def check_mesh(config: Mapping) -> None:
   """Ring attention shards one sequence over the 'seq' mesh axis: the config needs a mesh
-  section with a seq axis. Hook for the mesh section's own rules (another helper owns them)."""
+  section with a seq axis."""
   for field, value in _attentions(config):
     if value == 'ring':
       mesh = lookup(config, 'mesh', None)
@@ -417,8 +292,6 @@ def check_mesh_shape(config: Mapping) -> None:
   mesh = lookup(config, 'mesh', None)
   if mesh is None:
     return
-  import jax
-  from longrope_jax import mesh as mesh_lib
   sizes = {k: int(mesh[k]) for k in ('data', 'fsdp', 'seq', 'pop') if k in mesh}
   try:
     mesh_lib.MeshConfig(**sizes).shape(len(jax.devices()))
@@ -426,7 +299,7 @@ def check_mesh_shape(config: Mapping) -> None:
     raise ConfigError('mesh', str(e)) from e
 
 
-# Append a section's own cross-field rules here (check_mesh is the hook for the mesh section).
+# Append a section's own cross-field rules here.
 CROSS_CHECKS: list[Callable[[Mapping], None]] = [
     check_stages, check_model, check_data, check_optimizers, check_searches, check_passkey,
     check_mesh, check_mesh_shape]
@@ -435,10 +308,10 @@ CROSS_CHECKS: list[Callable[[Mapping], None]] = [
 def validate_config(config: Mapping) -> None:
   """Every field's type and range (`RULES`), then the cross-field checks; raises ConfigError
   naming the first bad field. Call before any stage runs."""
-  for field, check in RULES.items():
+  for field, rule in RULES.items():
     value = lookup(config, field, _ABSENT)
     if value is not _ABSENT:
-      check(value, field)
+      rule.check(value, field)
   for cross in CROSS_CHECKS:
     cross(config)
 
@@ -446,11 +319,11 @@ def validate_config(config: Mapping) -> None:
 def errors(config: Mapping) -> list[ConfigError]:
   """Every field error (not only the first), for a report of all that is wrong at once."""
   found = []
-  for field, check in RULES.items():
+  for field, rule in RULES.items():
     value = lookup(config, field, _ABSENT)
     if value is not _ABSENT:
       try:
-        check(value, field)
+        rule.check(value, field)
       except ConfigError as e:
         found.append(e)
   if not found:
@@ -461,3 +334,29 @@ def errors(config: Mapping) -> list[ConfigError]:
         found.append(e)
   return found
 
+
+# ----------------------------------------------------------------------------- the reference
+def _cell(text: str) -> str:
+  return text.replace('|', '\\|')
+
+
+def reference() -> str:
+  """The config reference (docs/config.md) in markdown: every field of `RULES`, what it accepts
+  and what it means."""
+  lines = [
+      '# Config reference', '',
+      f'Generated from the config rules (`longrope_jax/validation.py`) by `{REFERENCE_COMMAND}`;'
+      ' a test fails when this file and the rules disagree.', '',
+      'Configs are Python files (`get_config(arg)`); `configs/demo.py` is the embedded default '
+      'and `:test` its seconds-long variant. Every field can be overridden on the command line '
+      '(`--config.search.settings.population=32`); a misspelled field fails. An unset value is '
+      '`None` (a typed placeholder that the command line can still set). The whole config is '
+      'checked before any stage runs, and an error names the field and the fix.', '',
+      '| field | accepts | meaning |', '| --- | --- | --- |']
+  for field, rule in RULES.items():
+    lines.append(f'| `{field}` | {_cell(rule.check.accepts)} | {_cell(rule.doc)} |')
+  return '\n'.join(lines) + '\n'
+
+
+if __name__ == '__main__':
+  print(reference(), end='')

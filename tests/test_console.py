@@ -13,7 +13,7 @@ from longrope_jax import console
 
 
 def made_up_results() -> dict:
-  """A results.json-shaped dict (pipeline.py's keys) with numbers chosen by hand."""
+  """A results.json-shaped dict (the keys the pipeline writes) with numbers chosen by hand."""
   return {
       'pretrain': dict(steps=20, params=12345, tokens=40960, seconds=7.5, val_bits_per_token=5.8),
       'search': dict(perplexity=40.1, target_length=256, original_length=64, scale=4.0,

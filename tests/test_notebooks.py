@@ -24,13 +24,14 @@ FIGURES = {
 
 @pytest.fixture(scope='module')
 def shared(tmp_path_factory):
-  """A kernelspec running this interpreter (the venv's python), and one toy run for 02 and 03."""
+  """A kernelspec running this interpreter (the venv's python) on this checkout's library (not
+  an installed copy elsewhere), and one toy run for 02 and 03."""
   root = tmp_path_factory.mktemp('notebooks')
   spec = root / 'jupyter' / 'kernels' / KERNEL
   spec.mkdir(parents=True)
   (spec / 'kernel.json').write_text(json.dumps(dict(
       argv=[sys.executable, '-m', 'ipykernel_launcher', '-f', '{connection_file}'],
-      display_name='longrope-jax (tests)', language='python')))
+      display_name='longrope-jax (tests)', language='python', env=dict(PYTHONPATH=str(REPO)))))
   return root
 
 

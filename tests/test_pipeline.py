@@ -1,6 +1,7 @@
 """The one-command pipeline on the toy config: every stage runs, writes its outputs, resumes."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -10,7 +11,7 @@ from configs import demo as demo_config
 from longrope_jax import console
 from longrope_jax import metrics as metrics_lib
 from longrope_jax import pipeline
-from longrope_jax import provenance as prov
+from longrope_jax import stages as stages_lib
 
 
 def test_demo_test_config_runs_end_to_end_and_resumes(tmp_path):
@@ -35,10 +36,23 @@ def test_demo_test_config_runs_end_to_end_and_resumes(tmp_path):
   assert len(tb['search']['search/best_perplexity']) == results['search']['generations'] + 1
   assert [s for s, _ in tb['perplexity']['perplexity/longrope']] == [128, 256]
   assert [s for s, _ in tb['passkey']['passkey/none']] == results['passkey']['lengths']
+  # The run says what ran: the attention implementations (the toy model's dense, which the
+  # search keeps) and the run itself.
+  dense = dict(requested='dense', ran='dense', reason=None)
+  assert results['attention'] == dict(model=dense, search=dense)
+  assert 'Attention: dense (model, search).' in report
+  record = results['run']
+  assert set(record) == {'date', 'commit', 'command', 'stage_seconds'}
+  assert record['date'].endswith('+00:00') and record['command']
+  assert record['commit'] is None or re.fullmatch(r'[0-9a-f]{40}(-dirty)?', record['commit'])
+  assert list(record['stage_seconds']) == list(config.stages)
   # Everything is done: a second run recomputes nothing and gives the same results.
   mtime = (tmp_path / 'ckpt').stat().st_mtime
   pipeline.run(config, tmp_path)
-  assert json.loads((tmp_path / 'results.json').read_text())['perplexity'] == ppl
+  again = json.loads((tmp_path / 'results.json').read_text())
+  assert again['perplexity'] == ppl
+  for stage, seconds in record['stage_seconds'].items():  # accumulated over the two runs
+    assert again['run']['stage_seconds'][stage] > seconds
   assert (tmp_path / 'ckpt').stat().st_mtime == mtime
   assert run.results()['pretrain']['steps'] == 20
   # A model that does not copy: the passkey stage says so and skips its sweep of zeros.
@@ -123,7 +137,7 @@ def test_progressive_stages_on_the_toy_config(tmp_path):
   # Every output a stage owns (deleted when the stage is recomputed) is a file it wrote: a
   # misnamed cache survives a new fine-tune and reports the old model's numbers.
   for stage in stages:
-    for output in prov.STAGES[stage].outputs:
+    for output in stages_lib.STAGES[stage].outputs:
       assert list(tmp_path.glob(output)), (stage, output)
   # Resumes per cell: a second run computes nothing.
   cells = (tmp_path / 'eval' / 'progressive_passkey.jsonl').read_text()

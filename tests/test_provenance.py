@@ -1,39 +1,18 @@
 """Stage fingerprints and rerun decisions: a changed config recomputes what depends on it or
-refuses, naming the changed fields."""
+refuses, naming the changed fields. Every case starts from configs/demo.py:test."""
 
 import json
 
-import ml_collections
 import pytest
 
 from longrope_jax import provenance as prov
+from toy_config import toy_config
 
-STAGES = ('pretrain', 'search', 'evaluate', 'passkey', 'report')
+STAGES = ('pretrain', 'search', 'evaluate', 'passkey', 'report')  # configs/demo.py:test's
 
 
-def _config(**changes) -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict(dict(
-      seed=0, stages=STAGES,
-      model=dict(variant='test', path=None, attention='dense', dtype='float32', param_dtype=None,
-                 original_length=None, sliding_window=None),
-      data=dict(source='stdlib', path=None, tfds_name=None, data_dir=None, text_key='text',
-                tokenizer='bytes'),
-      pretrain=dict(steps=20, batch_size=4, lr=4e-3, warmup=5, final_lr_ratio=0.1,
-                    weight_decay=0.1, clip=1.0, eval_every=10, ckpt_every=10, eval_windows=4,
-                    passkey_fraction=0.0, copy_fraction=0.0),
-      search=dict(multiple=4, split='validation', num_windows=2,
-                  settings=dict(strategy='paper_ga', population=8, parents=4, mutations=2,
-                                crossovers=2, memory_gb=2.0, chunk=None)),
-      evaluate=dict(split='test', multiples=(1, 2, 4), methods=('none', 'linear'),
-                    num_windows=2, batch_tokens=16384),
-      passkey=dict(multiples=(2,), methods=('none',), depths=(0.0, 1.0), trials=2)))
-  for field, value in changes.items():
-    node = c
-    *parents, last = field.split('.')
-    for p in parents:
-      node = node[p]
-    node[last] = value
-  return c
+def test_the_stages_are_the_toy_configs():
+  assert toy_config().stages == STAGES
 
 
 def _finish_all(config, workdir):
@@ -52,11 +31,11 @@ def test_fingerprint_is_stable_and_sensitive():
 
 
 def test_unchanged_rerun_keeps_every_stage(tmp_path):
-  _finish_all(_config(), tmp_path)
-  decisions = prov.plan(_config(), STAGES, tmp_path)
+  _finish_all(toy_config(), tmp_path)
+  decisions = prov.plan(toy_config(), STAGES, tmp_path)
   assert [d.action for d in decisions] == [prov.KEEP] * len(STAGES)
   # Ignored fields (checkpoint cadence, memory) do not count as changes.
-  decisions = prov.plan(_config(**{'pretrain.ckpt_every': 5, 'search.settings.memory_gb': 8.0,
+  decisions = prov.plan(toy_config(**{'pretrain.ckpt_every': 5, 'search.settings.memory_gb': 8.0,
                                    'evaluate.batch_tokens': 4096}), STAGES, tmp_path)
   assert [d.action for d in decisions] == [prov.KEEP] * len(STAGES)
 
@@ -74,49 +53,49 @@ def test_unchanged_rerun_keeps_every_stage(tmp_path):
     ('evaluate.multiples', (1, 2, 4, 8), ['keep', 'keep', 'rerun', 'keep', 'keep']),
 ])
 def test_changed_config_decisions(tmp_path, field, value, actions):
-  _finish_all(_config(), tmp_path)
-  decisions = prov.plan(_config(**{field: value}), STAGES, tmp_path, overwrite=True)
+  _finish_all(toy_config(), tmp_path)
+  decisions = prov.plan(toy_config(**{field: value}), STAGES, tmp_path, overwrite=True)
   assert [d.action for d in decisions] == actions
   first = next(d for d in decisions if d.action != prov.KEEP)
   assert any(c.startswith(field) for c in first.changes), first.changes
 
 
 def test_refusal_lists_changed_fields_and_the_way_out(tmp_path):
-  _finish_all(_config(), tmp_path)
+  _finish_all(toy_config(), tmp_path)
   with pytest.raises(prov.StaleWorkdirError) as e:
-    prov.plan(_config(**{'pretrain.steps': 40}), STAGES, tmp_path)
+    prov.plan(toy_config(**{'pretrain.steps': 40}), STAGES, tmp_path)
   message = str(e.value)
   assert 'pretrain.steps: 20 -> 40' in message
   assert 'upstream pretrain changed' in message
   assert '--workdir' in message and '--config.overwrite=True' in message
   # Cell-only changes never refuse.
-  prov.plan(_config(**{'evaluate.methods': ('none', 'linear', 'ntk')}), STAGES, tmp_path)
+  prov.plan(toy_config(**{'evaluate.methods': ('none', 'linear', 'ntk')}), STAGES, tmp_path)
 
 
 def test_upstream_not_run_counts_with_its_record(tmp_path):
-  _finish_all(_config(), tmp_path)
+  _finish_all(toy_config(), tmp_path)
   # Only evaluate runs, with a changed pretrain config: the checkpoint is still the recorded one,
   # so evaluate's inputs did not change.
-  decisions = prov.plan(_config(**{'pretrain.steps': 40}), ('evaluate',), tmp_path)
+  decisions = prov.plan(toy_config(**{'pretrain.steps': 40}), ('evaluate',), tmp_path)
   assert [d.action for d in decisions] == [prov.KEEP]
 
 
 def test_invalidate_removes_the_stage_outputs_results_and_record(tmp_path):
-  _finish_all(_config(), tmp_path)
+  _finish_all(toy_config(), tmp_path)
   (tmp_path / 'eval').mkdir()
   (tmp_path / 'eval' / 'perplexity.jsonl').write_text('{"method": "none"}\n')
   (tmp_path / 'eval' / 'passkey.jsonl').write_text('{"method": "none"}\n')
   (tmp_path / 'search').mkdir()
   (tmp_path / 'search' / 'history.jsonl').write_text('{}\n')
   (tmp_path / 'results.json').write_text(json.dumps({'search': 1, 'perplexity': 2, 'passkey': 3}))
-  decisions = prov.plan(_config(**{'search.num_windows': 3}), STAGES, tmp_path, overwrite=True)
+  decisions = prov.plan(toy_config(**{'search.num_windows': 3}), STAGES, tmp_path, overwrite=True)
   for d in decisions:
     prov.invalidate(tmp_path, d)
   assert not (tmp_path / 'search').exists()
   # Only the search changed under evaluate and passkey: their non-longrope cells stay.
   assert (tmp_path / 'eval' / 'perplexity.jsonl').read_text() == '{"method": "none"}\n'
   assert json.loads((tmp_path / 'results.json').read_text()) == {}
-  for d in prov.plan(_config(seed=3), STAGES, tmp_path, overwrite=True):
+  for d in prov.plan(toy_config(seed=3), STAGES, tmp_path, overwrite=True):
     prov.invalidate(tmp_path, d)
   assert not (tmp_path / 'eval' / 'perplexity.jsonl').exists()
   assert not (tmp_path / 'eval' / 'passkey.jsonl').exists()
@@ -125,9 +104,9 @@ def test_invalidate_removes_the_stage_outputs_results_and_record(tmp_path):
 
 
 def test_extend_keeps_outputs_and_a_killed_stage_is_owned(tmp_path):
-  _finish_all(_config(), tmp_path)
+  _finish_all(toy_config(), tmp_path)
   (tmp_path / 'ckpt').mkdir()
-  decisions = prov.plan(_config(**{'pretrain.steps': 40}), ('pretrain',), tmp_path,
+  decisions = prov.plan(toy_config(**{'pretrain.steps': 40}), ('pretrain',), tmp_path,
                         overwrite=True)
   assert prov.invalidate(tmp_path, decisions[0]) == [] and (tmp_path / 'ckpt').exists()
   prov.begin(tmp_path, decisions[0])
@@ -136,9 +115,9 @@ def test_extend_keeps_outputs_and_a_killed_stage_is_owned(tmp_path):
 
 
 def test_records_from_an_old_config_json_catch_a_legacy_workdir(tmp_path):
-  records = prov.records_from_config(_config(), ('pretrain', 'search'))
+  records = prov.records_from_config(toy_config(), ('pretrain', 'search'))
   with pytest.raises(prov.StaleWorkdirError, match='seed: 0 -> 1'):
-    prov.plan(_config(seed=1), STAGES, tmp_path, records=records)
+    prov.plan(toy_config(seed=1), STAGES, tmp_path, records=records)
 
 
 def test_damaged_record_file_names_its_path(tmp_path):
@@ -156,12 +135,12 @@ def test_downstream_of_pretrain_is_every_stage():
 
 
 def test_a_new_search_drops_only_the_longrope_cells(tmp_path):
-  _finish_all(_config(), tmp_path)
+  _finish_all(toy_config(), tmp_path)
   (tmp_path / 'eval').mkdir()
   cache = tmp_path / 'eval' / 'perplexity.jsonl'
   cache.write_text('{"method": "none", "length": 64, "nll": 1.0}\n'
                    '{"method": "longrope", "length": 256, "nll": 2.0}\n')
-  decisions = prov.plan(_config(**{'search.settings.generations': 5}), STAGES, tmp_path,
+  decisions = prov.plan(toy_config(**{'search.settings.generations': 5}), STAGES, tmp_path,
                         overwrite=True)
   evaluate = next(d for d in decisions if d.stage == 'evaluate')
   assert evaluate.action == prov.RECOMPUTE and evaluate.changes == ('upstream search changed',)
@@ -170,14 +149,14 @@ def test_a_new_search_drops_only_the_longrope_cells(tmp_path):
 
 
 def test_prepare_adopts_an_older_workdir_from_its_config_json(tmp_path):
-  (tmp_path / 'config.json').write_text(_config().to_json())
+  (tmp_path / 'config.json').write_text(toy_config().to_json())
   (tmp_path / 'results.json').write_text(json.dumps({'pretrain': {}, 'search': {},
                                                      'perplexity': {}}))
   (tmp_path / 'search').mkdir()
   with pytest.raises(prov.StaleWorkdirError, match=r'search.num_windows: 2 -> 3'):
-    prov.prepare(_config(**{'search.num_windows': 3}), STAGES, tmp_path)
+    prov.prepare(toy_config(**{'search.num_windows': 3}), STAGES, tmp_path)
   assert (tmp_path / 'search').exists()  # a refusal changes nothing
-  decisions = prov.prepare(_config(**{'search.num_windows': 3}), STAGES, tmp_path,
+  decisions = prov.prepare(toy_config(**{'search.num_windows': 3}), STAGES, tmp_path,
                            overwrite=True)
   assert [d.action for d in decisions] == ['keep', 'recompute', 'recompute', 'keep', 'keep']
   assert not (tmp_path / 'search').exists()
@@ -185,9 +164,9 @@ def test_prepare_adopts_an_older_workdir_from_its_config_json(tmp_path):
 
 
 def test_attention_implementation_is_a_performance_knob_even_for_old_workdirs(tmp_path):
-  _finish_all(_config(), tmp_path)
+  _finish_all(toy_config(), tmp_path)
   # Switching to another implementation (all equal dense within 1e-5) keeps every stage.
-  decisions = prov.plan(_config(**{'model.attention': 'blockwise'}), STAGES, tmp_path)
+  decisions = prov.plan(toy_config(**{'model.attention': 'blockwise'}), STAGES, tmp_path)
   assert [d.action for d in decisions] == [prov.KEEP] * len(STAGES)
   # A workdir written when stages still read model.attention: its records hold the field and
   # fingerprints over it, downstream too; it is read as current and kept.
@@ -202,7 +181,7 @@ def test_attention_implementation_is_a_performance_knob_even_for_old_workdirs(tm
     renamed[records[stage]['fingerprint']] = record.fingerprint
     records[stage] = record.to_json()
   path.write_text(json.dumps(records))
-  decisions = prov.plan(_config(**{'model.attention': 'blockwise'}), STAGES, tmp_path)
+  decisions = prov.plan(toy_config(**{'model.attention': 'blockwise'}), STAGES, tmp_path)
   assert [d.action for d in decisions] == [prov.KEEP] * len(STAGES)
   # Without the clean-up the old records would read as changed: the test is not vacuous.
   raw = {s: prov.StageRecord.from_json(r) for s, r in records.items()}

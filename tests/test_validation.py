@@ -1,69 +1,30 @@
 """One validation pass over the whole config: every bad value raises a ConfigError naming its
-dotted field, before any stage runs; the library's dataclasses use the same checks."""
+dotted field, before any stage runs; the library's dataclasses use the same checks. Every case
+starts from configs/demo.py:test and changes it."""
 
-import copy
+import pathlib
 
-import ml_collections
 import pytest
 
+from configs import hf as hf_config
 from longrope_jax import model as model_lib
+from longrope_jax import search as search_lib
 from longrope_jax import train as train_lib
 from longrope_jax import validation
+from toy_config import DELETE, toy_config
 
-SEARCH_SETTINGS = dict(
-    strategy='paper_ga', population=8, parents=4, mutations=2, crossovers=2, mutation_prob=0.3,
-    generations=3, max_evaluations=None, lambda_max=None, lambda_step=0.01, monotone=True,
-    search_n_hat=True, n_hat=0, n_hat_choices=None, attn_scale=None, es_std=1.0, doc_batch=1,
-    chunk=None, memory_gb=2.0, attention=None)
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
-
-def _base() -> dict:
-  """The toy config in the layout after issue 13 (built here, not read from configs/)."""
-  return dict(
-      seed=0, overwrite=False, stages=('pretrain', 'search', 'evaluate', 'passkey', 'progressive',
-                      'progressive_evaluate', 'report'),
-      model=dict(variant='test', path=None, attention='dense', dtype='float32', param_dtype=None,
-                 original_length=None, sliding_window=None),
-      data=dict(source='stdlib', path=None, tfds_name=None, data_dir=None, text_key='text',
-                tokenizer='bytes'),
-      pretrain=dict(steps=20, batch_size=4, lr=4e-3, warmup=5, final_lr_ratio=0.1,
-                    weight_decay=0.1, clip=1.0, eval_every=10, ckpt_every=10, eval_windows=4,
-                    passkey_fraction=0.0, copy_fraction=0.0),
-      search=dict(multiple=4, split='validation', num_windows=2, settings=dict(SEARCH_SETTINGS)),
-      evaluate=dict(split='test', multiples=(1, 2, 4), methods=('none', 'linear', 'yarn'),
-                    num_windows=2, batch_tokens=16384),
-      passkey=dict(multiples=(2,), methods=('none', 'linear'), depths=(0.0, 1.0), trials=2),
-      progressive=dict(multiple=8, short_lambda_max=1.25, short_num_windows=2,
-                       finetune=dict(steps=4, batch_size=2, lr=1e-3, warmup=1,
-                                     final_lr_ratio=0.1, ckpt_every=2),
-                       search=dict(SEARCH_SETTINGS, population=4, parents=2, mutations=1,
-                                   crossovers=1, generations=2)))
-
-
-def _config(**changes) -> ml_collections.ConfigDict:
-  c = copy.deepcopy(_base())
-  for field, value in changes.items():
-    node = c
-    *parents, last = field.split('.')
-    for p in parents:
-      node = node[p]
-    if value is _DELETE:
-      del node[last]
-    else:
-      node[last] = value
-  return ml_collections.ConfigDict(c)
-
-
-_DELETE = object()
+SEARCH_SETTINGS = toy_config().search.settings.to_dict()
 
 
 def test_the_toy_config_is_valid():
-  validation.validate_config(_config())
-  assert validation.errors(_config()) == []
+  validation.validate_config(toy_config())
+  assert validation.errors(toy_config()) == []
 
 
 def test_a_config_without_pretrain_is_valid():
-  assert validation.errors(_config(pretrain=_DELETE,
+  assert validation.errors(toy_config(pretrain=DELETE,
                                    stages=('search', 'evaluate', 'report'))) == []
 
 
@@ -140,6 +101,15 @@ BAD = [
     ('progressive.finetune.ckpt_every', 0, 'progressive.finetune.ckpt_every'),
     ('progressive.search.population', 0, 'progressive.search.population'),
     ('progressive.search.mutation_prob', -0.1, 'progressive.search.mutation_prob'),
+    # fields hand-built configs used to lack
+    ('model.remat', 'sometimes', 'model.remat'),
+    ('evaluate.sliding_stride', 0, 'evaluate.sliding_stride'),
+    ('evaluate.stride', 0, 'evaluate.stride'),
+    ('passkey.skip_fraction', 0.0, 'passkey.skip_fraction'),
+    ('finetuned.methods', ('pi',), 'finetuned.methods[0]'),
+    ('search.num_seeds', 0, 'search.num_seeds'),
+    ('mesh.seq', -2, 'mesh.seq'),
+    ('mesh.pop', 16, 'mesh'),  # 8 devices
     # cross-field
     ('pretrain.warmup', 20, 'pretrain.warmup'),
     ('progressive.finetune.warmup', 4, 'progressive.finetune.warmup'),
@@ -156,14 +126,14 @@ BAD = [
     ('search.settings.attention', 'ring', 'search.settings.attention'),
     ('passkey.multiples', (1, 2), 'passkey.multiples[0]'),  # 64 tokens: no room for a prompt
     ('pretrain.passkey_fraction', 0.1, 'pretrain.passkey_fraction'),  # same, in training
-    ('stages', ('pretrain', 'passkey'), 'passkey', {'passkey': _DELETE}),
+    ('stages', ('pretrain', 'passkey'), 'passkey', {'passkey': DELETE}),
 ]
 
 
 @pytest.mark.parametrize('case', BAD, ids=[f'{c[0]}={c[1]!r}' for c in BAD])
 def test_bad_value_names_its_field(case):
   field, value, named, *extra = case
-  config = _config(**{field: value}, **(extra[0] if extra else {}))
+  config = toy_config(**{field: value}, **(extra[0] if extra else {}))
   with pytest.raises(validation.ConfigError) as e:
     validation.validate_config(config)
   assert e.value.field == named
@@ -173,30 +143,59 @@ def test_bad_value_names_its_field(case):
 
 def test_messages_say_the_fix():
   with pytest.raises(ValueError) as e:
-    validation.validate_config(_config(**{'pretrain.batch_size': 0}))
+    validation.validate_config(toy_config(**{'pretrain.batch_size': 0}))
   assert str(e.value) == ("pretrain.batch_size must be a positive integer (>= 1), got 0; set "
                           "pretrain.batch_size to a positive integer (>= 1) (e.g. "
                           "--config.pretrain.batch_size=...).")
   with pytest.raises(ValueError, match=r"parents \+ mutations \+ crossovers == population"):
-    validation.validate_config(_config(**{'search.settings.population': 9}))
+    validation.validate_config(toy_config(**{'search.settings.population': 9}))
   with pytest.raises(ValueError, match="no mesh section; set mesh.seq"):
-    validation.validate_config(_config(**{'model.attention': 'ring'}))
+    validation.validate_config(toy_config(**{'model.attention': 'ring', 'mesh': DELETE}))
+  with pytest.raises(ValueError, match="has mesh.seq = 1; set mesh.seq"):
+    validation.validate_config(toy_config(**{'model.attention': 'ring'}))
 
 
 def test_ring_attention_with_a_seq_axis_passes():
-  assert validation.errors(_config(**{'model.attention': 'ring'}, mesh=dict(seq=4))) == []
+  assert validation.errors(toy_config(**{'model.attention': 'ring', 'mesh.seq': 4})) == []
+
+
+def test_hf_config_without_a_checkpoint_asks_for_model_path():
+  with pytest.raises(validation.ConfigError) as e:
+    validation.validate_config(hf_config.get_config())
+  assert e.value.field == 'model.path'
+  assert str(e.value).startswith('model.path is needed')
+  assert '--config.model.path=' in str(e.value)
+  with pytest.raises(validation.ConfigError, match="set --config.model.variant to a named "
+                     "variant, or --config.model.path"):
+    validation.validate_config(toy_config(**{'model.variant': 'llama9'}))
+
+
+def test_the_committed_config_reference_is_the_generated_one():
+  committed = (ROOT / 'docs' / 'config.md').read_text()
+  assert committed == validation.reference(), (
+      f'docs/config.md differs from the config rules; regenerate it: '
+      f'{validation.REFERENCE_COMMAND}')
+
+
+def test_the_reference_names_every_field_and_registered_choice():
+  rows = {line.split(' | ')[0].strip('| `'): line
+          for line in validation.reference().splitlines() if line.startswith('| `')}
+  assert list(rows) == list(validation.RULES)
+  for name in model_lib.ATTENTION:  # from the registry, not a hand-written list
+    assert repr(name) in rows['model.attention']
+  assert all(rule.doc for rule in validation.RULES.values())
 
 
 def test_errors_collects_every_bad_field():
-  found = validation.errors(_config(**{'pretrain.batch_size': 0, 'seed': -1,
+  found = validation.errors(toy_config(**{'pretrain.batch_size': 0, 'seed': -1,
                                        'evaluate.num_windows': 0}))
   assert sorted(e.field for e in found) == ['evaluate.num_windows', 'pretrain.batch_size', 'seed']
 
 
 def test_search_settings_rules_serve_a_flat_mapping():
-  validation.check_search_settings(SEARCH_SETTINGS, 'search')
+  search_lib.check_search_settings(SEARCH_SETTINGS, 'search')
   with pytest.raises(validation.ConfigError, match='search.generations'):
-    validation.check_search_settings(dict(SEARCH_SETTINGS, generations=0), 'search')
+    search_lib.check_search_settings(dict(SEARCH_SETTINGS, generations=0), 'search')
 
 
 @pytest.mark.parametrize('field,value', [

@@ -11,6 +11,7 @@ import pytest
 from configs import demo as demo_config
 from longrope_jax import model as model_lib
 from longrope_jax import pipeline
+from longrope_jax.stages import baselines
 from longrope_jax import validation
 
 
@@ -122,12 +123,12 @@ def test_old_cache_lines_are_recomputed_not_misread(base_run, tmp_path):
 
 def test_seed_windows_are_disjoint_where_the_split_allows():
   docs = [np.full(n, i, np.int32) for i, n in enumerate((10, 40, 50, 60, 70, 80, 90, 30))]
-  sets, disjoint = pipeline.seed_windows(docs, 40, 2, 3, seed=0)
+  sets, disjoint = baselines.seed_windows(docs, 40, 2, 3, seed=0)
   firsts = [tuple(w[:, 0]) for w in sets]  # each window is one document's id
   assert disjoint and len({d for f in firsts for d in f}) == 6
   assert all(w.shape == (2, 40) for w in sets)
   # 6 documents of >= 40 tokens cannot give 4 disjoint pairs: independent draws instead.
-  sets, disjoint = pipeline.seed_windows(docs, 40, 2, 4, seed=0)
+  sets, disjoint = baselines.seed_windows(docs, 40, 2, 4, seed=0)
   assert not disjoint and len(sets) == 4
   with pytest.raises(ValueError, match='search.num_windows'):
-    pipeline.seed_windows(docs, 85, 2, 3, seed=0)
+    baselines.seed_windows(docs, 85, 2, 3, seed=0)

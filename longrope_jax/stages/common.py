@@ -1,0 +1,82 @@
+"""What several stages share: perplexity tables cached per cell, the searched factors as an
+extra method, and fine-tuning a copy of the base model at the search length."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Any
+
+import numpy as np
+
+from longrope_jax import checkpoint as ckpt_lib
+from longrope_jax import data as data_lib
+from longrope_jax import evaluate as eval_lib
+from longrope_jax import metrics as metrics_lib
+from longrope_jax import rope as rope_lib
+from longrope_jax import train as train_lib
+from longrope_jax.stages.run import Run
+
+
+def searched_sources(run: Run) -> dict:
+  """{'longrope': the searched factors beyond L0} once the search has a result, else {}."""
+  return {'longrope': run.longrope_source()} if 'search' in run.results() else {}
+
+
+def perplexity(run: Run, key: str, params: Any, methods, extra: dict, *,
+               multiples=None, stride: int | None = None, depends: Any = None,
+               save: bool = True) -> dict:
+  """Perplexity vs length of `methods` and `extra` sources at `multiples` (default
+  evaluate.multiples) on one set of documents as long as the longest of these and
+  evaluate.multiples (so tables of one run pair document by document), truncated, or sliding by
+  `stride` (default evaluate.stride). Cached per cell in eval/<key>.jsonl (cells of another
+  protocol or other `depends` (JSON: what the sources were built from), or without per-document
+  values, are dropped and recomputed); saved as results.json[key] if `save`."""
+  c = run.config.evaluate
+  multiples = tuple(c.multiples if multiples is None else multiples)
+  lengths = run.lengths(multiples)
+  protocol = dict(split=c.split, num_windows=c.num_windows, seed=run.config.seed,
+                  document_length=max(run.lengths(tuple(c.multiples) + multiples)),
+                  stride=c.stride if stride is None else stride)
+  if depends is not None:
+    protocol['depends'] = json.loads(json.dumps(depends))
+  cache_path = run.workdir / 'eval' / f'{key}.jsonl'
+  current = lambda r: r.get('protocol') == protocol and 'nll_per_document' in r  # noqa: E731
+  ckpt_lib.truncate_jsonl(cache_path, current)
+  done = {(r['method'], r['length']): r['nll_per_document']
+          for r in ckpt_lib.read_jsonl(cache_path)}
+
+  def on_result(method, length, docs_nll):
+    nll = None if docs_nll is None else float(np.mean(docs_nll))
+    ckpt_lib.append_jsonl(cache_path, dict(method=method, length=length, nll=nll,
+                                           nll_per_document=docs_nll, protocol=protocol))
+
+  with run.sequence_mesh():
+    results = eval_lib.perplexity_vs_length(
+        run.model_config, params, run.documents(c.split), lengths, methods=methods, extra=extra,
+        num_windows=c.num_windows, seed=run.config.seed, batch_tokens=c.batch_tokens,
+        document_length=protocol['document_length'], stride=protocol['stride'], done=done,
+        on_result=on_result)
+  results['split'] = c.split
+  if save:
+    run.save_result(key, results)
+    metrics_lib.write_per_length(run.workdir, key, results)
+  return results
+
+
+def finetune(run: Run, rope: rope_lib.RopeScaling, workdir: pathlib.Path) -> Any:
+  """Fine-tunes a copy of the base model at the search length with `rope` and the budget of
+  progressive.finetune (the same batches for every method); resumes from workdir/ckpt and
+  returns the fine-tuned params."""
+  c = run.config.progressive.finetune
+  L1 = run.searched().target_length
+  batches = data_lib.PackedBatches(run.documents('train'), c.batch_size, L1,
+                                   seed=run.config.seed + 1,
+                                   passkey_fraction=c.passkey_fraction,
+                                   copy_fraction=c.copy_fraction, tokenizer=run.tokenizer)
+  train_lib.train(run.training_config(run.model_config.attention),
+                  train_lib.OptimConfig.from_config(c), batches, rope,
+                  workdir, seed=run.config.seed, init_params=run.params(),
+                  ckpt_every=c.ckpt_every, log_every=10, desc=f'finetune_{workdir.name}@{L1}',
+                  tb_workdir=run.workdir, mesh=run.train_mesh)
+  return train_lib.load_params(run.model_config, workdir)

@@ -1,0 +1,28 @@
+"""The report stage: report.md rewritten from results.json on every run."""
+
+from __future__ import annotations
+
+from longrope_jax import checkpoint as ckpt_lib
+from longrope_jax import report as report_lib
+from longrope_jax.stages.run import Run
+from longrope_jax.stages.stage import Stage
+
+
+def report(run: Run) -> str:
+  """Writes report.md from results.json."""
+  mc = run.model_config
+  model = (f'Model: `{run.config.model.variant}` ({mc.num_params():,} parameters, '
+           f'{mc.num_layers} layers, dim {mc.dim}, head_dim {mc.head_dim}), training length '
+           f'L0 = {mc.original_length} tokens; corpus `{run.config.data.source}`, tokenizer '
+           f'`{run.config.data.tokenizer}`.')
+  text = report_lib.render(run.results(), model=model)
+  ckpt_lib.write_text(run.workdir / 'report.md', text)
+  return text
+
+
+def _header(run: Run) -> dict:
+  return {'writes': [str(run.workdir / 'report.md'), str(run.workdir / 'plots')]}
+
+
+# Rewritten from results.json on every run: nothing cached, so always kept.
+REPORT = Stage('report', report, reads=(), outputs=('report.md',), header=_header)
