@@ -123,7 +123,7 @@ class PopulationFitness:
     def chunk_nll(inputs):
       rope_C, active_C = inputs
       run = jnp.any(active_C)
-      if self.seq_devices > 1:  # the ring's collectives need every device on the same branch
+      if config.attention == 'ring':  # its collectives need every device on the same branch
         run = jax.lax.psum(run.astype(jnp.int32), self.pop_axes) > 0
       return jax.lax.cond(run, jax.vmap(candidate_nll),
                           lambda r: jnp.full_like(r.attn_scale, jnp.inf), rope_C)
