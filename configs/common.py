@@ -189,11 +189,6 @@ def paper_model_config(arg: str | None, *, variant: str, multiple: float, doc_to
     c.search.multiple = first
     c.model.update(attention='ring', remat='full')
     c.mesh.update(seq=8)
-    # Ring attention inside the population fitness (a shard_map over 'pop') does not trace with
-    # the scanned layers yet (the scan carry's varying axes differ), so the searches run
-    # blockwise, one candidate per device.
-    c.search.settings.attention = 'blockwise'
-    c.progressive.search.attention = 'blockwise'
     c.evaluate.multiples = (1, 2, 4, 8, 16, 32)
     c.passkey.multiples = (1, 8, 32)
   return c

@@ -1,6 +1,7 @@
 """Population fitness: the mean next-token NLL of every candidate of a stacked `RopeScaling` on
 the same windows, in one compiled call (vmap over candidates, candidates sharded over the 'pop'
-mesh axis, chunked to fit memory, documents micro-batched).
+mesh axis, chunked to fit memory, documents micro-batched). With ring attention each sequence
+is split over the 'seq' axis too.
 """
 
 from __future__ import annotations
@@ -15,17 +16,23 @@ from jax.sharding import PartitionSpec
 from longrope_jax import attention as attention_lib
 from longrope_jax import mesh as mesh_lib
 from longrope_jax import model as model_lib
+from longrope_jax import ring_attention as ring_lib
 from longrope_jax.rope import RopeScaling
 
 
 def auto_chunk(config: model_lib.ModelConfig, length: int, doc_batch: int,
-               memory_bytes: float) -> int:
+               memory_bytes: float, seq: int = 1) -> int:
   """Candidates per device per step so one step's activations fit `memory_bytes` (rough f32
-  estimate: one layer's attention scores, MLP and residual activations, and the logits)."""
+  estimate: one layer's attention scores, MLP and residual activations, and the logits), each
+  sequence split over `seq` devices (ring attention: length / seq rows, blocks of at most half
+  of them)."""
+  rows = length // seq
   block_k = config.block_k or attention_lib.default_block(length, config.attention)
-  attn_keys = length if config.attention == 'dense' else min(length, block_k)
-  per_candidate = 4 * doc_batch * length * (config.num_heads * attn_keys + 6 * config.dim +
-                                            3 * config.mlp_dim + 2 * config.vocab_size)
+  attn_keys = length if config.attention == 'dense' else min(rows, block_k)
+  if seq > 1:
+    attn_keys = min(attn_keys, rows // 2)
+  per_candidate = 4 * doc_batch * rows * (config.num_heads * attn_keys + 6 * config.dim +
+                                          3 * config.mlp_dim + 2 * config.vocab_size)
   return max(1, int(memory_bytes // per_candidate))
 
 
@@ -33,10 +40,12 @@ class PopulationFitness:
   """Mean next-token NLL of every candidate of a stacked `RopeScaling` on windows[N, L'].
 
   One jitted call per population: candidates are placed round-robin over the 'pop' mesh axis
-  (`jax.shard_map`); on each device `lax.map` walks chunks of `chunk` candidates, `jax.vmap`
-  evaluates a chunk, `lax.scan` walks the documents `doc_batch` at a time, and a chunk holding no
-  candidate is skipped (`lax.cond`). Shapes are fixed by `max_population`, so a whole search
-  compiles once; `traces` counts compilations.
+  (`jax.shard_map`; over every other axis too, but 'seq' when ring attention splits each
+  sequence over it: `pop_axes`, `pop_devices`, `seq_devices`); on each device `lax.map` walks
+  chunks of `chunk` candidates, `jax.vmap` evaluates a chunk, `lax.scan` walks the documents
+  `doc_batch` at a time, and a chunk holding no candidate is skipped (`lax.cond`; with ring
+  attention only where no device holds one). Shapes are fixed by `max_population`, so a whole
+  search compiles once; `traces` counts compilations.
   """
 
   def __init__(self, config: model_lib.ModelConfig, params: Any, windows_NL: np.ndarray, *,
@@ -57,9 +66,15 @@ class PopulationFitness:
                        f"got {max_population}, {doc_batch}, {chunk}.")
     self.config, self.length = config, length
     self.mesh = mesh_lib.population_mesh() if mesh is None else mesh
-    self.pop_devices = mesh_lib.population_axis_size(self.mesh)
+    ring = config.attention == 'ring'
+    self.pop_axes = mesh_lib.population_axes(self.mesh, ring)
+    self.pop_devices = mesh_lib.population_axis_size(self.mesh, self.pop_axes)
+    self.seq_devices = int(self.mesh.shape.get(mesh_lib.SEQ_AXIS, 1)) if ring else 1
+    if ring:
+      ring_lib.validate_ring(length, self.seq_devices)
     local = -(-max_population // self.pop_devices)
-    chunk = min(chunk or auto_chunk(config, length, doc_batch, memory_bytes), local)
+    chunk = min(chunk or auto_chunk(config, length, doc_batch, memory_bytes, self.seq_devices),
+                local)
     # As few chunks as the limit allows, of equal size: 16 candidates under a limit of 13 run as
     # 2 x 8, not 2 x 13 with 10 padded ones computed for nothing (bench/search.py at 8K).
     num_chunks = -(-local // chunk)
@@ -80,11 +95,14 @@ class PopulationFitness:
                                        replicated)
     self._weights_bB = jax.device_put(weights_N.reshape(num_batches, doc_batch), replicated)
     self.traces = 0
-    pop = PartitionSpec(mesh_lib.POP_AXIS)
+    # Manual over the candidate axes only: with ring attention 'seq' stays Auto, and the ring's
+    # own shard_map splits each sequence over it (a ring inside a shard_map already manual over
+    # 'seq' would see whole sequences as shards).
+    pop = PartitionSpec(self.pop_axes)
     self._fn = jax.jit(jax.shard_map(
         self._local, mesh=self.mesh, in_specs=(PartitionSpec(), PartitionSpec(), PartitionSpec(),
                                                pop, pop),
-        out_specs=pop))
+        out_specs=pop, axis_names=frozenset(self.pop_axes)))
 
   def _local(self, params, windows_bBL, weights_bB, rope: RopeScaling, active_P):
     """Summed NLL / token count per local candidate f32[P_local]; inactive slots get inf."""
@@ -104,7 +122,10 @@ class PopulationFitness:
 
     def chunk_nll(inputs):
       rope_C, active_C = inputs
-      return jax.lax.cond(jnp.any(active_C), jax.vmap(candidate_nll),
+      run = jnp.any(active_C)
+      if config.attention == 'ring':  # its collectives need every device on the same branch
+        run = jax.lax.psum(run.astype(jnp.int32), self.pop_axes) > 0
+      return jax.lax.cond(run, jax.vmap(candidate_nll),
                           lambda r: jnp.full_like(r.attn_scale, jnp.inf), rope_C)
 
     rope_cC = jax.tree.map(lambda x: x.reshape(num_chunks, C, *x.shape[1:]), rope)
@@ -128,7 +149,7 @@ class PopulationFitness:
     active = np.zeros(self.capacity, bool)
     active[slots] = True
     buffer = jax.tree.map(lambda x: np.asarray(x)[fill], rope)
-    sharding = mesh_lib.population_sharding(self.mesh)
+    sharding = mesh_lib.population_sharding(self.mesh, self.pop_axes)
     buffer, active = jax.device_put((buffer, active), sharding)
     nll = self._fn(self._params, self._windows_bBL, self._weights_bB, buffer, active)
     return mesh_lib.to_host(nll)[slots]

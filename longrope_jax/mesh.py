@@ -121,17 +121,25 @@ def population_mesh(pop: int | None = None) -> jax.sharding.Mesh:
   return make_mesh(MeshConfig(pop=-1 if pop is None else pop))
 
 
-def population_axis_size(mesh: jax.sharding.Mesh) -> int:
-  """Devices along 'pop' (a ValueError if the mesh has no 'pop' axis)."""
+def population_axes(mesh: jax.sharding.Mesh, ring: bool = False) -> tuple[str, ...]:
+  """The axes search candidates spread over: every axis of the mesh (devices along any other
+  would repeat the same work), but 'seq' when ring attention splits each sequence over it."""
   validate_mesh_axis(mesh, POP_AXIS)
-  return int(mesh.shape[POP_AXIS])
+  return tuple(a for a in mesh.axis_names if not (ring and a == SEQ_AXIS))
 
 
-def population_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
-  """Sharding of a population array [P, ...]: candidates split over 'pop', replicated over the
+def population_axis_size(mesh: jax.sharding.Mesh, axes: Sequence[str] = (POP_AXIS,)) -> int:
+  """Devices along the candidate axes `axes` (a ValueError if the mesh has no 'pop' axis)."""
+  validate_mesh_axis(mesh, POP_AXIS)
+  return math.prod(int(mesh.shape[a]) for a in axes)
+
+
+def population_sharding(mesh: jax.sharding.Mesh, axes: Sequence[str] = (POP_AXIS,)
+                        ) -> NamedSharding:
+  """Sharding of a population array [P, ...]: candidates split over `axes`, replicated over the
   other axes."""
   validate_mesh_axis(mesh, POP_AXIS)
-  return NamedSharding(mesh, P(POP_AXIS))
+  return NamedSharding(mesh, P(tuple(axes)))
 
 
 def replicated_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:

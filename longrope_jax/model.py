@@ -273,6 +273,21 @@ class DecoderLayer(nn.Module):
     return x_BTD, cache
 
 
+def vary_like(x: jax.Array, *trees: Any) -> jax.Array:
+  """x marked as varying over the manual mesh axes that any leaf of `trees` varies over
+  (`lax.pcast`, no data moved); x itself outside `jax.shard_map`, where nothing varies (jit, one
+  device, `jax.set_mesh`'s Auto axes) or when the shard_map does not check (check_vma=False).
+
+  Inside a shard_map a layer's output varies over the axes its inputs vary over, and a scan carry
+  must enter with the type it leaves with. The search is manual over 'pop' (candidates' rope
+  varying) and leaves 'seq' Auto: ring attention's own shard_map splits the sequence over it and
+  returns an array that varies over no more axes than its inputs.
+  """
+  varying = frozenset().union(*(jax.typeof(leaf).mat.varying for leaf in jax.tree.leaves(trees)))
+  missing = tuple(sorted(varying - jax.typeof(x).mat.varying))
+  return jax.lax.pcast(x, missing, to='varying') if missing else x
+
+
 def _layer_class(config: ModelConfig) -> type[nn.Module]:
   """DecoderLayer, wrapped in nn.remat when `config.remat` asks for it."""
   if config.remat == 'none':
@@ -306,9 +321,8 @@ class Decoder(nn.Module):
       rotary = rope_lib.rope_cos_sin(positions_BT, rope, theta=c.rope_theta)
     layer = _layer_class(c)
     if self.scan_layers:
-      # The carry must vary over the manual mesh axes (shard_map over 'pop' in the search) the way
-      # the layer's output does: adding rope's zero makes x vary like rope (exact: x + 0 = x).
-      x_BTD = x_BTD + jnp.zeros_like(rope.attn_scale, x_BTD.dtype)
+      # The scan carry enters with the type the layers' output leaves with.
+      x_BTD = vary_like(x_BTD, self.variables.get('params'), positions_BT, rotary, rope, cache)
       layers = nn.scan(layer, variable_axes={'params': 0}, split_rngs={'params': True},
                        in_axes=(nn.broadcast, nn.broadcast, 0), length=c.num_layers,
                        unroll=min(c.scan_unroll, c.num_layers))

@@ -143,6 +143,11 @@ def ring_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, q_po
   attention_lib.validate_blocks(block_q, block_k, window)
   mesh = mesh_lib.current_mesh(mesh)
   mesh_lib.validate_mesh_axis(mesh, axis)
+  if axis in jax.sharding.get_abstract_mesh().manual_axes:
+    raise ValueError(f"ring_attention was called inside a jax.shard_map that is already manual "
+                     f"over {axis!r}; leave {axis!r} out of that shard_map's axis_names (e.g. "
+                     f"axis_names={{'pop'}}, as fitness.PopulationFitness does) so that the ring "
+                     f"splits the sequence over it itself.")
   ring_size = mesh.shape[axis]
   T, S = q_BTNH.shape[1], k_BSKH.shape[1]
   validate_ring(T, ring_size)

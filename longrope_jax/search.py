@@ -184,6 +184,8 @@ class SearchResult:
   seeds: dict = dataclasses.field(default_factory=dict)
   genome: np.ndarray | None = None
   stage_factors: list | None = None
+  attention: str | None = None   # the fitness's attention, its sequence split over seq_devices
+  seq_devices: int = 1
 
   @property
   def perplexity(self) -> float:
@@ -202,6 +204,8 @@ class SearchResult:
                   seeds=self.seeds, fitness='validation mean NLL (nats / token)')
     if self.stage_factors is not None:
       record['stage_factors'] = [_rounded(f) for f in self.stage_factors]
+    if self.attention is not None:
+      record.update(attention=self.attention, seq_devices=int(self.seq_devices))
     return record
 
   @classmethod
@@ -358,7 +362,8 @@ def search(model_config: model_lib.ModelConfig, params: Any, windows_NL: np.ndar
       generations=int(state['generation']), evaluations=archive.count, history=history,
       seeds={m: dict(nll=v, perplexity=math.exp(v)) for m, v in seed_nll.items()},
       genome=archive.genomes[best].copy(),
-      stage_factors=None if base is None else [np.asarray(base.factors), factors])
+      stage_factors=None if base is None else [np.asarray(base.factors), factors],
+      attention=fitness.config.attention, seq_devices=fitness.seq_devices)
   if workdir is not None:
     write_outputs(result, workdir, model_config)
   return result

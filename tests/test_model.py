@@ -72,6 +72,31 @@ def test_vmap_over_population_equals_loop(params):
     np.testing.assert_allclose(nll[i], model_lib.token_nll(CFG, params, tokens, r), atol=1e-5)
 
 
+@pytest.mark.parametrize('check_vma', [True, False])
+def test_scanned_layers_inside_a_shard_map_whose_positions_vary(params, check_vma):
+  """Inside a shard_map over 'pop' with the tokens, rope and params replicated and the positions
+  split (an offset per device), the layers' output varies over 'pop' while their input does
+  not: the scan carry enters with the output's type (model.vary_like). Equal to each alone."""
+  from jax.sharding import PartitionSpec
+  from longrope_jax import mesh as mesh_lib
+  T = 16
+  tokens = _tokens(1, T)
+  rope = rope_lib.linear(head_dim=CFG.head_dim, scale=2.0)
+  positions = jnp.stack([jnp.arange(T), jnp.arange(T) + 40])[:, None]  # [2, 1, T]
+
+  def hidden(positions_1BT):
+    x_BTD, _ = model_lib.Decoder(CFG).apply({'params': params}, tokens, positions_1BT[0], rope,
+                                            hidden=True)
+    return x_BTD[None]
+
+  pop = PartitionSpec(mesh_lib.POP_AXIS)
+  split = jax.jit(jax.shard_map(hidden, mesh=mesh_lib.make_mesh(pop=2), in_specs=pop,
+                                out_specs=pop, check_vma=check_vma))(positions)
+  alone = jax.jit(hidden)
+  for i in range(2):
+    np.testing.assert_allclose(split[i], alone(positions[i:i + 1])[0], atol=1e-6, rtol=0)
+
+
 def test_positions_shift_invariance_with_vanilla_rope(params):
   # With n_hat = 0, RoPE attention depends only on relative positions: a global shift of the
   # positions leaves logits unchanged.

@@ -69,11 +69,21 @@ def test_config_runs_every_stage_and_exports(hf_assets, tmp_path, config, kind, 
   assert rope_scaling['original_max_position_embeddings'] == hf_fixtures.ORIGINAL
 
 
+@pytest.mark.parametrize('name', ['llama2_7b', 'mistral_7b'])
+def test_progressive_recipe_searches_with_the_models_ring_attention(name):
+  """The recipe's searches take the model's attention (ring over mesh.seq), not a fallback."""
+  import importlib
+  c = importlib.import_module(f'configs.{name}').get_config('/a/checkpoint,progressive')
+  assert (c.model.attention, c.mesh.seq) == ('ring', 8)
+  assert c.search.settings.attention is None and c.progressive.search.attention is None
+
+
 @pytest.mark.slow
 def test_llama2_progressive_recipe_on_eight_devices(hf_assets, tmp_path):
   """configs/llama2_7b.py:CKPT,progressive at tiny lengths on 8 simulated devices (conftest's
-  XLA_FLAGS reach the subprocess): the search on (pop 4, seq 2), fine-tuning with one sequence
-  over 'seq' (ring attention), the second search on top of the first factors, short factors."""
+  XLA_FLAGS reach the subprocess): the searches on (pop 4, seq 2) with ring attention,
+  fine-tuning with one sequence over 'seq' (ring attention), the second search on top of the
+  first factors, short factors."""
   ckpt = hf_assets.checkpoint('llama')
   name, data_dir = hf_assets.pg19()
   workdir = tmp_path / 'run'
@@ -96,3 +106,6 @@ def test_llama2_progressive_recipe_on_eight_devices(hf_assets, tmp_path):
   assert prog['short']['attn_scale'] == prog['long']['attn_scale']
   assert results['machine']['devices'] == 8
   assert 'longrope_progressive' in results['progressive_perplexity']['methods']
+  # Every search of the recipe runs ring attention, each sequence over the 2 'seq' devices.
+  for record in (results['search'], prog['long'], prog['short_searched']):
+    assert (record['attention'], record['seq_devices']) == ('ring', 2)

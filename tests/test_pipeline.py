@@ -5,6 +5,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from configs import demo as demo_config
@@ -147,21 +148,25 @@ def test_progressive_stages_on_the_toy_config(tmp_path):
 
 @pytest.mark.slow
 def test_ring_attention_from_the_command_line(tmp_path):
-  """--config.model.attention=ring --config.mesh.seq=4 on 8 simulated devices: pretraining
-  shards each sequence over 'seq' (ring attention forward and backward), evaluation too; the
-  numbers equal a dense run's within float tolerance."""
-  dense, ring = tmp_path / 'dense', tmp_path / 'ring'
-  args = ['--config', 'configs/demo.py:test', "--config.stages=('pretrain','evaluate')",
-          '--config.evaluate.methods=(\'none\',\'yarn\')']
-  for workdir, extra in ((dense, []), (ring, ['--config.model.attention=ring',
-                                                '--config.mesh.seq=4'])):
-    proc = subprocess.run([sys.executable, '-m', 'experiments.run', *args, *extra,
-                           '--workdir', str(workdir)], capture_output=True, text=True,
-                          timeout=900)
+  """`experiments.run --config configs/demo.py:test --config.model.attention=ring
+  --config.mesh.seq=4` on 8 simulated devices: pretraining shards each sequence over 'seq' (ring
+  attention forward and backward), the search's fitness too (candidates over 'pop' = 2, the
+  scanned layers' ring over 'seq' = 4), evaluation too; every number equals a blockwise run's
+  within float tolerance. (tests/test_search.py compares the two fitnesses directly, fast.)"""
+  blockwise, ring = tmp_path / 'blockwise', tmp_path / 'ring'
+  for workdir, extra in ((blockwise, ['--config.model.attention=blockwise']),
+                         (ring, ['--config.model.attention=ring', '--config.mesh.seq=4'])):
+    proc = subprocess.run([sys.executable, '-m', 'experiments.run', '--config',
+                           'configs/demo.py:test', *extra, '--workdir', str(workdir)],
+                          capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-  a, b = (json.loads((w / 'results.json').read_text()) for w in (dense, ring))
+  a, b = (json.loads((w / 'results.json').read_text()) for w in (blockwise, ring))
   assert b['pretrain']['val_bits_per_token'] == pytest.approx(a['pretrain']['val_bits_per_token'],
                                                               rel=1e-4)
-  for name in ('none', 'yarn'):
-    assert b['perplexity']['methods'][name]['nll'] == pytest.approx(
-        a['perplexity']['methods'][name]['nll'], rel=1e-4)
+  assert (a['search']['attention'], a['search']['seq_devices']) == ('blockwise', 1)
+  assert (b['search']['attention'], b['search']['seq_devices']) == ('ring', 4)
+  assert b['search']['nll'] == pytest.approx(a['search']['nll'], abs=1e-4)
+  assert b['search']['factors'] == a['search']['factors']
+  for name, method in a['perplexity']['methods'].items():  # None (nan): longrope below L'
+    np.testing.assert_allclose(np.array(b['perplexity']['methods'][name]['nll'], float),
+                               np.array(method['nll'], float), rtol=1e-4, err_msg=name)

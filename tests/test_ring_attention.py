@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from longrope_jax import mesh as mesh_lib
 from longrope_jax import model as model_lib
@@ -126,3 +127,15 @@ def test_ring_rejects_missing_mesh_axis():
     ring_lib.ring_attention(q, k, v, pos, pos, mesh=data_mesh)
   with pytest.raises(ValueError, match='No device mesh'):
     model_lib.attend(q, k, v, pos, pos, impl='ring')
+
+
+def test_ring_rejects_a_shard_map_already_manual_over_its_axis(seq_mesh):
+  """Inside a shard_map manual over 'seq' every device would hold what the ring takes for the
+  whole sequence (the search's fitness keeps 'seq' Auto instead): a clear error, not a wrong
+  result or an XLA verifier error."""
+  q, k, v, _ = _inputs(0, 1, 32, 2, 1, 4)
+  pos = jnp.arange(32)[None]
+  inside = jax.shard_map(lambda q, k, v, pos: ring_lib.ring_attention(q, k, v, pos, pos),
+                         mesh=seq_mesh, in_specs=P(), out_specs=P())
+  with pytest.raises(ValueError, match="already manual over 'seq'.*axis_names"):
+    jax.jit(inside)(q, k, v, pos)

@@ -270,6 +270,35 @@ def test_fitness_is_the_same_on_one_and_eight_devices_and_compiles_once(params, 
   assert eight.traces == 1 and one.traces == 1
 
 
+def test_ring_fitness_on_a_pop_seq_mesh_equals_blockwise(windows):
+  """Ring attention inside the population fitness, two scanned layers, on a (pop 2, seq 4) mesh:
+  candidates over 'pop', each sequence over 'seq'; the NLLs equal blockwise's, whose candidates
+  spread over all 8 devices of the same mesh."""
+  config = CFG.replace(num_layers=2, block_q=16, block_k=16)
+  params = random_params(config, seed=1)
+  s = space()
+  rng = np.random.default_rng(5)
+  genomes = s.encode(np.sort(rng.uniform(1, 5, (6, 8)), -1), rng.integers(0, 200, 6))
+  mesh = mesh_lib.make_mesh(pop=2, seq=4)
+  ring, blockwise = (fitness_lib.PopulationFitness(config.replace(attention=impl), params,
+                                                   windows, length=TARGET, max_population=8,
+                                                   mesh=mesh, doc_batch=2)
+                     for impl in ('ring', 'blockwise'))
+  assert (ring.pop_axes, ring.pop_devices, ring.seq_devices) == (('pop', 'data', 'fsdp'), 2, 4)
+  assert (blockwise.pop_devices, blockwise.seq_devices) == (8, 1)
+  expected = blockwise(s.rope(genomes))
+  np.testing.assert_allclose(ring(s.rope(genomes)), expected, atol=1e-5, rtol=0)
+  # One candidate: the second 'pop' device has none, yet joins the ring's collectives (a device
+  # skipping them would leave its 'seq' partners waiting forever).
+  np.testing.assert_allclose(ring(s.rope(genomes[:1])), expected[:1], atol=1e-5, rtol=0)
+  # The memory estimate sees a quarter of each sequence per device.
+  assert (fitness_lib.auto_chunk(config.replace(attention='ring'), TARGET, 2, 2**24, seq=4) >=
+          4 * fitness_lib.auto_chunk(config.replace(attention='blockwise'), TARGET, 2, 2**24))
+  with pytest.raises(ValueError, match='not divisible by 2 \\* ring size'):
+    fitness_lib.PopulationFitness(config.replace(attention='ring'), params, windows,
+                                  length=TARGET - 4, max_population=8, mesh=mesh)
+
+
 @pytest.mark.parametrize('strategy', ['paper_ga', 'SNES',
                                       pytest.param('CMA_ES', marks=pytest.mark.slow)])
 def test_a_whole_search_compiles_the_fitness_once(params, windows, strategy):
