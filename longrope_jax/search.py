@@ -29,17 +29,52 @@ from longrope_jax import rope as rope_lib
 from longrope_jax import validation
 from longrope_jax.fitness import PopulationFitness
 from longrope_jax.rope import Extension, RopeScaling
-from longrope_jax.search_space import SearchSpace, make_space, seed_genomes
+from longrope_jax.search_space import (RcdSearchSpace, SearchSpace, make_rcd_space, make_space,
+                                       seed_genomes)
 from longrope_jax.strategies import PAPER_GA, EvosaxStrategy, PaperGA, initial_population, numpy_rng
+
+
+def _longrope_space(settings: SearchConfig, *, head_dim: int, theta: float,
+                    extension: Extension) -> SearchSpace:
+  del theta
+  return make_space(head_dim=head_dim, extension=extension, lambda_max=settings.lambda_max,
+                    step=settings.lambda_step, monotone=settings.monotone,
+                    search_n_hat=settings.search_n_hat, n_hat=settings.n_hat,
+                    n_hat_choices=settings.n_hat_choices, attn_scale=settings.attn_scale)
+
+
+def _longrope2_space(free_below: bool):
+  def build(settings: SearchConfig, *, head_dim: int, theta: float,
+            extension: Extension) -> RcdSearchSpace:
+    return make_rcd_space(head_dim=head_dim, theta=theta, extension=extension,
+                          step=settings.lambda_step, lambda_max=settings.lambda_max,
+                          free_below=free_below, attn_scale=settings.attn_scale)
+  return build
+
+
+# search.settings.space -> the space's builder from the settings and the model's rotary context.
+SPACES: dict[str, Callable[..., SearchSpace | RcdSearchSpace]] = {
+    'longrope': _longrope_space,
+    'longrope2': _longrope2_space(free_below=False),
+    'longrope2_free': _longrope2_space(free_below=True),
+}
 
 
 @dataclasses.dataclass(frozen=True)
 class SearchConfig:
   """Search hyper-parameters; the defaults are the paper's (population 64, 32 parents, 16
   mutations and 16 crossovers with p = 0.3, 40 generations; lambda in [1, 1.25 s] on a 0.01
-  grid, monotone; n_hat searched)."""
+  grid, monotone; n_hat searched).
+
+  `space` picks the search space (`SPACES`): 'longrope' (LongRoPE's), 'longrope2' (LongRoPE2's:
+  d_rcd in [d10_tcd, d_tcd], lambda in [s, lambda_max = 2 s] from d_rcd on, NTK below) or
+  'longrope2_free' (the ablation without the rcd constraint: the pairs below d_rcd searched too,
+  in [1, lambda_max]). The LongRoPE2 spaces are monotone with n_hat = 0: they ignore
+  search_n_hat and refuse monotone=False, n_hat != 0 or n_hat_choices.
+  """
 
   strategy: str = PAPER_GA          # 'paper_ga' or an evosax algorithm name (CMA_ES, SNES, ...)
+  space: str = 'longrope'           # 'longrope', 'longrope2' or 'longrope2_free' (SPACES)
   population: int = 64
   parents: int = 32
   mutations: int = 16
@@ -47,7 +82,7 @@ class SearchConfig:
   mutation_prob: float = 0.3
   generations: int = 40
   max_evaluations: int | None = None   # stop once this many candidates were evaluated
-  lambda_max: float | None = None   # None: 1.25 * s
+  lambda_max: float | None = None   # None: 1.25 * s ('longrope'), 2 * s ('longrope2*')
   lambda_step: float = 0.01
   monotone: bool = True
   search_n_hat: bool = True
@@ -77,9 +112,19 @@ class SearchConfig:
 
 
 PAPER = SearchConfig()
+# LongRoPE2's search (Shang et al., 2025, Appendix B): population 64, 40 iterations, p = 0.3; it
+# does not say how a generation splits into parents and children, so LongRoPE's 32 + 16 + 16.
+LONGROPE2 = SearchConfig(space='longrope2', search_n_hat=False)
 
 
-def make_strategy(settings: SearchConfig, space: SearchSpace, archive: 'Archive' = ()):
+def make_search_space(settings: SearchConfig, *, head_dim: int, theta: float,
+                      extension: Extension) -> SearchSpace | RcdSearchSpace:
+  """The space `settings.space` names, for `extension` of a model with this head_dim and theta."""
+  return SPACES[settings.space](settings, head_dim=head_dim, theta=theta, extension=extension)
+
+
+def make_strategy(settings: SearchConfig, space: SearchSpace | RcdSearchSpace,
+                  archive: 'Archive' = ()):
   """The strategy named by settings.strategy over `space` (the GA never re-proposes a genome of
   `archive`)."""
   if settings.strategy == PAPER_GA:
@@ -108,6 +153,8 @@ class SearchResult:
   seeds: dict = dataclasses.field(default_factory=dict)
   genome: np.ndarray | None = None
   stage_factors: list | None = None
+  space: str = 'longrope'
+  rcd: int | None = None            # LongRoPE2's spaces: the d_rcd found (a rotary pair index)
 
   @property
   def perplexity(self) -> float:
@@ -126,6 +173,8 @@ class SearchResult:
                   seeds=self.seeds, fitness='validation mean NLL (nats / token)')
     if self.stage_factors is not None:
       record['stage_factors'] = [_rounded(f) for f in self.stage_factors]
+    if self.space != 'longrope':
+      record.update(space=self.space, rcd=self.rcd)
     return record
 
   @classmethod
@@ -188,7 +237,8 @@ def search(model_config: model_lib.ModelConfig, params: Any, windows_NL: np.ndar
            seed: int = 0, mesh: jax.sharding.Mesh | None = None, progress: bool = True,
            fitness: PopulationFitness | None = None,
            on_generation: Callable[[dict], None] | None = None) -> SearchResult:
-  """Searches LongRoPE factors for `extension` (from its stage length to L').
+  """Searches LongRoPE (or, with settings.space, LongRoPE2) factors for `extension` (from its
+  stage length to L').
 
   Fitness is the mean NLL on windows_NL (validation documents, truncated to L'). With `base`
   (progressive extension: the factors the model was fine-tuned with at extension.base_length),
@@ -202,11 +252,8 @@ def search(model_config: model_lib.ModelConfig, params: Any, windows_NL: np.ndar
                      "the model was fine-tuned at), and base_length needs the base factors.")
   if settings.attention:
     model_config = model_config.replace(attention=settings.attention)
-  space = make_space(head_dim=model_config.head_dim, extension=extension,
-                     lambda_max=settings.lambda_max, step=settings.lambda_step,
-                     monotone=settings.monotone, search_n_hat=settings.search_n_hat,
-                     n_hat=settings.n_hat, n_hat_choices=settings.n_hat_choices,
-                     attn_scale=settings.attn_scale)
+  space = make_search_space(settings, head_dim=model_config.head_dim,
+                            theta=model_config.rope_theta, extension=extension)
   archive = Archive(settings.population * (settings.generations + 1), space.genome_size)
   strategy = make_strategy(settings, space, archive)
   if fitness is None:
@@ -286,7 +333,8 @@ def search(model_config: model_lib.ModelConfig, params: Any, windows_NL: np.ndar
       generations=int(state['generation']), evaluations=archive.count, history=history,
       seeds={m: dict(nll=v, perplexity=math.exp(v)) for m, v in seed_nll.items()},
       genome=archive.genomes[best].copy(),
-      stage_factors=None if base is None else [np.asarray(base.factors), factors])
+      stage_factors=None if base is None else [np.asarray(base.factors), factors],
+      space=settings.space, rcd=space.critical_dimension(archive.genomes[best]))
   if workdir is not None:
     write_outputs(result, workdir, model_config)
   return result
@@ -323,8 +371,8 @@ def _write_history(workdir: pathlib.Path, history: list[dict]) -> None:
   ckpt_lib.write_text(workdir / 'history.jsonl', ''.join(json.dumps(h) + '\n' for h in history))
 
 
-def _restore(mngr, strategy, space: SearchSpace, settings: SearchConfig, archive: Archive,
-             expected: dict):
+def _restore(mngr, strategy, space: SearchSpace | RcdSearchSpace, settings: SearchConfig,
+             archive: Archive, expected: dict):
   """The checkpointed (state, history, seed NLLs), or a ValueError if it is another search."""
   restored_meta = mngr.restore(mngr.latest_step(), args=ckpt_lib.ocp.args.Composite(
       meta=ckpt_lib.ocp.args.JsonRestore()))['meta']
@@ -333,7 +381,7 @@ def _restore(mngr, strategy, space: SearchSpace, settings: SearchConfig, archive
       raise ValueError(f"{mngr.directory} holds a search with a different {k} "
                        f"({restored_meta.get(k)!r} != {ckpt_lib.to_json(v)!r}); use a fresh "
                        "workdir (or delete search/) for a different search.")
-  dummy = np.zeros((settings.population, space.genome_size), np.int32)
+  dummy = np.repeat(space.encode(np.ones(space.num_freqs))[None], settings.population, axis=0)
   template_strategy = strategy.init(jax.random.key(0), dummy,
                                     np.zeros(settings.population, np.float32))
   treedef = jax.tree.structure(template_strategy)
@@ -365,7 +413,8 @@ def write_outputs(result: SearchResult, directory: str | pathlib.Path,
     kwargs = rope_lib.method_kwargs(head_dim=model_config.head_dim, theta=model_config.rope_theta,
                                     original_length=result.original_length,
                                     length=result.target_length)
-    curves = {f'longrope (searched, n_hat={result.n_hat})': result.factors}
+    searched = (f'n_hat={result.n_hat}' if result.rcd is None else f'd_rcd={result.rcd}')
+    curves = {f'{result.space} (searched, {searched})': result.factors}
     curves.update({name: np.asarray(rope_lib.get(m, **kwargs).factors) for name, m in
                    (('PI', 'linear'), ('NTK', 'ntk'), ('YaRN', 'yarn'))})
     plots.factor_curves(curves, directory / 'factors.png',

@@ -145,6 +145,11 @@ def _attention_impls() -> Iterable[str]:
   return model.ATTENTION_IMPLS
 
 
+def _spaces() -> Iterable[str]:
+  from longrope_jax import search
+  return search.SPACES
+
+
 def _splits() -> Iterable[str]:
   from longrope_jax import data
   return data.SPLITS
@@ -174,6 +179,7 @@ def strategy(value: Any, field: str) -> None:
 # search.settings and progressive.search share these (SearchConfig's fields).
 SEARCH_SETTINGS_RULES: dict[str, Check] = {
     'strategy': strategy,
+    'space': choice(_spaces),
     'population': positive_int,
     'parents': positive_int,
     'mutations': non_negative_int,
@@ -282,6 +288,14 @@ def check_search_settings(settings: Mapping, prefix: str = 'search.settings') ->
     raise ConfigError(f'{prefix}.parents', f"{prefix}.population ({population}) is smaller than "
                       f"{prefix}.parents ({parents}); the population must hold the parents: raise "
                       f"{prefix}.population or lower {prefix}.parents.")
+  space = settings.get('space', 'longrope')
+  for field, ok, value in (('monotone', settings.get('monotone', True) is True, 'True'),
+                           ('n_hat', settings.get('n_hat', 0) == 0, '0'),
+                           ('n_hat_choices', settings.get('n_hat_choices') is None, 'None')):
+    if space != 'longrope' and not ok:
+      raise ConfigError(f'{prefix}.{field}', f"{prefix}.space={space!r} (LongRoPE2) is monotone "
+                        f"with n_hat = 0, which is not part of it; set {prefix}.{field}={value} "
+                        f"or {prefix}.space='longrope'.")
   if settings.get('strategy', PAPER_GA) == PAPER_GA and all(
       settings.get(k) is not None for k in ('population', 'parents', 'mutations', 'crossovers')):
     total = settings['parents'] + settings['mutations'] + settings['crossovers']
