@@ -236,13 +236,16 @@ def search(model_config: model_lib.ModelConfig, params: Any, windows_NL: np.ndar
            base: RopeScaling | None = None, workdir: str | pathlib.Path | None = None,
            seed: int = 0, mesh: jax.sharding.Mesh | None = None, progress: bool = True,
            fitness: PopulationFitness | None = None,
-           on_generation: Callable[[dict], None] | None = None) -> SearchResult:
+           on_generation: Callable[[dict], None] | None = None,
+           weights_NL: np.ndarray | None = None) -> SearchResult:
   """Searches LongRoPE (or, with settings.space, LongRoPE2) factors for `extension` (from its
   stage length to L').
 
-  Fitness is the mean NLL on windows_NL (validation documents, truncated to L'). With `base`
-  (progressive extension: the factors the model was fine-tuned with at extension.base_length),
-  every candidate's factors multiply base.factors. With a `workdir`, the state is checkpointed
+  Fitness is the mean NLL on windows_NL (validation documents, truncated to L'), or with
+  `weights_NL` f32[N, L' - 1] the weighted mean (LongRoPE2's needle-driven objective: the
+  windows and answer weights of `data.needle_windows`). With `base` (progressive extension: the
+  factors the model was fine-tuned with at extension.base_length), every candidate's factors
+  multiply base.factors. With a `workdir`, the state is checkpointed
   there every generation (workdir/ckpt) and a rerun resumes it; best_factors.json / .csv,
   history.jsonl and plots are written there. `fitness` reuses one compiled population call
   across searches on the same model and windows.
@@ -262,7 +265,9 @@ def search(model_config: model_lib.ModelConfig, params: Any, windows_NL: np.ndar
         max_population=settings.population,
         mesh=mesh if mesh is not None else mesh_lib.population_mesh(),
         chunk=settings.chunk, doc_batch=settings.doc_batch,
-        memory_bytes=settings.memory_gb * 2**30)
+        memory_bytes=settings.memory_gb * 2**30, weights_NL=weights_NL)
+  elif weights_NL is not None:
+    raise ValueError("pass weights_NL to the PopulationFitness given as `fitness`, not to search.")
   elif fitness.length != extension.target_length or fitness.capacity < settings.population:
     raise ValueError("the given fitness was built for another target length or a smaller "
                      "population.")
