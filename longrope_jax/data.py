@@ -1,4 +1,4 @@
-"""Corpora, tokenizers, packed training batches and eval windows.
+"""Corpora, tokenizers, packed training batches, eval windows, and the passkey and needle tasks.
 
 The embedded default corpus is the running interpreter's standard-library source: real code with
 long-range structure, present in every Python install, nothing to download. Documents are kept
@@ -300,9 +300,10 @@ def _split_answer(tokenizer: Tokenizer, prompt_text: str, answer_text: str
   prompt = tokenizer.encode(prompt_text).astype(np.int32)
   full = tokenizer.encode(prompt_text + answer_text).astype(np.int32)
   if full.size <= prompt.size or not np.array_equal(full[:prompt.size], prompt):
-    raise ValueError(f"the tokenizer merges the pass key {answer_text!r} into the prompt's last "
-                     f"token ({KEY_MARK!r}), so no token sequence is the answer alone; use a "
-                     "tokenizer that splits digits from punctuation.")
+    raise ValueError(f"the tokenizer merges the answer {answer_text!r} into the prompt's last "
+                     f"token ({prompt_text[-12:]!r}), so no token sequence is the answer alone; "
+                     f"end the prompt with a mark of its own (as passkey's {KEY_MARK!r}) or use "
+                     "a tokenizer that splits digits from punctuation.")
   return prompt, full[prompt.size:]
 
 
@@ -327,6 +328,90 @@ def copy_sample(rng: np.random.Generator, length: int, tokenizer: Tokenizer,
   unit = bytes(rng.choice(COPY_ALPHABET, int(rng.integers(min_unit, max_unit + 1)))).decode()
   ids = tokenizer.encode(unit * (length // len(unit) + 1))[:length - 1]
   return np.concatenate([[tokenizer.bos_id], ids]).astype(np.int32)
+
+
+# ----------------------------------------------------------------------------- needle documents
+@dataclasses.dataclass(frozen=True)
+class NeedleFormat:
+  """How a needle document reads: `intro` + `needle` open it, a document follows, `question`
+  ends it and `answer` is what is scored; {key} is a random word pair, {value} a random number of
+  `digits` digits. Separators (spaces, newlines) are part of the strings."""
+
+  intro: str
+  needle: str
+  question: str
+  answer: str
+  digits: int = 7
+
+  def __post_init__(self):
+    for field, names in (('needle', ('key', 'value')), ('question', ('key',)),
+                         ('answer', ('value',))):
+      text, wanted = getattr(self, field), ['{' + name + '}' for name in names]
+      if any(w not in text for w in wanted):
+        raise ValueError(f"NeedleFormat.{field} must contain {' and '.join(wanted)}, got "
+                         f"{text!r}.")
+    if '{value}' in self.question or not isinstance(self.digits, int) or self.digits < 1:
+      raise ValueError("NeedleFormat.question must not state {value}, and digits must be >= 1.")
+
+
+NEEDLE_FORMATS = {
+    # LongRoPE2's search data (Shang et al., 2025, Appendix C), RULER's single needle (Hsieh et
+    # al., 2024): about 75 tokens of a word-level tokenizer, 330 bytes.
+    'ruler': NeedleFormat(
+        intro='A special magic number is hidden within the following text. Make sure to memorize '
+              'it. I will quiz you about the number afterwards.\n',
+        needle='One of the special magic numbers for {key} is: {value}.\n',
+        question='\nWhat is the special magic number for {key} mentioned in the provided text? '
+                 'The special magic number for {key} mentioned in the provided text is',
+        answer=' {value}'),
+    # For byte-level models with a short window (L0 = 256 bytes): 80 bytes, and the answer starts
+    # after '#' (passkey's KEY_MARK), not after ' ', which follows 'is' everywhere in bytes.
+    'short': NeedleFormat(intro='', needle='The magic number for {key} is #{value}.\n',
+                          question='\nThe magic number for {key} is #', answer='{value}'),
+}
+NEEDLE_WORDS = (
+    ('amber', 'bold', 'calm', 'dusty', 'eager', 'fancy', 'gentle', 'hollow', 'icy', 'jolly',
+     'keen', 'lucky', 'mellow', 'noisy', 'odd', 'proud'),
+    ('anchor', 'badger', 'canyon', 'dragon', 'ember', 'falcon', 'garden', 'harbor', 'island',
+     'jacket', 'kite', 'lantern', 'meadow', 'nugget', 'otter', 'pepper'))
+
+
+def needle_windows(token_docs: list[np.ndarray], tokenizer: Tokenizer, length: int, num: int, *,
+                   seed: int = 0, fmt: NeedleFormat | str = 'ruler'
+                   ) -> tuple[np.ndarray, np.ndarray]:
+  """LongRoPE2's needle-driven documents (Shang et al., 2025, sec. 3.2, Appendix C): windows
+  i32[num, length] and answer weights f32[num, length - 1].
+
+  Each window is BOS, fmt.intro and fmt.needle (a random key and value), the first tokens of a
+  document, then fmt.question and fmt.answer: exactly `length` tokens. The documents are those
+  `eval_windows(token_docs, length, num, seed)` picks (so the plain-perplexity objective scores
+  the same ones). Question and answer are tokenized together (`_split_answer`, as passkey does),
+  so the answer's tokens are what the question continues with; weights[n, t] = 1 where token
+  t + 1 is one of them, else 0: model.token_nll weighted by it is the answer's NLL.
+  """
+  if isinstance(fmt, str):
+    if fmt not in NEEDLE_FORMATS:
+      raise ValueError(f"unknown needle format {fmt!r}; choose one of {sorted(NEEDLE_FORMATS)} or "
+                       "pass a NeedleFormat.")
+    fmt = NEEDLE_FORMATS[fmt]
+  docs_NL = eval_windows(token_docs, length, num, seed)  # BOS, then the document
+  rng = np.random.default_rng([seed, 1])
+  windows_NL = np.empty((num, length), np.int32)
+  weights_NL = np.zeros((num, length - 1), np.float32)
+  for n in range(num):
+    key = '-'.join(str(rng.choice(words)) for words in NEEDLE_WORDS)
+    value = str(int(rng.integers(10 ** (fmt.digits - 1), 10 ** fmt.digits)))
+    opening = tokenizer.encode(fmt.intro + fmt.needle.format(key=key, value=value))
+    question, answer = _split_answer(tokenizer, fmt.question.format(key=key),
+                                     fmt.answer.format(value=value))
+    body = length - 1 - len(opening) - len(question) - len(answer)
+    if body < 1:
+      raise ValueError(f"a needle document needs more than {length - body} tokens, the window is "
+                       f"{length}; lengthen it or use a shorter format (NEEDLE_FORMATS['short']).")
+    windows_NL[n] = np.concatenate([[tokenizer.bos_id], opening, docs_NL[n, 1:1 + body], question,
+                                    answer])
+    weights_NL[n, length - 1 - len(answer):] = 1.0
+  return windows_NL, weights_NL
 
 
 # ----------------------------------------------------------------------------- training batches

@@ -1,7 +1,8 @@
 """Population fitness: the mean next-token NLL of every candidate of a stacked `RopeScaling` on
 the same windows, in one compiled call (vmap over candidates, candidates sharded over the 'pop'
-mesh axis, chunked to fit memory, documents micro-batched). With ring attention each sequence
-is split over the 'seq' axis too.
+mesh axis, chunked to fit memory, documents micro-batched; with ring attention each sequence is
+split over the 'seq' axis too); optionally a weighted mean over chosen tokens (LongRoPE2's
+needle-driven objective: the answer tokens of `data.needle_windows`).
 """
 
 from __future__ import annotations
@@ -39,6 +40,11 @@ def auto_chunk(config: model_lib.ModelConfig, length: int, doc_batch: int,
 class PopulationFitness:
   """Mean next-token NLL of every candidate of a stacked `RopeScaling` on windows[N, L'].
 
+  With `weights_NL` f32[N, L' - 1] (weights[n, t] on the prediction of token t + 1 of window n),
+  the weighted mean sum(w * nll) / sum(w) instead: LongRoPE2's needle-driven perplexity (Shang et
+  al., 2025, sec. 3.2) weighs the answer tokens only (`data.needle_windows`). Without it every
+  token counts, as before.
+
   One jitted call per population: candidates are placed round-robin over the 'pop' mesh axis
   (`jax.shard_map`; over every other axis too, but 'seq' when ring attention splits each
   sequence over it: `pop_axes`, `pop_devices`, `seq_devices`); on each device `lax.map` walks
@@ -51,7 +57,8 @@ class PopulationFitness:
   def __init__(self, config: model_lib.ModelConfig, params: Any, windows_NL: np.ndarray, *,
                length: int | None = None, max_population: int,
                mesh: jax.sharding.Mesh | None = None,
-               chunk: int | None = None, doc_batch: int = 1, memory_bytes: float = 2e9):
+               chunk: int | None = None, doc_batch: int = 1, memory_bytes: float = 2e9,
+               weights_NL: np.ndarray | None = None):
     windows_NL = np.asarray(windows_NL)
     if windows_NL.ndim != 2 or windows_NL.shape[0] < 1:
       raise ValueError(f"eval windows must be i32[N, L] with N >= 1, got shape "
@@ -88,12 +95,18 @@ class PopulationFitness:
     pad = num_batches * doc_batch - N
     windows_NL = np.concatenate([windows_NL, np.repeat(windows_NL[-1:], pad, axis=0)])
     weights_N = np.concatenate([np.ones(N, np.float32), np.zeros(pad, np.float32)])
-    self.num_tokens = N * (length - 1)
+    self.num_tokens = N * (length - 1)  # with token weights: their sum
+    if weights_NL is not None:
+      weights_N = _token_weights(weights_NL, N, length)
+      self.num_tokens = float(weights_N.sum())
+      weights_N = np.concatenate([weights_N, np.zeros((pad, length - 1), np.float32)])
     replicated = mesh_lib.replicated_sharding(self.mesh)
     self._params = jax.device_put(params, replicated)
     self._windows_bBL = jax.device_put(windows_NL.reshape(num_batches, doc_batch, length),
                                        replicated)
-    self._weights_bB = jax.device_put(weights_N.reshape(num_batches, doc_batch), replicated)
+    # Per document f32[b, B], or per token f32[b, B, L' - 1].
+    self._weights_bB = jax.device_put(weights_N.reshape(num_batches, doc_batch,
+                                                        *weights_N.shape[1:]), replicated)
     self.traces = 0
     # Manual over the candidate axes only: with ring attention 'seq' stays Auto, and the ring's
     # own shard_map splits each sequence over it (a ring inside a shard_map already manual over
@@ -113,8 +126,10 @@ class PopulationFitness:
     def candidate_nll(one: RopeScaling):
       def body(total, batch):
         windows_BL, weights_B = batch
-        nll_B = model_lib.token_nll(config, params, windows_BL, one).sum(axis=-1)
-        return total + jnp.sum(nll_B * weights_B), None
+        nll_BT = model_lib.token_nll(config, params, windows_BL, one)
+        if weights_B.ndim == 2:  # token weights
+          return total + jnp.sum(nll_BT * weights_B), None
+        return total + jnp.sum(nll_BT.sum(axis=-1) * weights_B), None
 
       zero = jnp.zeros_like(one.attn_scale)  # varies over 'pop', like the sum it starts
       total, _ = jax.lax.scan(body, zero, (windows_bBL, weights_bB))
@@ -153,3 +168,16 @@ class PopulationFitness:
     buffer, active = jax.device_put((buffer, active), sharding)
     nll = self._fn(self._params, self._windows_bBL, self._weights_bB, buffer, active)
     return mesh_lib.to_host(nll)[slots]
+
+
+def _token_weights(weights_NL, num: int, length: int) -> np.ndarray:
+  """Token weights f32[N, L' - 1] (of windows cut to L'), or a ValueError naming the fix."""
+  weights_NL = np.asarray(weights_NL, np.float32)
+  if weights_NL.ndim != 2 or weights_NL.shape[0] != num or weights_NL.shape[1] < length - 1:
+    raise ValueError(f"weights_NL must be f32[N = {num}, L' - 1 = {length - 1}] (one weight per "
+                     f"predicted token of each window), got shape {weights_NL.shape}.")
+  weights_NL = weights_NL[:, :length - 1]
+  if not np.all(np.isfinite(weights_NL)) or weights_NL.min() < 0 or weights_NL.sum() <= 0:
+    raise ValueError("weights_NL must be finite, non-negative and select at least one token of "
+                     f"the first L' = {length} of each window (data.needle_windows gives them).")
+  return weights_NL

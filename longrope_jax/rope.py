@@ -176,21 +176,38 @@ def yarn_ramp(head_dim: int, theta: float, original_length: int, beta_fast: floa
   ramp is linear in the index i (the YaRN reference code and HF, whose trained checkpoints this
   must load); the paper's eq. 18 writes it linear in r instead.
   """
+  low, high = yarn_boundaries(head_dim, theta, original_length, beta_fast, beta_slow, truncate)
+  return linear_ramp(head_dim // 2, low, high)
+
+
+def yarn_boundaries(head_dim: int, theta: float, original_length: int, beta_fast: float,
+                    beta_slow: float, truncate: bool = True) -> tuple[float, float]:
+  """(low, high): the pair indices where YaRN's ramp leaves 0 and reaches 1, the correction dims
+  d ln(L0 / (2 pi r)) / (2 ln theta) of r = beta_fast and beta_slow rotations (floor and ceil with
+  `truncate`), clipped to [0, head_dim - 1] as the reference code does."""
   if not beta_fast > beta_slow > 0:
     raise ValueError(f"yarn needs beta_fast > beta_slow > 0 (rotations over L0: dims above "
                      f"beta_fast are kept, below beta_slow interpolated), got beta_fast="
                      f"{beta_fast}, beta_slow={beta_slow}; the published values are 32 and 1.")
-
-  def correction_dim(rotations):
-    return head_dim * math.log(original_length / (rotations * 2 * math.pi)) / (2 * math.log(theta))
-
-  low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+  low = yarn_correction_dim(head_dim, theta, original_length, beta_fast)
+  high = yarn_correction_dim(head_dim, theta, original_length, beta_slow)
   if truncate:
     low, high = math.floor(low), math.ceil(high)
-  low, high = max(low, 0), min(high, head_dim - 1)
+  return max(low, 0), min(high, head_dim - 1)
+
+
+def yarn_correction_dim(head_dim: int, theta: float, original_length: int,
+                        rotations: float) -> float:
+  """The (fractional) pair index whose frequency makes `rotations` turns over L0:
+  H ln(L0 / (2 pi r)) / (2 ln theta)."""
+  return head_dim * math.log(original_length / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+
+def linear_ramp(num_freqs: int, low: float, high: float) -> np.ndarray:
+  """clip((i - low) / (high - low), 0, 1) for i = 0..F-1 (high nudged by 0.001 when equal)."""
   if low == high:
     high += 0.001
-  i = np.arange(head_dim // 2, dtype=np.float64)
+  i = np.arange(num_freqs, dtype=np.float64)
   return np.clip((i - low) / (high - low), 0.0, 1.0)
 
 
@@ -207,6 +224,66 @@ def yarn(*, head_dim: int, scale: float, theta: float, original_length: int,
   _check_theta(theta)
   _check_length("original_length", original_length)
   ramp = yarn_ramp(head_dim, theta, original_length, beta_fast, beta_slow, truncate)
+  factors = 1.0 / (ramp / scale + (1.0 - ramp))
+  if attn_scale is None:
+    attn_scale = yarn_attention_scale(scale, mscale)
+  return make(factors, 0, attn_scale, head_dim=head_dim)
+
+
+# LongRoPE2 (Shang et al., 2025, arXiv 2502.20082) counts critical dimensions as rotary pair
+# indices i = 0..F-1 ("cosine dimensions", sec. 2.1): its d_tcd = 2 ceil(...) of eq. 7 counts the
+# 2F rotary dimensions, so d_tcd = 62 there is pair 31 here. Every `rcd` below is a pair index.
+def ntk_rcd_factors(num_freqs: int, scale: float, rcd: int) -> np.ndarray:
+  """lambda_i = s ** (i / rcd), i = 0..F-1: NTK with the base grown so that pair `rcd` turns s
+  times slower, theta' = theta * s ** (H / (2 rcd)) (LongRoPE2, sec. 2.3 and Algorithm 1)."""
+  i = np.arange(num_freqs, dtype=np.float64)
+  return float(scale) ** (i / rcd)
+
+
+@register("ntk_rcd")
+def ntk_rcd(*, head_dim: int, scale: float, theta: float, original_length: int,
+            rcd: int | None = None) -> RopeScaling:
+  """NTK re-based on a critical dimension (LongRoPE2's NTK-rcd, Table 5 and Fig. 9):
+  lambda_i = s ** (i / rcd) for every pair, so lambda_rcd = s (the OOD bound, eq. 10) and the
+  pairs beyond rcd get more. rcd None: d_tcd (`critical_dimension`), the paper's "NTK" (Liu et
+  al., 2023: theta' = theta ** (ln(L / 2 pi) / ln(L0 / 2 pi)), i.e. lambda_i = s ** (i / x) with
+  x = (H / 2) log_theta(L0 / 2 pi)) with its critical index rounded up to a whole pair; pass a
+  searched d_rcd for NTK-rcd. Attention scale 1, as NTK.
+  """
+  _check_head_dim(head_dim)
+  _check_scale(scale)
+  _check_theta(theta)
+  _check_length("original_length", original_length)
+  rcd = _check_rcd(rcd, head_dim, theta, original_length)
+  return make(ntk_rcd_factors(head_dim // 2, scale, rcd), head_dim=head_dim)
+
+
+@register("yarn_rcd")
+def yarn_rcd(*, head_dim: int, scale: float, theta: float, original_length: int,
+             rcd: int | None = None, beta_fast: float = 32.0, mscale: float = 1.0,
+             attn_scale: float | None = None, truncate: bool = True) -> RopeScaling:
+  """YaRN re-based on a critical dimension (LongRoPE2's YaRN-rcd, Table 5 and Fig. 9): YaRN's
+  ramp runs from its beta_fast boundary `low` (pairs below it kept) to pair `rcd` instead of its
+  beta_slow = 1 boundary, so lambda_i = 1 / (ramp_i / s + 1 - ramp_i) with
+  ramp_i = clip((i - low) / (rcd - low), 0, 1): lambda_i = s exactly for i >= rcd. rcd None:
+  d_tcd, which is YaRN itself (with `truncate`, YaRN's ramp ends at ceil of the beta_slow = 1
+  correction dim, which is d_tcd). Temperature 0.1 mscale ln s + 1, as YaRN.
+  """
+  _check_head_dim(head_dim)
+  _check_scale(scale)
+  _check_theta(theta)
+  _check_length("original_length", original_length)
+  rcd = _check_rcd(rcd, head_dim, theta, original_length)
+  if not beta_fast > 0:
+    raise ValueError(f"beta_fast must be a positive number of rotations over L0 (pairs making more "
+                     f"are kept), got {beta_fast}; the published value is 32.")
+  low = yarn_correction_dim(head_dim, theta, original_length, beta_fast)
+  low = max(math.floor(low) if truncate else low, 0)
+  if rcd <= low:
+    raise ValueError(f"yarn_rcd needs rcd ({rcd}) above the last pair YaRN keeps unscaled "
+                     f"(beta_fast = {beta_fast} rotations over L0: pair {low}); pass a larger "
+                     f"rcd or a larger beta_fast.")
+  ramp = linear_ramp(head_dim // 2, low, rcd)
   factors = 1.0 / (ramp / scale + (1.0 - ramp))
   if attn_scale is None:
     attn_scale = yarn_attention_scale(scale, mscale)
@@ -374,10 +451,23 @@ def unstack(rope: RopeScaling) -> list[RopeScaling]:
   return [jax.tree.map(lambda x, i=i: x[i], rope) for i in range(size)]
 
 
-def critical_dimension(head_dim: int, theta: float, original_length: int) -> int:
-  """First frequency index whose period exceeds the original window (it never saw a full turn)."""
+def critical_dimension(head_dim: int, theta: float, original_length: int, *,
+                       periods: float = 1.0) -> int:
+  """The first rotary pair index i in [0, F] whose period 2 pi theta ** (2i / H) exceeds
+  original_length / periods (fewer than `periods` full turns fit in the window; F if none does).
+
+  That is ceil((H / 2) log_theta(L0 / (2 pi periods))), clipped to [0, F] (the period never equals
+  the bound exactly). periods = 1: LongRoPE2's theoretical critical dimension d_tcd (Shang et al.,
+  2025, eq. 7, halved: the paper's d_tcd counts both dimensions of each pair); periods = 10:
+  d10_tcd, where the d_rcd search starts (Algorithm 1, line 2). Phi3-mini (H = 96, theta 1e4,
+  L0 = 2048): 31 and 19; LLaMA3-8B (H = 128, theta 5e5, L0 = 8192): 35 and 24.
+  """
+  _check_head_dim(head_dim)
+  if not isinstance(periods, (int, float, np.integer, np.floating)) or not periods > 0:
+    raise ValueError(f"periods must be a positive number of full turns in the window, got "
+                     f"{periods!r}.")
   wavelen = 2 * math.pi / inv_frequencies(head_dim, theta)
-  beyond = np.nonzero(wavelen > original_length)[0]
+  beyond = np.nonzero(wavelen > original_length / periods)[0]
   return int(beyond[0]) if beyond.size else head_dim // 2
 
 
@@ -398,6 +488,20 @@ def _check_theta(theta: float) -> None:
   if not isinstance(theta, (int, float, np.floating, np.integer)) or not math.isfinite(theta) \
       or theta <= 1.0:
     raise ValueError(f"theta (the RoPE base) must be a finite number > 1, got {theta!r}.")
+
+
+def _check_rcd(rcd: int | None, head_dim: int, theta: float, original_length: int) -> int:
+  """`rcd` (d_tcd when None) as a pair index in [1, F], or a ValueError naming it."""
+  if rcd is None:
+    rcd = critical_dimension(head_dim, theta, original_length)
+    if rcd < 1:
+      raise ValueError(f"the theoretical critical dimension is 0 (L0 = {original_length} holds "
+                       "no full turn of any frequency); pass rcd explicitly.")
+  if not isinstance(rcd, (int, np.integer)) or isinstance(rcd, bool) or \
+      not 1 <= rcd <= head_dim // 2:
+    raise ValueError(f"rcd must be a rotary pair index in [1, head_dim // 2 = {head_dim // 2}] "
+                     f"(the critical dimension; None for d_tcd), got {rcd!r}.")
+  return int(rcd)
 
 
 def _check_length(name: str, length: int, minimum: int = 1) -> None:

@@ -29,7 +29,8 @@ from longrope_jax import plots
 from longrope_jax import rope as rope_lib
 from longrope_jax.fitness import PopulationFitness
 from longrope_jax.rope import Extension, RopeScaling
-from longrope_jax.search_space import SearchSpace, make_space, seed_genomes
+from longrope_jax.search_space import (RcdSearchSpace, SearchSpace, make_rcd_space, make_space,
+                                       seed_genomes)
 from longrope_jax.strategies import PAPER_GA, EvosaxStrategy, PaperGA, initial_population, numpy_rng
 
 
@@ -48,6 +49,11 @@ SEARCH_SETTINGS_RULES: dict[str, checks.Rule] = {
     'strategy': checks.Rule(checks.Check(_check_strategy, f"{PAPER_GA!r} or the name of an "
                                          "evosax algorithm (CMA_ES, SNES, ...)"),
                             "the search strategy: the paper's GA or an evosax algorithm"),
+    'space': checks.Rule(checks.choice(lambda: SPACES),
+                         "the search space: 'longrope' (per-dimension factors in [1, lambda_max] "
+                         "and n_hat), 'longrope2' (LongRoPE2: d_rcd a gene, factors in [s, 2s] "
+                         "from it, NTK below), 'longrope2_free' (LongRoPE2 without the NTK "
+                         "constraint below d_rcd)"),
     'population': checks.Rule(checks.positive_int, 'candidates per generation'),
     'parents': checks.Rule(checks.positive_int, 'paper_ga: top candidates kept as parents'),
     'mutations': checks.Rule(checks.non_negative_int, 'paper_ga: mutated children per generation'),
@@ -91,6 +97,15 @@ def check_search_settings(settings: Mapping, prefix: str = 'search.settings') ->
         f'{prefix}.parents', f"{prefix}.population ({population}) is smaller than "
         f"{prefix}.parents ({parents}); the population must hold the parents: raise "
         f"{prefix}.population or lower {prefix}.parents.")
+  space = settings.get('space', 'longrope')
+  for field, ok, value in (('monotone', settings.get('monotone', True) is True, 'True'),
+                           ('n_hat', settings.get('n_hat', 0) == 0, '0'),
+                           ('n_hat_choices', settings.get('n_hat_choices') is None, 'None')):
+    if space != 'longrope' and not ok:
+      raise checks.ConfigError(
+          f'{prefix}.{field}', f"{prefix}.space={space!r} (LongRoPE2) is monotone with n_hat = 0, "
+          f"which is not part of it; set {prefix}.{field}={value} or "
+          f"{prefix}.space='longrope'.")
   if settings.get('strategy', PAPER_GA) == PAPER_GA and all(
       settings.get(k) is not None for k in ('population', 'parents', 'mutations', 'crossovers')):
     total = settings['parents'] + settings['mutations'] + settings['crossovers']
@@ -102,13 +117,47 @@ def check_search_settings(settings: Mapping, prefix: str = 'search.settings') ->
           f"{total} != {population}: change {prefix}.population or the three counts.")
 
 
+def _longrope_space(settings: SearchConfig, *, head_dim: int, theta: float,
+                    extension: Extension) -> SearchSpace:
+  del theta
+  return make_space(head_dim=head_dim, extension=extension, lambda_max=settings.lambda_max,
+                    step=settings.lambda_step, monotone=settings.monotone,
+                    search_n_hat=settings.search_n_hat, n_hat=settings.n_hat,
+                    n_hat_choices=settings.n_hat_choices, attn_scale=settings.attn_scale)
+
+
+def _longrope2_space(free_below: bool):
+  def build(settings: SearchConfig, *, head_dim: int, theta: float,
+            extension: Extension) -> RcdSearchSpace:
+    return make_rcd_space(head_dim=head_dim, theta=theta, extension=extension,
+                          step=settings.lambda_step, lambda_max=settings.lambda_max,
+                          free_below=free_below, attn_scale=settings.attn_scale)
+  return build
+
+
+# search.settings.space -> the space's builder from the settings and the model's rotary context.
+SPACES: dict[str, Callable[..., SearchSpace | RcdSearchSpace]] = {
+    'longrope': _longrope_space,
+    'longrope2': _longrope2_space(free_below=False),
+    'longrope2_free': _longrope2_space(free_below=True),
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class SearchConfig:
   """Search hyper-parameters; the defaults are the paper's (population 64, 32 parents, 16
   mutations and 16 crossovers with p = 0.3, 40 generations; lambda in [1, 1.25 s] on a 0.01
-  grid, monotone; n_hat searched)."""
+  grid, monotone; n_hat searched).
+
+  `space` picks the search space (`SPACES`): 'longrope' (LongRoPE's), 'longrope2' (LongRoPE2's:
+  d_rcd in [d10_tcd, d_tcd], lambda in [s, lambda_max = 2 s] from d_rcd on, NTK below) or
+  'longrope2_free' (the ablation without the rcd constraint: the pairs below d_rcd searched too,
+  in [1, lambda_max]). The LongRoPE2 spaces are monotone with n_hat = 0: they ignore
+  search_n_hat and refuse monotone=False, n_hat != 0 or n_hat_choices.
+  """
 
   strategy: str = PAPER_GA          # 'paper_ga' or an evosax algorithm name (CMA_ES, SNES, ...)
+  space: str = 'longrope'           # 'longrope', 'longrope2' or 'longrope2_free' (SPACES)
   population: int = 64
   parents: int = 32
   mutations: int = 16
@@ -116,7 +165,7 @@ class SearchConfig:
   mutation_prob: float = 0.3
   generations: int = 40
   max_evaluations: int | None = None   # stop once this many candidates were evaluated
-  lambda_max: float | None = None   # None: 1.25 * s
+  lambda_max: float | None = None   # None: 1.25 * s ('longrope'), 2 * s ('longrope2*')
   lambda_step: float = 0.01
   monotone: bool = True
   search_n_hat: bool = True
@@ -132,13 +181,6 @@ class SearchConfig:
   def __post_init__(self):
     check_search_settings(dataclasses.asdict(self), 'search.settings')
 
-  def space(self, *, head_dim: int, extension: Extension) -> SearchSpace:
-    """The search space these settings define for `extension` (`search_space.make_space`)."""
-    return make_space(head_dim=head_dim, extension=extension, lambda_max=self.lambda_max,
-                      step=self.lambda_step, monotone=self.monotone,
-                      search_n_hat=self.search_n_hat, n_hat=self.n_hat,
-                      n_hat_choices=self.n_hat_choices, attn_scale=self.attn_scale)
-
   @classmethod
   def from_config(cls, config: Mapping) -> 'SearchConfig':
     """Builds from a mapping (e.g. the `search.settings` section of an ml_collections config)."""
@@ -153,9 +195,19 @@ class SearchConfig:
 
 
 PAPER = SearchConfig()
+# LongRoPE2's search (Shang et al., 2025, Appendix B): population 64, 40 iterations, p = 0.3; it
+# does not say how a generation splits into parents and children, so LongRoPE's 32 + 16 + 16.
+LONGROPE2 = SearchConfig(space='longrope2', search_n_hat=False)
 
 
-def make_strategy(settings: SearchConfig, space: SearchSpace, archive: 'Archive' = ()):
+def make_search_space(settings: SearchConfig, *, head_dim: int, theta: float,
+                      extension: Extension) -> SearchSpace | RcdSearchSpace:
+  """The space `settings.space` names, for `extension` of a model with this head_dim and theta."""
+  return SPACES[settings.space](settings, head_dim=head_dim, theta=theta, extension=extension)
+
+
+def make_strategy(settings: SearchConfig, space: SearchSpace | RcdSearchSpace,
+                  archive: 'Archive' = ()):
   """The strategy named by settings.strategy over `space` (the GA never re-proposes a genome of
   `archive`)."""
   if settings.strategy == PAPER_GA:
@@ -186,6 +238,8 @@ class SearchResult:
   stage_factors: list | None = None
   attention: str | None = None   # the fitness's attention, its sequence split over seq_devices
   seq_devices: int = 1
+  space: str = 'longrope'
+  rcd: int | None = None            # LongRoPE2's spaces: the d_rcd found (a rotary pair index)
 
   @property
   def perplexity(self) -> float:
@@ -206,6 +260,8 @@ class SearchResult:
       record['stage_factors'] = [_rounded(f) for f in self.stage_factors]
     if self.attention is not None:
       record.update(attention=self.attention, seq_devices=int(self.seq_devices))
+    if self.space != 'longrope':
+      record.update(space=self.space, rcd=self.rcd)
     return record
 
   @classmethod
@@ -267,12 +323,16 @@ def search(model_config: model_lib.ModelConfig, params: Any, windows_NL: np.ndar
            base: RopeScaling | None = None, workdir: str | pathlib.Path | None = None,
            seed: int = 0, mesh: jax.sharding.Mesh | None = None, progress: bool = True,
            fitness: PopulationFitness | None = None,
-           on_generation: Callable[[dict], None] | None = None) -> SearchResult:
-  """Searches LongRoPE factors for `extension` (from its stage length to L').
+           on_generation: Callable[[dict], None] | None = None,
+           weights_NL: np.ndarray | None = None) -> SearchResult:
+  """Searches LongRoPE (or, with settings.space, LongRoPE2) factors for `extension` (from its
+  stage length to L').
 
-  Fitness is the mean NLL on windows_NL (validation documents, truncated to L'). With `base`
-  (progressive extension: the factors the model was fine-tuned with at extension.base_length),
-  every candidate's factors multiply base.factors. With a `workdir`, the state is checkpointed
+  Fitness is the mean NLL on windows_NL (validation documents, truncated to L'), or with
+  `weights_NL` f32[N, L' - 1] the weighted mean (LongRoPE2's needle-driven objective: the
+  windows and answer weights of `data.needle_windows`). With `base` (progressive extension: the
+  factors the model was fine-tuned with at extension.base_length), every candidate's factors
+  multiply base.factors. With a `workdir`, the state is checkpointed
   there every generation (workdir/ckpt) and a rerun resumes it; best_factors.json / .csv,
   history.jsonl and plots are written there. `fitness` reuses one compiled population call
   across searches on the same model and windows.
@@ -282,7 +342,8 @@ def search(model_config: model_lib.ModelConfig, params: Any, windows_NL: np.ndar
                      "the model was fine-tuned at), and base_length needs the base factors.")
   if settings.attention:
     model_config = model_config.replace(attention=settings.attention)
-  space = settings.space(head_dim=model_config.head_dim, extension=extension)
+  space = make_search_space(settings, head_dim=model_config.head_dim,
+                            theta=model_config.rope_theta, extension=extension)
   archive = Archive(settings.population * (settings.generations + 1), space.genome_size)
   strategy = make_strategy(settings, space, archive)
   if fitness is None:
@@ -291,7 +352,9 @@ def search(model_config: model_lib.ModelConfig, params: Any, windows_NL: np.ndar
         max_population=settings.population,
         mesh=mesh if mesh is not None else mesh_lib.population_mesh(),
         chunk=settings.chunk, doc_batch=settings.doc_batch,
-        memory_bytes=settings.memory_gb * 2**30)
+        memory_bytes=settings.memory_gb * 2**30, weights_NL=weights_NL)
+  elif weights_NL is not None:
+    raise ValueError("pass weights_NL to the PopulationFitness given as `fitness`, not to search.")
   elif fitness.length != extension.target_length or fitness.capacity < settings.population:
     raise ValueError("the given fitness was built for another target length or a smaller "
                      "population.")
@@ -363,7 +426,8 @@ def search(model_config: model_lib.ModelConfig, params: Any, windows_NL: np.ndar
       seeds={m: dict(nll=v, perplexity=math.exp(v)) for m, v in seed_nll.items()},
       genome=archive.genomes[best].copy(),
       stage_factors=None if base is None else [np.asarray(base.factors), factors],
-      attention=fitness.config.attention, seq_devices=fitness.seq_devices)
+      attention=fitness.config.attention, seq_devices=fitness.seq_devices,
+      space=settings.space, rcd=space.critical_dimension(archive.genomes[best]))
   if workdir is not None:
     write_outputs(result, workdir, model_config)
   return result
@@ -400,8 +464,8 @@ def _write_history(workdir: pathlib.Path, history: list[dict]) -> None:
   ckpt_lib.write_text(workdir / 'history.jsonl', ''.join(json.dumps(h) + '\n' for h in history))
 
 
-def _restore(mngr, strategy, space: SearchSpace, settings: SearchConfig, archive: Archive,
-             expected: dict):
+def _restore(mngr, strategy, space: SearchSpace | RcdSearchSpace, settings: SearchConfig,
+             archive: Archive, expected: dict):
   """The checkpointed (state, history, seed NLLs), or a ValueError if it is another search."""
   restored_meta = mngr.restore(mngr.latest_step(), args=ckpt_lib.ocp.args.Composite(
       meta=ckpt_lib.ocp.args.JsonRestore()))['meta']
@@ -410,7 +474,7 @@ def _restore(mngr, strategy, space: SearchSpace, settings: SearchConfig, archive
       raise ValueError(f"{mngr.directory} holds a search with a different {k} "
                        f"({restored_meta.get(k)!r} != {ckpt_lib.to_json(v)!r}); use a fresh "
                        "workdir (or delete search/) for a different search.")
-  dummy = np.zeros((settings.population, space.genome_size), np.int32)
+  dummy = np.repeat(space.encode(np.ones(space.num_freqs))[None], settings.population, axis=0)
   template_strategy = strategy.init(jax.random.key(0), dummy,
                                     np.zeros(settings.population, np.float32))
   treedef = jax.tree.structure(template_strategy)
@@ -442,7 +506,8 @@ def write_outputs(result: SearchResult, directory: str | pathlib.Path,
     kwargs = rope_lib.method_kwargs(head_dim=model_config.head_dim, theta=model_config.rope_theta,
                                     original_length=result.original_length,
                                     length=result.target_length)
-    curves = {f'longrope (searched, n_hat={result.n_hat})': result.factors}
+    searched = (f'n_hat={result.n_hat}' if result.rcd is None else f'd_rcd={result.rcd}')
+    curves = {f'{result.space} (searched, {searched})': result.factors}
     curves.update({name: np.asarray(rope_lib.get(m, **kwargs).factors) for name, m in
                    (('PI', 'linear'), ('NTK', 'ntk'), ('YaRN', 'yarn'))})
     plots.factor_curves(curves, directory / 'factors.png',

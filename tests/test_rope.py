@@ -166,6 +166,100 @@ def test_critical_dimension_golden():
   # Wavelength 2 pi theta ** (2i / d) first exceeds L0 = 256 at i = 2 (628 > 256 > 62.8).
   assert rope_lib.critical_dimension(HEAD_DIM, THETA, L0) == 2
   assert rope_lib.critical_dimension(HEAD_DIM, THETA, 10 ** 6) == 4
+  # Ten turns: the period first exceeds 25.6 at i = 1 (62.8 > 25.6 > 6.28).
+  assert rope_lib.critical_dimension(HEAD_DIM, THETA, L0, periods=10) == 1
+
+
+@pytest.mark.parametrize('head_dim, theta, original_length, d_tcd, d10_tcd', [
+    (96, 1e4, 2048, 31, 19),     # Phi3-mini (LongRoPE2 sec. 2.1: "62, the 31st cosine dimension")
+    (128, 5e5, 8192, 35, 24),    # LLaMA3-8B (sec. 3.2: d_tcd 35)
+    (64, 1e4, 256, 13, 5),       # the demo model
+    (32, 1e4, 256, 7, 3),        # the retrieval model
+])
+def test_theoretical_critical_dimensions_golden(head_dim, theta, original_length, d_tcd, d10_tcd):
+  # LongRoPE2 eq. 7 (halved to a pair index) and Algorithm 1 line 2, by hand:
+  # ceil((d / 2) log_theta(L0 / (2 pi periods))).
+  for periods, want in ((1, d_tcd), (10, d10_tcd)):
+    by_hand = math.ceil(head_dim / 2 * math.log(original_length / (2 * math.pi * periods))
+                        / math.log(theta))
+    assert by_hand == want
+    assert rope_lib.critical_dimension(head_dim, theta, original_length, periods=periods) == want
+  # The real critical dimensions the paper found lie in its search range [d10_tcd, d_tcd].
+  assert d10_tcd <= {96: 25, 128: 30}.get(head_dim, d10_tcd) <= d_tcd
+
+
+def test_ntk_rcd_golden():
+  # lambda_i = s ** (i / rcd); d_tcd = 2 here, so the default is 4 ** (i / 2).
+  rope = rope_lib.ntk_rcd(head_dim=HEAD_DIM, scale=S, theta=THETA, original_length=L0)
+  np.testing.assert_array_equal(rope.factors, [1.0, 2.0, 4.0, 8.0])
+  assert float(rope.attn_scale) == 1.0 and int(rope.n_hat) == 0
+  rope = rope_lib.ntk_rcd(head_dim=HEAD_DIM, scale=S, theta=THETA, original_length=L0, rcd=3)
+  np.testing.assert_allclose(rope.factors, [1.0, 4 ** (1 / 3), 4 ** (2 / 3), 4.0], rtol=U, atol=0)
+  # It is NTK with the base theta * s ** (d / (2 rcd)): here 1e4 * 4 ** (8 / 6).
+  np.testing.assert_allclose(rope_lib.inv_frequencies(8, THETA) / np.float64(rope.factors),
+                             rope_lib.inv_frequencies(8, THETA * S ** (8 / 6)), rtol=2 * U)
+  # A searched d_rcd reaches it through the registry like any option.
+  kwargs = rope_lib.method_kwargs(head_dim=HEAD_DIM, theta=THETA, original_length=L0,
+                                  length=int(S * L0))
+  np.testing.assert_array_equal(rope_lib.get('ntk_rcd', rcd=1, **kwargs).factors,
+                                [1.0, 4.0, 16.0, 64.0])
+
+
+def test_yarn_rcd_golden():
+  # YaRN's low boundary is floor(log10(256 / (2 pi 32))) = floor(0.105) = 0; the ramp now ends at
+  # rcd: rcd = 3 gives ramp (0, 1/3, 2/3, 1) and lambda = 1 / (ramp / 4 + 1 - ramp)
+  # = 1, 1 / (1/12 + 2/3) = 4/3, 1 / (1/6 + 1/3) = 2, 4.
+  rope = rope_lib.yarn_rcd(head_dim=HEAD_DIM, scale=S, theta=THETA, original_length=L0, rcd=3)
+  np.testing.assert_allclose(rope.factors, [1.0, 4 / 3, 2.0, 4.0], rtol=U, atol=0)
+  np.testing.assert_allclose(float(rope.attn_scale), 0.1 * math.log(4.0) + 1.0, rtol=U)
+  rope = rope_lib.yarn_rcd(head_dim=HEAD_DIM, scale=S, theta=THETA, original_length=L0, rcd=1)
+  np.testing.assert_array_equal(rope.factors, [1.0, 4.0, 4.0, 4.0])
+  # The default rcd is d_tcd = 2 = ceil(YaRN's beta_slow = 1 correction dim): YaRN itself.
+  rope = rope_lib.yarn_rcd(head_dim=HEAD_DIM, scale=S, theta=THETA, original_length=L0)
+  np.testing.assert_allclose(rope.factors, [1.0, 1.6, 4.0, 4.0], rtol=U, atol=0)
+
+
+def _rcd_numpy(kind, head_dim, theta, original_length, scale, rcd, beta_fast=32.0):
+  """LongRoPE2's NTK-rcd / YaRN-rcd factors in plain numpy, from the formulas."""
+  i = np.arange(head_dim // 2)
+  if kind == 'ntk_rcd':
+    return scale ** (i / rcd)
+  low = max(math.floor(head_dim * math.log(original_length / (beta_fast * 2 * math.pi))
+                       / (2 * math.log(theta))), 0)
+  ramp = np.clip((i - low) / (rcd - low), 0, 1)
+  return 1 / (ramp / scale + 1 - ramp)
+
+
+@pytest.mark.parametrize('kind', ['ntk_rcd', 'yarn_rcd'])
+@pytest.mark.parametrize('head_dim, theta, original_length', [
+    (32, 1e4, 256), (64, 1e4, 256), (96, 1e4, 2048), (128, 5e5, 8192)])
+@pytest.mark.parametrize('scale', [2.0, 16.0, 64.0])
+def test_rcd_methods_follow_their_formula_and_properties(kind, head_dim, theta, original_length,
+                                                         scale):
+  d_tcd = rope_lib.critical_dimension(head_dim, theta, original_length)
+  d10 = rope_lib.critical_dimension(head_dim, theta, original_length, periods=10)
+  default = rope_lib.get(kind, head_dim=head_dim, theta=theta, original_length=original_length,
+                         scale=scale)
+  for rcd in range(d10, d_tcd + 1):
+    rope = rope_lib.get(kind, head_dim=head_dim, theta=theta, original_length=original_length,
+                        scale=scale, rcd=rcd)
+    factors = np.asarray(rope.factors, np.float64)
+    want = _rcd_numpy(kind, head_dim, theta, original_length, scale, rcd)
+    np.testing.assert_allclose(factors, want.astype(np.float32), rtol=U, atol=0)
+    assert factors[0] == 1.0 and np.all(factors >= 1.0) and np.all(np.diff(factors) >= 0)
+    np.testing.assert_allclose(factors[rcd], scale, rtol=U)  # the OOD bound at d_rcd (eq. 10)
+    assert np.all(factors[:rcd] < scale)
+    if kind == 'yarn_rcd':  # PI from d_rcd on
+      np.testing.assert_allclose(factors[rcd:], scale, rtol=U)
+    else:  # NTK keeps growing past it
+      assert np.all(np.diff(factors[rcd:]) > 0)
+    if rcd == d_tcd:
+      np.testing.assert_array_equal(rope.factors, default.factors)
+  if kind == 'yarn_rcd':  # the default (d_tcd) is YaRN itself
+    yarn = rope_lib.yarn(head_dim=head_dim, theta=theta, original_length=original_length,
+                         scale=scale)
+    np.testing.assert_array_equal(default.factors, yarn.factors)
+    assert float(default.attn_scale) == float(yarn.attn_scale)
 
 
 def test_apply_rope_golden():
@@ -192,7 +286,7 @@ def test_make_dtypes_and_registry():
   assert rope.attn_scale.dtype == jnp.float32 and rope.attn_scale.shape == ()
   assert rope.num_freqs == 4
   assert set(rope_lib.METHODS) == {
-      'none', 'linear', 'ntk', 'dynamic_ntk', 'yarn', 'llama3', 'longrope'}
+      'none', 'linear', 'ntk', 'dynamic_ntk', 'yarn', 'llama3', 'longrope', 'ntk_rcd', 'yarn_rcd'}
   assert rope_lib.N_HAT_CHOICES == (0, 1, 2, 4, 8, 12, 16, 20, 24, 28, 32, 64, 128, 256)
   for name, rope in every_method().items():
     assert rope.factors.shape == (HEAD_DIM // 2,), name
@@ -295,7 +389,7 @@ def test_scores_depend_only_on_relative_offset_exact_angles(n_hat):
       assert_scores_close(other, got[0], q, k)
 
 
-@pytest.mark.parametrize('name', ['ntk', 'yarn', 'llama3', 'longrope'])
+@pytest.mark.parametrize('name', ['ntk', 'yarn', 'llama3', 'longrope', 'ntk_rcd', 'yarn_rcd'])
 def test_scores_depend_only_on_relative_offset(name):
   # Generic theta: each angle carries float32 error <= 4u * angle <= 4u * max_position (inv_freq and
   # 1 / lambda are <= 1), so a logit moves by at most |q||k| (8u * max_position + 16u).
@@ -400,6 +494,21 @@ def test_vmap_over_stacked_methods_equals_each():
     (lambda: rope_lib.dynamic_ntk(head_dim=8, length=512, original_length=256,
                                   dynamic_factor=0.5), 'dynamic_factor'),
     (lambda: rope_lib.dynamic_ntk(head_dim=8, length=0, original_length=256), 'length'),
+    (lambda: rope_lib.ntk_rcd(head_dim=8, scale=2.0, theta=1e4, original_length=256, rcd=0),
+     'rcd'),
+    (lambda: rope_lib.ntk_rcd(head_dim=8, scale=2.0, theta=1e4, original_length=256, rcd=5),
+     'rcd'),
+    (lambda: rope_lib.ntk_rcd(head_dim=8, scale=2.0, theta=1e4, original_length=256, rcd=2.5),
+     'rcd'),
+    (lambda: rope_lib.ntk_rcd(head_dim=8, scale=0.5, theta=1e4, original_length=256), 'scale'),
+    (lambda: rope_lib.ntk_rcd(head_dim=8, scale=2.0, theta=1e4, original_length=4), 'rcd'),
+    (lambda: rope_lib.yarn_rcd(head_dim=8, scale=2.0, theta=1.0, original_length=256), 'theta'),
+    # LLaMA3's YaRN keeps pairs up to floor(18.1) = 18 unscaled: rcd 10 lies below.
+    (lambda: rope_lib.yarn_rcd(head_dim=128, scale=16.0, theta=5e5, original_length=8192,
+                               rcd=10), 'rcd'),
+    (lambda: rope_lib.yarn_rcd(head_dim=8, scale=2.0, theta=1e4, original_length=256,
+                               beta_fast=0.0), 'beta_fast'),
+    (lambda: rope_lib.critical_dimension(8, 1e4, 256, periods=0), 'periods'),
     (lambda: rope_lib.get('nope', head_dim=8), 'Unknown RoPE method'),
     # A misspelled option is an error, not silently dropped; context keywords are not.
     (lambda: rope_lib.get('yarn', head_dim=8, scale=2.0, theta=1e4, original_length=256,

@@ -126,7 +126,8 @@ def ablations(run: Run) -> dict:
                             workdir=run.workdir / 'ablations' / 'search_n_hat_0',
                             seed=run.config.seed)
   # The search's space, to decode its best seed genome as the search saw it.
-  space = settings.space(head_dim=mc.head_dim, extension=extension)
+  space = search_lib.make_search_space(settings, head_dim=mc.head_dim, theta=mc.rope_theta,
+                                       extension=extension)
   genomes = search_space.seed_genomes(space, head_dim=mc.head_dim, theta=mc.rope_theta,
                                       extension=extension)
   best_seed = min(first.seeds, key=lambda m: first.seeds[m]['nll'])
