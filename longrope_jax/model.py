@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from longrope_jax import attention as attention_lib
+from longrope_jax import chunked_attention
 from longrope_jax import cpu_attention
 from longrope_jax import validation
 from longrope_jax import ring_attention as ring_lib
@@ -34,7 +35,7 @@ DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 ATTENTION: dict[str, Callable[..., jax.Array]] = {
     'dense': attention_lib.dense_attention,
     'blockwise': attention_lib.blockwise_attention,
-    'chunked': attention_lib.chunked_attention,
+    'chunked': chunked_attention.chunked_attention,
     'ring': ring_lib.ring_attention,
     'fused': attention_lib.fused_attention,
     'flash_cpu': cpu_attention.flash_cpu_attention,
