@@ -3,9 +3,9 @@
 Same semantics as `attention.dense_attention` (masking by explicit positions, sliding window,
 segment ids, GQA, zeros for rows with no visible key), forward and backward, under jit, vmap
 (folded into the kernel's batch), scan and grad. The library is compiled with the system C++
-compiler on first use into a cache directory keyed by the source, flags, compiler and CPU;
-without a compiler, or on another platform, `flash_cpu_attention` warns once and runs
-`attention.blockwise_attention`.
+compiler on first use (one console line says so) into a cache directory keyed by the source,
+flags, compiler and CPU; without a compiler, without `fcntl` (file locks, POSIX only), or on
+another platform, `flash_cpu_attention` warns once and runs `attention.blockwise_attention`.
 
 Shapes: B batch, T queries, S keys, N query heads, K kv heads, G = N // K, H head dim.
 """
@@ -13,7 +13,6 @@ Shapes: B batch, T queries, S keys, N query heads, K kv heads, G = N // K, H hea
 from __future__ import annotations
 
 import ctypes
-import fcntl
 import functools
 import hashlib
 import os
@@ -32,6 +31,11 @@ import numpy as np
 
 from longrope_jax import attention as attention_lib
 
+try:
+  import fcntl
+except ImportError:  # not POSIX (Windows): the kernel reports itself unavailable
+  fcntl = None
+
 SOURCE = pathlib.Path(__file__).parent / 'csrc' / 'flash_attention.cc'
 FLAGS = ('-O3', '-march=native', '-std=c++17', '-ffp-contract=fast', '-fPIC', '-shared',
          '-pthread')
@@ -41,6 +45,7 @@ _FORWARD_SEG, _BACKWARD_SEG = 'longrope_flash_forward_segments', 'longrope_flash
 _TARGETS = {_FORWARD: 'LongropeFlashForward', _BACKWARD: 'LongropeFlashBackward',
             _FORWARD_SEG: 'LongropeFlashForwardSegments',
             _BACKWARD_SEG: 'LongropeFlashBackwardSegments'}
+COMPILE_MESSAGE = 'compiling the CPU attention kernel (~15 s, once per machine) ...'
 _NO_WINDOW = np.iinfo(np.int32).max
 
 _lock = threading.Lock()
@@ -69,8 +74,16 @@ def _cpu_flags() -> str:
   return platform.processor()
 
 
+def _compile(compiler: str, output: str, source: pathlib.Path = SOURCE) -> None:
+  """Compiles `source` (the kernel's) into the library `output` with FLAGS (raises
+  subprocess.CalledProcessError with the compiler's stderr)."""
+  subprocess.run([compiler, *FLAGS, '-I', jax.ffi.include_dir(), str(source), '-o', output,
+                  '-ldl'], capture_output=True, text=True, check=True)
+
+
 def _build(compiler: str) -> pathlib.Path:
-  """Compiles the kernel unless a build for this source, compiler and CPU is cached."""
+  """Compiles the kernel unless a build for this source, compiler and CPU is cached; says so on
+  stderr, in one line, when it compiles."""
   version = subprocess.run([compiler, '--version'], capture_output=True, text=True,
                            check=True).stdout
   key = hashlib.sha256('\0'.join([SOURCE.read_text(), ' '.join(FLAGS), version, _cpu_flags(),
@@ -81,11 +94,11 @@ def _build(compiler: str) -> pathlib.Path:
   with open(directory / f'flash_attention-{key}.lock', 'w') as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)  # parallel test workers: one compiles, the rest wait
     if not target.exists():
+      print(COMPILE_MESSAGE, file=sys.stderr, flush=True)
       fd, tmp = tempfile.mkstemp(suffix='.so', dir=directory)
       os.close(fd)
       try:
-        subprocess.run([compiler, *FLAGS, '-I', jax.ffi.include_dir(), str(SOURCE), '-o', tmp,
-                        '-ldl'], capture_output=True, text=True, check=True)
+        _compile(compiler, tmp)
         os.replace(tmp, target)
       finally:
         if os.path.exists(tmp):
@@ -97,6 +110,10 @@ def _load() -> ctypes.CDLL | None:
   with _lock:
     if 'lib' in _state or 'error' in _state:
       return _state.get('lib')
+    if fcntl is None:
+      _state['error'] = ("no fcntl module (not a POSIX system): the kernel's build cache "
+                         "needs its file locks")
+      return None
     compiler = _compiler()
     if compiler is None:
       _state['error'] = 'no C++ compiler found (set $CXX or install g++)'
