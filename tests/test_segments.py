@@ -252,7 +252,7 @@ def test_packed_nll_equals_each_document_alone(model_setup, attention):
   document run alone at positions 0.., within 1e-5; and the rotary table of the restarting
   positions is each document's own."""
   config, params, rope = model_setup
-  config = config.replace(attention=attention, sliding_window=None)
+  config = config.replace(attention=attention, sliding_window=None, nll_chunk=16)  # 4 chunks
   T = 61
   pos, seg = packed(2, T, seed=7)
   tokens = np.random.default_rng(7).integers(0, config.vocab_size, (2, T)).astype(np.int32)
@@ -267,7 +267,8 @@ def test_packed_nll_equals_each_document_alone(model_setup, attention):
   alone_tokens = np.zeros((len(documents), T), np.int32)
   for row, (b, idx) in enumerate(documents):
     alone_tokens[row, :len(idx)] = tokens[b, idx]
-  alone = jax.jit(functools.partial(model_lib.token_nll, config.replace(attention='dense')))(
+  alone = jax.jit(functools.partial(model_lib.token_nll,
+                                    config.replace(attention='dense', nll_chunk=2048)))(
       params, jnp.asarray(alone_tokens), rope)
   cos, sin = rope_lib.rope_cos_sin(pos, rope, theta=config.rope_theta)
   cos_alone, sin_alone = rope_lib.rope_cos_sin(jnp.arange(T)[None], rope, theta=config.rope_theta)
