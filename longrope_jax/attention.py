@@ -1,9 +1,23 @@
-"""Causal attention over explicit positions: dense reference, blockwise and fused kernels.
+"""Causal attention over explicit positions and segments: dense reference, blockwise, fused.
 
-Masking is by positions, never by array index: query t sees key s when k_pos[s] <= q_pos[t]
-(and q_pos[t] - k_pos[s] < window with a sliding window). The same rule serves a full forward,
-a KV cache (empty slots hold a position that is never <= any query) and ring layouts (global
-positions).
+The contract of every attention implementation (model.ATTENTION: these, the query-chunked,
+ring and CPU-kernel modules beside this file, and accelerator kernels to come):
+
+    fn(q_BTNH, k_BSKH, v_BSKH, q_pos_BT, k_pos_BS, *, window=None, block_q, block_k,
+       q_seg_BT=None, k_seg_BS=None) -> out_BTNH
+
+Masking is by positions and segment ids, never by array index: query t sees key s iff
+    k_pos[s] <= q_pos[t],
+    q_pos[t] - k_pos[s] < window        (with a sliding window),
+    q_seg[t] == k_seg[s]                (with segment ids: both given, or both None).
+Rows with no visible key give zeros. The same rule serves a full forward, a KV cache (empty slots
+hold a position that is never <= any query), ring layouts (global positions) and packed rows of
+several documents (segment ids; positions restart at 0 in each document, so causality is by
+position within a segment: position bounds over a block stay safe but skip little across
+documents, and a fast path that assumes index-ordered positions does not hold; implementations
+bound segment ids too, or fall back to a general path). Without segment ids (None, a static
+choice) no segment code is traced or compiled. Implementations equal `dense_attention` within
+1e-5, outputs and gradients.
 
 Shapes: B batch, T queries, S keys, N query heads, K kv heads, G = N // K, H head dim.
 Blockwise: I query blocks of Q queries, J key blocks of C keys (T = I * Q, S = J * C after padding).
@@ -22,20 +36,25 @@ from jax import lax
 EMPTY_POSITION = 2**30
 
 # Running max before any visible key: finite, so exp(m_old - m_new) never sees -inf - -inf.
-_M_INIT = -1e30
+M_INIT = -1e30
 
 
-def causal_mask(q_pos_BT: jax.Array, k_pos_BS: jax.Array, window: int | None = None) -> jax.Array:
-  """bool[B, T, S]: key s is visible to query t."""
+def causal_mask(q_pos_BT: jax.Array, k_pos_BS: jax.Array, window: int | None = None,
+                q_seg_BT: jax.Array | None = None, k_seg_BS: jax.Array | None = None) -> jax.Array:
+  """bool[B, T, S]: key s is visible to query t (the rule at the top of this file)."""
   diff_BTS = q_pos_BT[:, :, None] - k_pos_BS[:, None, :]
   mask = diff_BTS >= 0
   if window is not None:
     mask &= diff_BTS < window
+  if q_seg_BT is not None:
+    mask &= q_seg_BT[:, :, None] == k_seg_BS[:, None, :]
   return mask
 
 
 def dense_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, q_pos_BT: jax.Array,
-                    k_pos_BS: jax.Array, *, window: int | None = None, **unused) -> jax.Array:
+                    k_pos_BS: jax.Array, *, window: int | None = None,
+                    q_seg_BT: jax.Array | None = None, k_seg_BS: jax.Array | None = None,
+                    **unused) -> jax.Array:
   """Reference causal grouped-query attention; materializes the [B, N, T, S] scores in f32.
 
   The G query heads of a kv head are stacked with the queries (M = G * T rows) so both products
@@ -47,7 +66,9 @@ def dense_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, q_p
   q_BKMH = q_BTNH.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, H)
   logits_BKMS = jnp.einsum('BKMH,BSKH->BKMS', q_BKMH, k_BSKH,
                            preferred_element_type=jnp.float32) * (H ** -0.5)
-  mask_B1MS = jnp.broadcast_to(causal_mask(q_pos_BT, k_pos_BS, window)[:, None, None],
+  validate_segments(q_pos_BT, k_pos_BS, q_seg_BT, k_seg_BS)
+  mask_BTS = causal_mask(q_pos_BT, k_pos_BS, window, q_seg_BT, k_seg_BS)
+  mask_B1MS = jnp.broadcast_to(mask_BTS[:, None, None],
                                (B, 1, G, T, S)).reshape(B, 1, G * T, S)
   logits_BKMS = jnp.where(mask_B1MS, logits_BKMS, -jnp.inf)
   probs_BKMS = jax.nn.softmax(logits_BKMS, axis=-1)
@@ -97,6 +118,20 @@ def validate_attention_shapes(q_BTNH, k_BSKH, v_BSKH, q_pos_BT, k_pos_BS) -> Non
                      f"got {q_pos_BT.shape} and {k_pos_BS.shape}.")
 
 
+def validate_segments(q_pos_BT, k_pos_BS, q_seg_BT, k_seg_BS) -> None:
+  """Segment ids are both None or both integer arrays shaped as their positions."""
+  if (q_seg_BT is None) != (k_seg_BS is None):
+    raise ValueError("q_seg_BT and k_seg_BS must be given together (both None: one document); "
+                     f"got q_seg_BT {'None' if q_seg_BT is None else 'given'} and k_seg_BS "
+                     f"{'None' if k_seg_BS is None else 'given'}.")
+  if q_seg_BT is None:
+    return
+  for name, seg, pos in (('q_seg_BT', q_seg_BT, q_pos_BT), ('k_seg_BS', k_seg_BS, k_pos_BS)):
+    if seg.shape != pos.shape or not jnp.issubdtype(seg.dtype, jnp.integer):
+      raise ValueError(f"{name} must be integers shaped as its positions {pos.shape}, got "
+                       f"{seg.dtype}{list(seg.shape)}.")
+
+
 def validate_blocks(block_q: int, block_k: int, window: int | None = None) -> None:
   """Block sizes must be positive integers; a window, positive or None."""
   for name, value in (('block_q', block_q), ('block_k', block_k)):
@@ -107,15 +142,20 @@ def validate_blocks(block_q: int, block_k: int, window: int | None = None) -> No
 
 
 # ----------------------------------------------------------------------------- block schedule
-def visible_blocks(q_pos_IBQ: jax.Array, k_pos_JBC: jax.Array, window: int | None) -> jax.Array:
-  """bool[I, J]: some query of block i may see some key of block j (from position bounds over
-  the whole batch, so never a false negative)."""
-  q_min_I, q_max_I = q_pos_IBQ.min(axis=(1, 2)), q_pos_IBQ.max(axis=(1, 2))
-  k_min_J, k_max_J = k_pos_JBC.min(axis=(1, 2)), k_pos_JBC.max(axis=(1, 2))
-  visible_IJ = k_min_J[None, :] <= q_max_I[:, None]
+def visible_blocks(q_pos_IBQ: jax.Array, k_pos_JBC: jax.Array, window: int | None,
+                   q_seg_IBQ: jax.Array | None = None,
+                   k_seg_JBC: jax.Array | None = None) -> jax.Array:
+  """bool[I, J]: some query of block i may see some key of block j (from position bounds and,
+  with segments, segment-id ranges that must overlap, per sequence: never a false negative)."""
+  q_min_IB, q_max_IB = q_pos_IBQ.min(axis=2), q_pos_IBQ.max(axis=2)
+  k_min_JB, k_max_JB = k_pos_JBC.min(axis=2), k_pos_JBC.max(axis=2)
+  visible_IJB = k_min_JB[None] <= q_max_IB[:, None]
   if window is not None:
-    visible_IJ &= q_min_I[:, None] - k_max_J[None, :] < window
-  return visible_IJ
+    visible_IJB &= q_min_IB[:, None] - k_max_JB[None] < window
+  if q_seg_IBQ is not None:
+    visible_IJB &= ((k_seg_JBC.min(axis=2)[None] <= q_seg_IBQ.max(axis=2)[:, None]) &
+                    (q_seg_IBQ.min(axis=2)[:, None] <= k_seg_JBC.max(axis=2)[None]))
+  return visible_IJB.any(axis=2)
 
 
 def _loop_bounds(visible_IJ: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -128,18 +168,27 @@ def _loop_bounds(visible_IJ: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 class Blocks(NamedTuple):
-  """Attention inputs cut into blocks; q is already multiplied by 1 / sqrt(H)."""
+  """Attention inputs cut into blocks; q is already multiplied by 1 / sqrt(H). Segment ids are
+  None for one document per sequence."""
 
   q_IBKGQH: jax.Array
   k_JBKCH: jax.Array
   v_JBKCH: jax.Array
   q_pos_IBQ: jax.Array
   k_pos_JBC: jax.Array
+  q_seg_IBQ: jax.Array | None = None
+  k_seg_JBC: jax.Array | None = None
 
 
-def to_blocks(q_BTNH, k_BSKH, v_BSKH, q_pos_BT, k_pos_BS, block_q: int, block_k: int) -> Blocks:
-  """Pads T and S to whole blocks (padded queries repeat the last position, padded keys are
-  EMPTY_POSITION) and moves block and head axes first."""
+def _at(x: jax.Array | None, i) -> jax.Array | None:
+  """x[i], or None for absent segment ids."""
+  return None if x is None else x[i]
+
+
+def to_blocks(q_BTNH, k_BSKH, v_BSKH, q_pos_BT, k_pos_BS, block_q: int, block_k: int,
+              q_seg_BT=None, k_seg_BS=None) -> Blocks:
+  """Pads T and S to whole blocks (padded queries repeat the last position and segment, padded
+  keys are EMPTY_POSITION and repeat the last segment) and moves block and head axes first."""
   B, T, N, H = q_BTNH.shape
   _, S, K, _ = k_BSKH.shape
   Q, C = min(block_q, T), min(block_k, S)
@@ -151,12 +200,19 @@ def to_blocks(q_BTNH, k_BSKH, v_BSKH, q_pos_BT, k_pos_BS, block_q: int, block_k:
   k_BSKH = jnp.pad(k_BSKH, ((0, 0), (0, pad_k), (0, 0), (0, 0)))
   v_BSKH = jnp.pad(v_BSKH, ((0, 0), (0, pad_k), (0, 0), (0, 0)))
   k_pos_BS = jnp.pad(k_pos_BS, ((0, 0), (0, pad_k)), constant_values=EMPTY_POSITION)
+  q_seg_IBQ = k_seg_JBC = None
+  if q_seg_BT is not None:
+    q_seg_IBQ = jnp.pad(q_seg_BT.astype(jnp.int32), ((0, 0), (0, pad_q)), mode='edge').reshape(
+        B, I, Q).transpose(1, 0, 2)
+    k_seg_JBC = jnp.pad(k_seg_BS.astype(jnp.int32), ((0, 0), (0, pad_k)), mode='edge').reshape(
+        B, J, C).transpose(1, 0, 2)
   return Blocks(
       q_IBKGQH=q_BTNH.reshape(B, I, Q, K, N // K, H).transpose(1, 0, 3, 4, 2, 5),
       k_JBKCH=k_BSKH.reshape(B, J, C, K, H).transpose(1, 0, 3, 2, 4),
       v_JBKCH=v_BSKH.reshape(B, J, C, K, H).transpose(1, 0, 3, 2, 4),
       q_pos_IBQ=q_pos_BT.reshape(B, I, Q).transpose(1, 0, 2),
-      k_pos_JBC=k_pos_BS.reshape(B, J, C).transpose(1, 0, 2))
+      k_pos_JBC=k_pos_BS.reshape(B, J, C).transpose(1, 0, 2),
+      q_seg_IBQ=q_seg_IBQ, k_seg_JBC=k_seg_JBC)
 
 
 def from_blocks(out_IBKGQH: jax.Array, length: int) -> jax.Array:
@@ -183,7 +239,7 @@ def _full_like(x: jax.Array, shape, value: float) -> jax.Array:
 
 def init_state(q_IBKGQH: jax.Array) -> SoftmaxState:
   shape = q_IBKGQH.shape
-  return SoftmaxState(_full_like(q_IBKGQH, shape[:-1], _M_INIT),
+  return SoftmaxState(_full_like(q_IBKGQH, shape[:-1], M_INIT),
                       _full_like(q_IBKGQH, shape[:-1], 0.0), _full_like(q_IBKGQH, shape, 0.0))
 
 
@@ -196,11 +252,11 @@ def finalize(state: SoftmaxState) -> tuple[jax.Array, jax.Array]:
   return out, lse
 
 
-def _masked_scores(q_BKGQH, k_BKCH, q_pos_BQ, k_pos_BC, window):
+def _masked_scores(q_BKGQH, k_BKCH, q_pos_BQ, k_pos_BC, window, q_seg_BQ=None, k_seg_BC=None):
   """Logits f32[B, K, G, Q, C] with invisible keys at -inf, and the mask. (Masking every
   computed block costs no measurable time next to the exp; it keeps one loop body.)"""
   s_BKGQC = jnp.einsum('BKGQH,BKCH->BKGQC', q_BKGQH, k_BKCH, preferred_element_type=jnp.float32)
-  mask_B11QC = causal_mask(q_pos_BQ, k_pos_BC, window)[:, None, None]
+  mask_B11QC = causal_mask(q_pos_BQ, k_pos_BC, window, q_seg_BQ, k_seg_BC)[:, None, None]
   return jnp.where(mask_B11QC, s_BKGQC, -jnp.inf), mask_B11QC
 
 
@@ -211,17 +267,20 @@ def forward_blocks(blocks: Blocks, state: SoftmaxState, window: int | None) -> S
   triangle, or a band with a window, for ordered positions); invisible blocks in between
   (unordered positions) are skipped by a cond.
   """
-  visible_IJ = visible_blocks(blocks.q_pos_IBQ, blocks.k_pos_JBC, window)
+  visible_IJ = visible_blocks(blocks.q_pos_IBQ, blocks.k_pos_JBC, window, blocks.q_seg_IBQ,
+                              blocks.k_seg_JBC)
   lo_I, hi_I = _loop_bounds(visible_IJ)
   k_JBKCH, v_JBKCH, k_pos_JBC = blocks.k_JBKCH, blocks.v_JBKCH, blocks.k_pos_JBC
+  k_seg_JBC = blocks.k_seg_JBC
 
   def row(_, xs):
-    q_BKGQH, q_pos_BQ, visible_J, lo, hi, m_BKGQ, l_BKGQ, acc_BKGQH = xs
+    q_BKGQH, q_pos_BQ, q_seg_BQ, visible_J, lo, hi, m_BKGQ, l_BKGQ, acc_BKGQH = xs
 
     def update(j, carry):
       m_BKGQ, l_BKGQ, acc_BKGQH = carry
       v_BKCH = v_JBKCH[j]
-      s_BKGQC, _ = _masked_scores(q_BKGQH, k_JBKCH[j], q_pos_BQ, k_pos_JBC[j], window)
+      s_BKGQC, _ = _masked_scores(q_BKGQH, k_JBKCH[j], q_pos_BQ, k_pos_JBC[j], window, q_seg_BQ,
+                                  _at(k_seg_JBC, j))
       m_new = jnp.maximum(m_BKGQ, s_BKGQC.max(axis=-1))
       p_BKGQC = jnp.exp(s_BKGQC - m_new[..., None])
       corr_BKGQ = jnp.exp(m_BKGQ - m_new)
@@ -234,7 +293,8 @@ def forward_blocks(blocks: Blocks, state: SoftmaxState, window: int | None) -> S
                           (m_BKGQ, l_BKGQ, acc_BKGQH))
     return None, carry
 
-  _, new = lax.scan(row, None, (blocks.q_IBKGQH, blocks.q_pos_IBQ, visible_IJ, lo_I, hi_I, *state))
+  _, new = lax.scan(row, None, (blocks.q_IBKGQH, blocks.q_pos_IBQ, blocks.q_seg_IBQ, visible_IJ,
+                                lo_I, hi_I, *state))
   return SoftmaxState(*new)
 
 
@@ -250,17 +310,19 @@ def backward_blocks(blocks: Blocks, lse_IBKGQ: jax.Array, delta_IBKGQ: jax.Array
 
   Returns f32 (dq for the scaled q, dk, dv) in block layout.
   """
-  visible_JI = visible_blocks(blocks.q_pos_IBQ, blocks.k_pos_JBC, window).T
+  visible_JI = visible_blocks(blocks.q_pos_IBQ, blocks.k_pos_JBC, window, blocks.q_seg_IBQ,
+                              blocks.k_seg_JBC).T
   lo_J, hi_J = _loop_bounds(visible_JI)
-  q_IBKGQH, q_pos_IBQ = blocks.q_IBKGQH, blocks.q_pos_IBQ
+  q_IBKGQH, q_pos_IBQ, q_seg_IBQ = blocks.q_IBKGQH, blocks.q_pos_IBQ, blocks.q_seg_IBQ
 
   def column(dq_IBKGQH, xs):
-    k_BKCH, v_BKCH, k_pos_BC, visible_I, lo, hi = xs
+    k_BKCH, v_BKCH, k_pos_BC, k_seg_BC, visible_I, lo, hi = xs
 
     def update(i, carry):
       dq_IBKGQH, dk_BKCH, dv_BKCH = carry
       q_BKGQH, do_BKGQH = q_IBKGQH[i], do_IBKGQH[i]
-      s_BKGQC, mask_B11QC = _masked_scores(q_BKGQH, k_BKCH, q_pos_IBQ[i], k_pos_BC, window)
+      s_BKGQC, mask_B11QC = _masked_scores(q_BKGQH, k_BKCH, q_pos_IBQ[i], k_pos_BC, window,
+                                           _at(q_seg_IBQ, i), k_seg_BC)
       p_BKGQC = jnp.where(mask_B11QC, jnp.exp(s_BKGQC - lse_IBKGQ[i][..., None]), 0.0)
       dv_BKCH += jnp.einsum('BKGQC,BKGQH->BKCH', p_BKGQC.astype(do_BKGQH.dtype), do_BKGQH,
                             preferred_element_type=jnp.float32)
@@ -282,7 +344,7 @@ def backward_blocks(blocks: Blocks, lse_IBKGQ: jax.Array, delta_IBKGQ: jax.Array
 
   dq_IBKGQH, (dk_JBKCH, dv_JBKCH) = lax.scan(
       column, _full_like(q_IBKGQH, q_IBKGQH.shape, 0.0),
-      (blocks.k_JBKCH, blocks.v_JBKCH, blocks.k_pos_JBC, visible_JI, lo_J, hi_J))
+      (blocks.k_JBKCH, blocks.v_JBKCH, blocks.k_pos_JBC, blocks.k_seg_JBC, visible_JI, lo_J, hi_J))
   return dq_IBKGQH, dk_JBKCH, dv_JBKCH
 
 
@@ -305,7 +367,7 @@ def _blockwise_bwd(window, residuals, do_IBKGQH):
                            out_IBKGQH.astype(jnp.float32))
   dq, dk, dv = backward_blocks(blocks, lse_IBKGQ, delta_IBKGQ, do_IBKGQH, window)
   return (Blocks(dq.astype(blocks.q_IBKGQH.dtype), dk.astype(blocks.k_JBKCH.dtype),
-                 dv.astype(blocks.v_JBKCH.dtype), None, None),)
+                 dv.astype(blocks.v_JBKCH.dtype), None, None, None, None),)
 
 
 _blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)
@@ -313,196 +375,31 @@ _blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)
 
 def blockwise_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array,
                         q_pos_BT: jax.Array, k_pos_BS: jax.Array, *, window: int | None = None,
-                        block_q: int = 512, block_k: int = 512, **unused) -> jax.Array:
+                        block_q: int = 512, block_k: int = 512,
+                        q_seg_BT: jax.Array | None = None, k_seg_BS: jax.Array | None = None,
+                        **unused) -> jax.Array:
   """Memory-efficient causal GQA: online softmax over key blocks (Rabe & Staats, 2021; Dao et
-  al., 2022), invisible blocks skipped, peak memory O(T * block). Same result as dense."""
+  al., 2022), blocks skipped by position and segment bounds, peak memory O(T * block). Same
+  result as dense."""
   validate_attention_shapes(q_BTNH, k_BSKH, v_BSKH, q_pos_BT, k_pos_BS)
+  validate_segments(q_pos_BT, k_pos_BS, q_seg_BT, k_seg_BS)
   validate_blocks(block_q, block_k, window)
   blocks = to_blocks(q_BTNH, k_BSKH, v_BSKH, q_pos_BT.astype(jnp.int32),
-                     k_pos_BS.astype(jnp.int32), block_q, block_k)
+                     k_pos_BS.astype(jnp.int32), block_q, block_k, q_seg_BT, k_seg_BS)
   return from_blocks(_blockwise(blocks, window), q_BTNH.shape[1])
 
 
 # ----------------------------------------------------------------------------- fused
 def fused_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, q_pos_BT: jax.Array,
-                    k_pos_BS: jax.Array, *, window: int | None = None, **unused) -> jax.Array:
-  """`jax.nn.dot_product_attention` with the position mask: cuDNN flash attention on a GPU for
-  bf16 / f16 inputs, XLA elsewhere. Materializes a bool[B, 1, T, S] mask."""
+                    k_pos_BS: jax.Array, *, window: int | None = None,
+                    q_seg_BT: jax.Array | None = None, k_seg_BS: jax.Array | None = None,
+                    **unused) -> jax.Array:
+  """`jax.nn.dot_product_attention` with the position (and segment) mask: cuDNN flash attention
+  on a GPU for bf16 / f16 inputs, XLA elsewhere. Materializes a bool[B, 1, T, S] mask; rows with
+  no visible key (which jax averages every value over) are set to zeros."""
+  validate_segments(q_pos_BT, k_pos_BS, q_seg_BT, k_seg_BS)
   on_gpu = jax.default_backend() == 'gpu' and q_BTNH.dtype in (jnp.bfloat16, jnp.float16)
-  mask_B1TS = causal_mask(q_pos_BT, k_pos_BS, window)[:, None]
-  return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask_B1TS,
-                                      implementation='cudnn' if on_gpu else 'xla')
-
-
-# ----------------------------------------------------------------------------- query-chunked
-def ordered_positions(q_pos_BT: jax.Array, k_pos_BS: jax.Array) -> jax.Array:
-  """bool[]: keys strictly increase and the queries are the last T keys (a forward over a
-  contiguous, sorted sequence): then key s is visible to query t only if s <= S - T + t, and with
-  a window only if s > S - T + t - window."""
-  T, S = q_pos_BT.shape[1], k_pos_BS.shape[1]
-  return (jnp.all(k_pos_BS[:, 1:] > k_pos_BS[:, :-1]) &
-          jnp.all(q_pos_BT == k_pos_BS[:, S - T:]))
-
-
-def chunk_ranges(T: int, S: int, chunk: int, window: int | None) -> list[tuple[int, int, int, int]]:
-  """Static schedule for ordered positions: (a, b, lo, mid) per query chunk [a, b), with
-  keys [lo, mid) fully visible (no mask; empty with a window) and keys [mid, S - T + b) masked."""
-  offset, ranges = S - T, []
-  for a in range(0, T, chunk):
-    b = min(a + chunk, T)
-    lo = 0 if window is None else max(0, offset + a - window + 1)
-    mid = offset + a if window is None else lo
-    ranges.append((a, b, lo, mid))
-  return ranges
-
-
-def _chunk_scores(q_BKMH, k_BKSH, q_pos_BC, k_pos_BS, G, lo, mid, end, window):
-  """Logits of one query chunk (M = G * C rows, q already scaled): unmasked [lo, mid) and
-  masked [mid, end), both f32, and the mask of the second part bool[B, 1, M, end - mid]."""
-  s_full = jnp.einsum('BKMH,BKSH->BKMS', q_BKMH, k_BKSH[:, :, lo:mid],
-                      preferred_element_type=jnp.float32)
-  s_diag = jnp.einsum('BKMH,BKSH->BKMS', q_BKMH, k_BKSH[:, :, mid:end],
-                      preferred_element_type=jnp.float32)
-  B, C = q_pos_BC.shape
-  mask_BCS = causal_mask(q_pos_BC, k_pos_BS[:, mid:end], window)
-  mask_B1MS = jnp.broadcast_to(mask_BCS[:, None, None], (B, 1, G, C, end - mid)).reshape(
-      B, 1, G * C, end - mid)
-  return s_full, jnp.where(mask_B1MS, s_diag, -jnp.inf), mask_B1MS
-
-
-def _chunk_layout(q_BTNH, k_BSKH, v_BSKH):
-  """q scaled by 1 / sqrt(H) as [B, K, G, T, H]; k and v as [B, K, S, H]."""
-  B, T, N, H = q_BTNH.shape
-  K = k_BSKH.shape[2]
-  q_BKGTH = (q_BTNH * jnp.asarray(H ** -0.5, q_BTNH.dtype)).reshape(B, T, K, N // K, H)
-  return (q_BKGTH.transpose(0, 2, 3, 1, 4), k_BSKH.transpose(0, 2, 1, 3),
-          v_BSKH.transpose(0, 2, 1, 3))
-
-
-def _rows(x_BKGCH):
-  B, K, G, C, H = x_BKGCH.shape
-  return x_BKGCH.reshape(B, K, G * C, H)
-
-
-def _after(x: jax.Array, previous: list) -> jax.Array:
-  """x, made to depend on the last of `previous` (x + 0 * one element of it), so chunks run one
-  after another and XLA frees each chunk's scores before the next. Without it XLA:CPU kept every
-  chunk's scores live at once (demo shape, 16K: 1.2 GiB of temp instead of 0.18 GiB), and
-  `lax.optimization_barrier` did not order them. A non-finite `previous` spreads to x."""
-  if not previous:
-    return x
-  return x + jnp.zeros((), x.dtype) * previous[-1].ravel()[0].astype(x.dtype)
-
-
-def _chunked_forward(q_BTNH, k_BSKH, v_BSKH, q_pos_BT, k_pos_BS, window, chunk):
-  """out f32[B, K, G, T, H] and lse f32[B, K, G, T] of ordered positions, one query chunk at a
-  time against only the keys it may see."""
-  B, T, N, H = q_BTNH.shape
-  S, K = k_BSKH.shape[1], k_BSKH.shape[2]
-  G = N // K
-  q_BKGTH, k_BKSH, v_BKSH = _chunk_layout(q_BTNH, k_BSKH, v_BSKH)
-  outs, lses = [], []
-  for a, b, lo, mid in chunk_ranges(T, S, chunk, window):
-    end = S - T + b
-    q_BKMH = _after(_rows(q_BKGTH[:, :, :, a:b]), outs)
-    s_full, s_diag, _ = _chunk_scores(q_BKMH, k_BKSH, q_pos_BT[:, a:b], k_pos_BS, G, lo, mid, end,
-                                      window)
-    m_BKM = jnp.maximum(s_full.max(axis=-1, initial=_M_INIT), s_diag.max(axis=-1))
-    p_full = jnp.exp(s_full - m_BKM[..., None])
-    p_diag = jnp.exp(s_diag - m_BKM[..., None])
-    l_BKM = p_full.sum(axis=-1) + p_diag.sum(axis=-1)
-    dt = v_BSKH.dtype
-    out_BKMH = (jnp.einsum('BKMS,BKSH->BKMH', p_full.astype(dt), v_BKSH[:, :, lo:mid],
-                           preferred_element_type=jnp.float32) +
-                jnp.einsum('BKMS,BKSH->BKMH', p_diag.astype(dt), v_BKSH[:, :, mid:end],
-                           preferred_element_type=jnp.float32))
-    outs.append((out_BKMH / l_BKM[..., None]).reshape(B, K, G, b - a, H))
-    lses.append((m_BKM + jnp.log(l_BKM)).reshape(B, K, G, b - a))
-  return jnp.concatenate(outs, axis=3), jnp.concatenate(lses, axis=3)
-
-
-def _to_BTNH(x_BKGTH):
-  B, K, G, T, H = x_BKGTH.shape
-  return x_BKGTH.transpose(0, 3, 1, 2, 4).reshape(B, T, K * G, H)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _chunked(q_BTNH, k_BSKH, v_BSKH, q_pos_BT, k_pos_BS, window, chunk):
-  out_BKGTH, _ = _chunked_forward(q_BTNH, k_BSKH, v_BSKH, q_pos_BT, k_pos_BS, window, chunk)
-  return _to_BTNH(out_BKGTH).astype(q_BTNH.dtype)
-
-
-def _chunked_fwd(q_BTNH, k_BSKH, v_BSKH, q_pos_BT, k_pos_BS, window, chunk):
-  out_BKGTH, lse_BKGT = _chunked_forward(q_BTNH, k_BSKH, v_BSKH, q_pos_BT, k_pos_BS, window,
-                                         chunk)
-  out_BTNH = _to_BTNH(out_BKGTH).astype(q_BTNH.dtype)
-  return out_BTNH, (q_BTNH, k_BSKH, v_BSKH, q_pos_BT, k_pos_BS, out_BTNH, lse_BKGT)
-
-
-def _chunked_bwd(window, chunk, residuals, do_BTNH):
-  """Flash-attention-2 backward per query chunk: p = exp(s - lse) recomputed, dq of the chunk
-  written once, dk and dv accumulated over the chunk's key range."""
-  q_BTNH, k_BSKH, v_BSKH, q_pos_BT, k_pos_BS, out_BTNH, lse_BKGT = residuals
-  B, T, N, H = q_BTNH.shape
-  S, K = k_BSKH.shape[1], k_BSKH.shape[2]
-  G = N // K
-  q_BKGTH, k_BKSH, v_BKSH = _chunk_layout(q_BTNH, k_BSKH, v_BSKH)
-  do_BKGTH = do_BTNH.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4)
-  delta_BKGT = jnp.einsum('BTNH,BTNH->BTN', do_BTNH.astype(jnp.float32),
-                          out_BTNH.astype(jnp.float32)).reshape(B, T, K, G).transpose(0, 2, 3, 1)
-  dk_BKSH = jnp.zeros((B, K, S, H), jnp.float32)
-  dv_BKSH = jnp.zeros((B, K, S, H), jnp.float32)
-  dqs = []
-  for a, b, lo, mid in chunk_ranges(T, S, chunk, window):
-    end = S - T + b
-    q_BKMH, do_BKMH = _rows(q_BKGTH[:, :, :, a:b]), _rows(do_BKGTH[:, :, :, a:b])
-    q_BKMH = _after(q_BKMH, dqs)
-    lse_BKM = lse_BKGT[:, :, :, a:b].reshape(B, K, -1, 1)
-    delta_BKM = delta_BKGT[:, :, :, a:b].reshape(B, K, -1, 1)
-    s_full, s_diag, mask_B1MS = _chunk_scores(q_BKMH, k_BKSH, q_pos_BT[:, a:b], k_pos_BS, G,
-                                              lo, mid, end, window)
-    dq_BKMH = jnp.zeros(q_BKMH.shape, jnp.float32)
-    for s_BKMS, start, stop, mask in ((s_full, lo, mid, None), (s_diag, mid, end, mask_B1MS)):
-      if stop == start:
-        continue
-      p_BKMS = jnp.exp(s_BKMS - lse_BKM)
-      if mask is not None:
-        p_BKMS = jnp.where(mask, p_BKMS, 0.0)
-      k_part, v_part = k_BKSH[:, :, start:stop], v_BKSH[:, :, start:stop]
-      dv_BKSH = dv_BKSH.at[:, :, start:stop].add(jnp.einsum(
-          'BKMS,BKMH->BKSH', p_BKMS.astype(do_BKMH.dtype), do_BKMH,
-          preferred_element_type=jnp.float32))
-      dp_BKMS = jnp.einsum('BKMH,BKSH->BKMS', do_BKMH, v_part, preferred_element_type=jnp.float32)
-      ds_BKMS = (p_BKMS * (dp_BKMS - delta_BKM)).astype(q_BKMH.dtype)
-      dq_BKMH += jnp.einsum('BKMS,BKSH->BKMH', ds_BKMS, k_part, preferred_element_type=jnp.float32)
-      dk_BKSH = dk_BKSH.at[:, :, start:stop].add(jnp.einsum(
-          'BKMS,BKMH->BKSH', ds_BKMS, q_BKMH, preferred_element_type=jnp.float32))
-    dqs.append(dq_BKMH.reshape(B, K, G, b - a, H))
-  dq_BTNH = _to_BTNH(jnp.concatenate(dqs, axis=3)) * (H ** -0.5)
-  dk_BSKH, dv_BSKH = dk_BKSH.transpose(0, 2, 1, 3), dv_BKSH.transpose(0, 2, 1, 3)
-  return (dq_BTNH.astype(q_BTNH.dtype), dk_BSKH.astype(k_BSKH.dtype),
-          dv_BSKH.astype(v_BSKH.dtype), None, None)
-
-
-_chunked.defvjp(_chunked_fwd, _chunked_bwd)
-
-
-def chunked_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array,
-                      q_pos_BT: jax.Array, k_pos_BS: jax.Array, *, window: int | None = None,
-                      block_q: int = 512, block_k: int = 512, **unused) -> jax.Array:
-  """Query-chunked causal GQA: a static loop over chunks of `block_q` queries, each one batched
-  dot over all heads and GQA groups (M = G * block_q rows) against only the keys it may see,
-  the mask applied on the diagonal part only. Exact softmax per chunk, peak memory
-  O(block_q * S). Taken when positions are ordered (`ordered_positions`, checked at run time);
-  other positions (ring layouts, shuffled, a KV cache) run `blockwise_attention` instead, so the
-  result is dense's for any positions."""
-  validate_attention_shapes(q_BTNH, k_BSKH, v_BSKH, q_pos_BT, k_pos_BS)
-  validate_blocks(block_q, block_k, window)
-  q_pos_BT, k_pos_BS = q_pos_BT.astype(jnp.int32), k_pos_BS.astype(jnp.int32)
-  general = functools.partial(blockwise_attention, window=window, block_q=block_q,
-                              block_k=block_k)
-  if q_BTNH.shape[1] > k_BSKH.shape[1]:
-    return general(q_BTNH, k_BSKH, v_BSKH, q_pos_BT, k_pos_BS)
-  ordered = lambda q, k, v, q_pos, k_pos: _chunked(q, k, v, q_pos, k_pos, window, block_q)
-  return lax.cond(ordered_positions(q_pos_BT, k_pos_BS), ordered, general,
-                  q_BTNH, k_BSKH, v_BSKH, q_pos_BT, k_pos_BS)
+  mask_BTS = causal_mask(q_pos_BT, k_pos_BS, window, q_seg_BT, k_seg_BS)
+  out_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask_BTS[:, None],
+                                          implementation='cudnn' if on_gpu else 'xla')
+  return jnp.where(mask_BTS.any(axis=-1)[:, :, None, None], out_BTNH, 0).astype(q_BTNH.dtype)

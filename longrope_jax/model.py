@@ -6,6 +6,9 @@ n chunks of the NLL.
 
 `rope` (a `rope.RopeScaling` pytree) and `positions` are inputs, never attributes, so one
 compiled forward serves every scaling method and every search candidate at a given shape.
+`segment_ids` (optional, i32[B, T]) pack several documents into a row: a token attends only to
+its own document, whose positions restart at 0 (so RoPE and n_hat are per document). They are
+data too: one compiled forward serves every packing.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import numpy as np
 
 from longrope_jax import attention as attention_lib
 from longrope_jax import checks
+from longrope_jax import chunked_attention
 from longrope_jax import cpu_attention
 from longrope_jax import ring_attention as ring_lib
 from longrope_jax import rope as rope_lib
@@ -27,14 +31,15 @@ from longrope_jax.rope import RopeScaling
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
-# name -> fn(q, k, v, q_pos, k_pos, *, window, block_q, block_k) -> out[B, T, N, H]
+# name -> fn(q, k, v, q_pos, k_pos, *, window, block_q, block_k, q_seg, k_seg) -> out[B, T, N, H]
+# (the contract at the top of attention.py);
 # ring: T split over the 'seq' axis of the current mesh (`jax.set_mesh`);
 # fused: jax.nn.dot_product_attention (cuDNN on a GPU);
 # flash_cpu: the fused C++ kernel of cpu_attention.py (XLA FFI custom call on the CPU).
 ATTENTION: dict[str, Callable[..., jax.Array]] = {
     'dense': attention_lib.dense_attention,
     'blockwise': attention_lib.blockwise_attention,
-    'chunked': attention_lib.chunked_attention,
+    'chunked': chunked_attention.chunked_attention,
     'ring': ring_lib.ring_attention,
     'fused': attention_lib.fused_attention,
     'flash_cpu': cpu_attention.flash_cpu_attention,
@@ -50,10 +55,11 @@ LAYERS = 'layers'  # params[LAYERS]: every layer's params stacked on a leading a
 
 
 def attend(q_BTNH, k_BSKH, v_BSKH, q_pos_BT, k_pos_BS, *, impl: str = 'dense',
-           window: int | None = None, block_q: int | None = None,
-           block_k: int | None = None) -> jax.Array:
+           window: int | None = None, block_q: int | None = None, block_k: int | None = None,
+           q_seg_BT: jax.Array | None = None, k_seg_BS: jax.Array | None = None) -> jax.Array:
   """Causal GQA out[B, T, N, H] by the implementation registered as `impl` in ATTENTION; block
-  sizes left None are `attention.default_block(T, impl)`."""
+  sizes left None are `attention.default_block(T, impl)`. Segment ids (both or neither) keep
+  each query to keys of its own segment."""
   if impl not in ATTENTION:
     raise ValueError(f"Unknown attention implementation {impl!r}; choose one of "
                      f"{sorted(ATTENTION)}.")
@@ -61,7 +67,7 @@ def attend(q_BTNH, k_BSKH, v_BSKH, q_pos_BT, k_pos_BS, *, impl: str = 'dense',
   block_q = attention_lib.default_block(T, impl) if block_q is None else block_q
   block_k = attention_lib.default_block(T, impl) if block_k is None else block_k
   return ATTENTION[impl](q_BTNH, k_BSKH, v_BSKH, q_pos_BT, k_pos_BS, window=window,
-                         block_q=block_q, block_k=block_k)
+                         block_q=block_q, block_k=block_k, q_seg_BT=q_seg_BT, k_seg_BS=k_seg_BS)
 
 
 def attention_that_runs(impl: str) -> dict:
@@ -198,13 +204,15 @@ def project(x_MD: jax.Array, w_DXY: jax.Array) -> jax.Array:
 
 class Attention(nn.Module):
   """Grouped-query self-attention at explicit positions; queries and keys rotated by the table
-  `rotary` = (cos, sin) f32[B, T, H] (rope.rope_cos_sin, built once per forward by Decoder)."""
+  `rotary` = (cos, sin) f32[B, T, H] (rope.rope_cos_sin, built once per forward by Decoder).
+  `segment_ids_BT`: each token attends only to its own segment (None: one document); not with a
+  KV cache (decoding continues one document)."""
 
   config: ModelConfig
 
   @nn.compact
   def __call__(self, x_BTD, positions_BT, rotary: tuple[jax.Array, jax.Array],
-               cache: dict | None = None):
+               cache: dict | None = None, segment_ids_BT: jax.Array | None = None):
     c = self.config
     init = nn.initializers.normal(c.dim ** -0.5)
     wq_DNH = self.param('q', init, (c.dim, c.num_heads, c.head_dim), c.weight_dtype)
@@ -229,7 +237,8 @@ class Attention(nn.Module):
       k_BSKH, v_BSKH, k_pos_BS = cache['k'], cache['v'], cache['pos']
     out_BTNH = attend(q_BTNH, k_BSKH, v_BSKH, positions_BT, k_pos_BS,
                       impl=c.attention if cache is None else 'dense', window=c.sliding_window,
-                      block_q=c.block_q, block_k=c.block_k)
+                      block_q=c.block_q, block_k=c.block_k, q_seg_BT=segment_ids_BT,
+                      k_seg_BS=segment_ids_BT)
     out_MD = out_BTNH.reshape(B * T, -1) @ wo_NHD.astype(dt).reshape(-1, D)
     return out_MD.reshape(B, T, D), cache
 
@@ -262,12 +271,12 @@ class DecoderLayer(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BTD, positions_BT, rotary, cache=None):
+  def __call__(self, x_BTD, positions_BT, rotary, cache=None, segment_ids_BT=None):
     c = self.config
     norm = lambda name: nn.RMSNorm(epsilon=c.norm_eps, dtype=jnp.float32,
                                    param_dtype=c.weight_dtype, name=name)
     attn_BTD, cache = Attention(c, name='attn')(norm('attn_norm')(x_BTD), positions_BT, rotary,
-                                                cache)
+                                                cache, segment_ids_BT)
     x_BTD = x_BTD + attn_BTD.astype(x_BTD.dtype)
     x_BTD = x_BTD + MLP(c, name='mlp')(norm('mlp_norm')(x_BTD)).astype(x_BTD.dtype)
     return x_BTD, cache
@@ -304,6 +313,7 @@ class Decoder(nn.Module):
   `hidden=True` returns the final-norm hidden states f32[B, T, D] instead of logits.
   `rotary`: the (cos, sin) table of `positions` (rope.rope_cos_sin, f32[B or 1, T, H]) when the
   caller computed it in another jitted call (see train.make_train_step); built here otherwise.
+  `segment_ids_BT`: packed documents (see the top of this file); None: one document per row.
   """
 
   config: ModelConfig
@@ -311,8 +321,12 @@ class Decoder(nn.Module):
 
   @nn.compact
   def __call__(self, tokens_BT, positions_BT, rope: RopeScaling, cache: dict | None = None,
-               hidden: bool = False, rotary: tuple[jax.Array, jax.Array] | None = None):
+               hidden: bool = False, rotary: tuple[jax.Array, jax.Array] | None = None,
+               segment_ids_BT: jax.Array | None = None):
     c = self.config
+    if cache is not None and segment_ids_BT is not None:
+      raise ValueError("segment_ids_BT cannot be used with a KV cache (decoding continues one "
+                       "document); pass segment_ids_BT=None.")
     embed = nn.Embed(c.vocab_size, c.dim, embedding_init=nn.initializers.normal(c.dim ** -0.5),
                      param_dtype=c.weight_dtype, name='embed')
     x_BTD = embed(tokens_BT).astype(jnp.float32)
@@ -322,17 +336,18 @@ class Decoder(nn.Module):
     layer = _layer_class(c)
     if self.scan_layers:
       # The scan carry enters with the type the layers' output leaves with.
-      x_BTD = vary_like(x_BTD, self.variables.get('params'), positions_BT, rotary, rope, cache)
+      x_BTD = vary_like(x_BTD, self.variables.get('params'), positions_BT, rotary, rope, cache,
+                        segment_ids_BT)
       layers = nn.scan(layer, variable_axes={'params': 0}, split_rngs={'params': True},
-                       in_axes=(nn.broadcast, nn.broadcast, 0), length=c.num_layers,
+                       in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast), length=c.num_layers,
                        unroll=min(c.scan_unroll, c.num_layers))
-      x_BTD, cache = layers(c, name=LAYERS)(x_BTD, positions_BT, rotary, cache)
+      x_BTD, cache = layers(c, name=LAYERS)(x_BTD, positions_BT, rotary, cache, segment_ids_BT)
     else:
       caches = []
       for i in range(c.num_layers):
         layer_cache = None if cache is None else jax.tree.map(lambda x: x[i], cache)
         x_BTD, layer_cache = layer(c, name=f'layer_{i}')(x_BTD, positions_BT, rotary,
-                                                         layer_cache)
+                                                         layer_cache, segment_ids_BT)
         caches.append(layer_cache)
       if cache is not None:
         cache = jax.tree.map(lambda *xs: jnp.stack(xs), *caches)
@@ -396,21 +411,32 @@ def logits(config: ModelConfig, params, x_MD: jax.Array) -> jax.Array:
   return (x_MD.astype(dt) @ unembedding(config, params).astype(dt)).astype(jnp.float32)
 
 
-def forward(config: ModelConfig, params, tokens_BT, positions_BT, rope: RopeScaling) -> jax.Array:
+def forward(config: ModelConfig, params, tokens_BT, positions_BT, rope: RopeScaling,
+            segment_ids_BT: jax.Array | None = None) -> jax.Array:
   """Logits f32[B, T, V] of a full forward pass (no cache)."""
-  logits_BTV, _ = Decoder(config).apply({'params': params}, tokens_BT, positions_BT, rope)
+  logits_BTV, _ = Decoder(config).apply({'params': params}, tokens_BT, positions_BT, rope,
+                                        segment_ids_BT=segment_ids_BT)
   return logits_BTV
+
+
+def same_segment_targets(segment_ids_BT: jax.Array) -> jax.Array:
+  """bool[B, T - 1]: target t + 1 is predicted from its own document (False where a packed row
+  passes from one document to the next: a document's first token is not predicted)."""
+  return segment_ids_BT[:, 1:] == segment_ids_BT[:, :-1]
 
 
 def token_nll(config: ModelConfig, params, tokens_BT, rope: RopeScaling,
               positions_BT: jax.Array | None = None,
-              rotary: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
+              rotary: tuple[jax.Array, jax.Array] | None = None,
+              segment_ids_BT: jax.Array | None = None) -> jax.Array:
   """Next-token negative log-likelihood f32[B, T - 1] (nats) of sequences tokens[B, T].
 
   Logits exist for at most `config.nll_chunk` positions at a time: beyond that the positions are
   split into strided chunks (chunk j: positions j, j + n, j + 2n, ...; a sequence split over the
   'seq' axis stays split) folded by a rematerialized scan, so no [B, T, V] array is built.
   `rotary`: the rotary table of the T positions, as Decoder takes it (optional).
+  `segment_ids_BT`: packed documents (positions restart in each); the NLL of a document's first
+  token (predicted from the previous document) is 0: average over `same_segment_targets`.
   """
   B, T = tokens_BT.shape
   if positions_BT is None:
@@ -421,8 +447,10 @@ def token_nll(config: ModelConfig, params, tokens_BT, rope: RopeScaling,
   inputs = T if config.attention == 'ring' and T % 2 == 0 else T - 1
   if rotary is not None:
     rotary = tuple(table[:, :inputs] for table in rotary)
+  segments = None if segment_ids_BT is None else segment_ids_BT[:, :inputs]
   x_BTD, _ = Decoder(config).apply({'params': params}, tokens_BT[:, :inputs],
-                                   positions_BT[:, :inputs], rope, hidden=True, rotary=rotary)
+                                   positions_BT[:, :inputs], rope, hidden=True, rotary=rotary,
+                                   segment_ids_BT=segments)
   x_BTD = x_BTD[:, :T - 1]
   target_BT = tokens_BT[:, 1:]
   T, D = T - 1, x_BTD.shape[-1]
@@ -432,8 +460,10 @@ def token_nll(config: ModelConfig, params, tokens_BT, rope: RopeScaling,
     target_logit_M = jnp.take_along_axis(logits_MV, target_M[:, None], axis=-1)[:, 0]
     return jax.nn.logsumexp(logits_MV, axis=-1) - target_logit_M
 
+  keep = (lambda nll_BT: nll_BT) if segment_ids_BT is None else (
+      lambda nll_BT: jnp.where(same_segment_targets(segment_ids_BT), nll_BT, 0.0))
   if T <= config.nll_chunk:
-    return chunk_nll(x_BTD.reshape(B * T, D), target_BT.reshape(-1)).reshape(B, T)
+    return keep(chunk_nll(x_BTD.reshape(B * T, D), target_BT.reshape(-1)).reshape(B, T))
   n = -(-T // config.nll_chunk)  # number of chunks
   pad = -T % n
   x_BTD = jnp.pad(x_BTD, ((0, 0), (0, pad), (0, 0)))
@@ -442,7 +472,7 @@ def token_nll(config: ModelConfig, params, tokens_BT, rope: RopeScaling,
   target_nM = target_BT.reshape(B, -1, n).transpose(2, 0, 1).reshape(n, -1)
   body = jax.checkpoint(lambda _, xs: (None, chunk_nll(*xs)))
   _, nll_nM = jax.lax.scan(body, None, (x_nMD, target_nM))
-  return nll_nM.reshape(n, B, -1).transpose(1, 2, 0).reshape(B, -1)[:, :T]
+  return keep(nll_nM.reshape(n, B, -1).transpose(1, 2, 0).reshape(B, -1)[:, :T])
 
 
 # ----------------------------------------------------------------------------- KV cache

@@ -6,7 +6,8 @@ ring with K, V (they are home after a full turn).
 Causal work is balanced with the zigzag layout (as in Llama 3's context parallelism, Dubey et
 al., 2024): the sequence is cut into 2R chunks and device r holds chunks r and 2R-1-r.
 Positions are explicit inputs, so a layout is only a permutation of tokens and positions
-(`to_zigzag`); RoPE and n_hat see the global positions.
+(`to_zigzag`); RoPE and n_hat see the global positions. Segment ids (packed documents) are
+permuted the same way and travel around the ring with their keys.
 
 Use: `with jax.set_mesh(mesh.make_mesh(seq=R)):` then a model with attention='ring' on
 `to_zigzag(tokens)`, `to_zigzag(positions)`; `from_zigzag(logits)` restores the order.
@@ -66,7 +67,13 @@ def _ring_perm(ring_size: int) -> list[tuple[int, int]]:
 
 
 def _kv_blocks(blocks: attention_lib.Blocks):
-  return blocks.k_JBKCH, blocks.v_JBKCH, blocks.k_pos_JBC
+  """What travels around the ring: keys, values, their positions and segment ids (or None)."""
+  return blocks.k_JBKCH, blocks.v_JBKCH, blocks.k_pos_JBC, blocks.k_seg_JBC
+
+
+def _with_kv(blocks: attention_lib.Blocks, kv) -> attention_lib.Blocks:
+  k, v, k_pos, k_seg = kv
+  return blocks._replace(k_JBKCH=k, v_JBKCH=v, k_pos_JBC=k_pos, k_seg_JBC=k_seg)
 
 
 def _ring_forward(blocks: attention_lib.Blocks, window, axis: str, ring_size: int):
@@ -76,9 +83,7 @@ def _ring_forward(blocks: attention_lib.Blocks, window, axis: str, ring_size: in
   def step(_, carry):
     kv, state = carry
     next_kv = lax.ppermute(kv, axis, perm)  # independent of this step's compute: may overlap
-    k, v, k_pos = kv
-    state = attention_lib.forward_blocks(
-        blocks._replace(k_JBKCH=k, v_JBKCH=v, k_pos_JBC=k_pos), state, window)
+    state = attention_lib.forward_blocks(_with_kv(blocks, kv), state, window)
     return next_kv, state
 
   state = attention_lib.init_state(blocks.q_IBKGQH)
@@ -106,10 +111,8 @@ def _ring_bwd(window, axis, ring_size, residuals, do_IBKGQH):
 
   def step(_, carry):
     kv, dkv, dq = carry
-    k, v, k_pos = kv
     dq_step, dk_step, dv_step = attention_lib.backward_blocks(
-        blocks._replace(k_JBKCH=k, v_JBKCH=v, k_pos_JBC=k_pos), lse_IBKGQ, delta_IBKGQ,
-        do_IBKGQH, window)
+        _with_kv(blocks, kv), lse_IBKGQ, delta_IBKGQ, do_IBKGQH, window)
     dkv = (dkv[0] + dk_step, dkv[1] + dv_step)
     kv, dkv = lax.ppermute((kv, dkv), axis, perm)  # dK, dV travel with their K, V
     return kv, dkv, dq + dq_step
@@ -120,7 +123,7 @@ def _ring_bwd(window, axis, ring_size, residuals, do_IBKGQH):
       (_kv_blocks(blocks), (zeros(blocks.k_JBKCH), zeros(blocks.v_JBKCH)),
        zeros(blocks.q_IBKGQH)))
   return (attention_lib.Blocks(dq.astype(blocks.q_IBKGQH.dtype), dk.astype(blocks.k_JBKCH.dtype),
-                               dv.astype(blocks.v_JBKCH.dtype), None, None),)
+                               dv.astype(blocks.v_JBKCH.dtype), None, None, None, None),)
 
 
 _ring.defvjp(_ring_fwd, _ring_bwd)
@@ -135,11 +138,14 @@ def _local_blocks(length: int, block: int) -> int:
 # ----------------------------------------------------------------------------- public
 def ring_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, q_pos_BT: jax.Array,
                    k_pos_BS: jax.Array, *, window: int | None = None, block_q: int = 512,
-                   block_k: int = 512, mesh=None, axis: str = mesh_lib.SEQ_AXIS,
+                   block_k: int = 512, q_seg_BT: jax.Array | None = None,
+                   k_seg_BS: jax.Array | None = None, mesh=None, axis: str = mesh_lib.SEQ_AXIS,
                    **unused) -> jax.Array:
   """Causal GQA with T split over the mesh axis `axis` (the mesh set by `jax.set_mesh` unless
-  `mesh` is given). Any layout of tokens is correct; zigzag (`to_zigzag`) balances the work."""
+  `mesh` is given). Any layout of tokens is correct; zigzag (`to_zigzag`) balances the work.
+  Segment ids, when given, are in the same layout as the positions."""
   attention_lib.validate_attention_shapes(q_BTNH, k_BSKH, v_BSKH, q_pos_BT, k_pos_BS)
+  attention_lib.validate_segments(q_pos_BT, k_pos_BS, q_seg_BT, k_seg_BS)
   attention_lib.validate_blocks(block_q, block_k, window)
   mesh = mesh_lib.current_mesh(mesh)
   mesh_lib.validate_mesh_axis(mesh, axis)
@@ -155,15 +161,15 @@ def ring_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, q_po
   Q = _local_blocks(T // ring_size, block_q)
   C = _local_blocks(S // ring_size, block_k)
 
-  def local(q_BLNH, k_BLKH, v_BLKH, q_pos_BL, k_pos_BL):
-    blocks = attention_lib.to_blocks(q_BLNH, k_BLKH, v_BLKH, q_pos_BL, k_pos_BL, Q, C)
+  def local(q_BLNH, k_BLKH, v_BLKH, q_pos_BL, k_pos_BL, *segments):
+    blocks = attention_lib.to_blocks(q_BLNH, k_BLKH, v_BLKH, q_pos_BL, k_pos_BL, Q, C, *segments)
     return attention_lib.from_blocks(_ring(blocks, window, axis, ring_size), q_BLNH.shape[1])
 
   seq4, seq2 = P(None, axis, None, None), P(None, axis)
-  return jax.shard_map(local, mesh=mesh, in_specs=(seq4, seq4, seq4, seq2, seq2),
+  ints = [x.astype(jnp.int32) for x in (q_pos_BT, k_pos_BS, q_seg_BT, k_seg_BS) if x is not None]
+  return jax.shard_map(local, mesh=mesh, in_specs=(seq4, seq4, seq4) + (seq2,) * len(ints),
                        out_specs=seq4, axis_names=frozenset({axis}))(
-                           q_BTNH, k_BSKH, v_BSKH, q_pos_BT.astype(jnp.int32),
-                           k_pos_BS.astype(jnp.int32))
+                           q_BTNH, k_BSKH, v_BSKH, *ints)
 
 
 def ring_block_counts(positions_T: np.ndarray, ring_size: int, *, block_q: int = 512,

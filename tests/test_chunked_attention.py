@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from longrope_jax import attention as attention_lib
+from longrope_jax import chunked_attention as chunked_lib
 from longrope_jax import model as model_lib
 
 
@@ -52,7 +53,7 @@ def test_chunked_matches_dense_for_ordered_positions(B, T, S, N, K, H, chunk, wi
   q, k, v, dout = _inputs(T * S + N, B, T, S, N, K, H)
   k_pos = jnp.broadcast_to(start + jnp.arange(S, dtype=jnp.int32), (B, S))
   q_pos = k_pos[:, S - T:]
-  assert bool(attention_lib.ordered_positions(q_pos, k_pos))
+  assert bool(chunked_lib.ordered_positions(q_pos, k_pos))
   _assert_chunked_matches_dense(q, k, v, q_pos, k_pos, dout, window=window, chunk=chunk)
 
 
@@ -61,7 +62,7 @@ def test_chunked_matches_dense_for_gapped_positions():
   B, T, N, K, H = 2, 48, 4, 2, 8
   q, k, v, dout = _inputs(3, B, T, T, N, K, H)
   pos = jnp.asarray(np.cumsum(np.random.default_rng(3).integers(1, 4, (B, T)), axis=1), jnp.int32)
-  assert bool(attention_lib.ordered_positions(pos, pos))
+  assert bool(chunked_lib.ordered_positions(pos, pos))
   _assert_chunked_matches_dense(q, k, v, pos, pos, dout, window=5, chunk=16)
 
 
@@ -72,7 +73,7 @@ def test_chunked_falls_back_for_unordered_positions():
   rng = np.random.default_rng(2)
   q_pos = jnp.asarray(np.stack([rng.permutation(T), rng.integers(0, 20, T)]), jnp.int32)
   k_pos = q_pos.at[0].add(12)
-  assert not bool(attention_lib.ordered_positions(q_pos, k_pos))
+  assert not bool(chunked_lib.ordered_positions(q_pos, k_pos))
   out = _assert_chunked_matches_dense(q, k, v, q_pos, k_pos, dout, window=30, chunk=8)
   np.testing.assert_array_equal(out[0][np.asarray(q_pos[0]) < 12], 0.0)
 
@@ -99,10 +100,10 @@ def test_chunked_under_vmap_over_a_population():
 def test_chunk_ranges_cover_each_querys_visible_keys():
   """Causal: chunk [a, b) reads keys [0, S - T + b), masked from S - T + a; with a window it
   starts at the first key the chunk's first query may see."""
-  assert attention_lib.chunk_ranges(10, 10, 4, None) == [(0, 4, 0, 0), (4, 8, 0, 4),
-                                                        (8, 10, 0, 8)]
-  assert attention_lib.chunk_ranges(4, 10, 4, None) == [(0, 4, 0, 6)]
-  assert attention_lib.chunk_ranges(10, 10, 4, 3) == [(0, 4, 0, 0), (4, 8, 2, 2), (8, 10, 6, 6)]
+  assert chunked_lib.chunk_ranges(10, 10, 4, None) == [(0, 4, 0, 0), (4, 8, 0, 4),
+                                                      (8, 10, 0, 8)]
+  assert chunked_lib.chunk_ranges(4, 10, 4, None) == [(0, 4, 0, 6)]
+  assert chunked_lib.chunk_ranges(10, 10, 4, 3) == [(0, 4, 0, 0), (4, 8, 2, 2), (8, 10, 6, 6)]
 
 
 def test_default_block_table():

@@ -1,6 +1,10 @@
 """The fused CPU flash-attention kernel against the dense reference: outputs and gradients."""
 
 import functools
+import os
+import pathlib
+import subprocess
+import sys
 import warnings
 
 import jax
@@ -215,3 +219,44 @@ def test_bad_window_is_a_clear_error(kernel):
   q, k, v, _ = _inputs(8, 1, 4, 4, 2, 1, 16)
   with pytest.raises(ValueError, match='window'):
     cpu_attention.flash_cpu_attention(q, k, v, *_arange(1, 4, 4), window=0)
+
+
+def test_compile_says_so_once_and_not_on_a_cache_hit(monkeypatch, tmp_path, capsys):
+  """One console line when the kernel really compiles; none when the build is cached. (The
+  compiler is faked: `_compile` writes the library, `--version` asks the Python executable.)"""
+  compiled = []
+
+  def fake_compile(compiler, output, source=cpu_attention.SOURCE):
+    compiled.append(output)
+    pathlib.Path(output).write_bytes(b'library')
+
+  monkeypatch.setenv('LONGROPE_JAX_CACHE', str(tmp_path))
+  monkeypatch.setattr(cpu_attention, '_compile', fake_compile)
+  first = cpu_attention._build(sys.executable)
+  out = capsys.readouterr()
+  assert out.out == '' and out.err == cpu_attention.COMPILE_MESSAGE + '\n'
+  assert 'compiling the CPU attention kernel' in out.err
+  assert first.read_bytes() == b'library' and len(compiled) == 1
+  assert cpu_attention._build(sys.executable) == first  # cached: no compile, nothing printed
+  out = capsys.readouterr()
+  assert out.out == out.err == '' and len(compiled) == 1
+
+
+def test_import_without_fcntl_reports_the_kernel_unavailable():
+  """Where `fcntl` does not exist (not POSIX), the package imports and the kernel says why it
+  is unavailable; flash_cpu then runs blockwise attention (with its warning)."""
+  code = ("import sys; sys.modules['fcntl'] = None\n"
+          "import warnings, jax.numpy as jnp\n"
+          "from longrope_jax import cpu_attention, model\n"
+          "print(cpu_attention.available(), cpu_attention.unavailable_reason())\n"
+          "x = jnp.ones((1, 4, 2, 8)); pos = jnp.arange(4)[None]\n"
+          "with warnings.catch_warnings(record=True) as caught:\n"
+          "  warnings.simplefilter('always')\n"
+          "  model.attend(x, x[:, :, :1], x[:, :, :1], pos, pos, impl='flash_cpu')\n"
+          "print(caught[0].message)\n")
+  env = dict(os.environ, PYTHONPATH=str(pathlib.Path(__file__).parents[1]))
+  result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=env,
+                          check=True)
+  available, message = result.stdout.splitlines()
+  assert available.startswith('False no fcntl module (not a POSIX system)')
+  assert 'using blockwise attention instead' in message and 'fcntl' in message

@@ -1,15 +1,18 @@
 // Fused causal grouped-query flash attention for CPU, called from JAX as XLA FFI custom calls.
 //
 // Semantics of longrope_jax/attention.py:dense_attention: key s is visible to query t iff
-// k_pos[s] <= q_pos[t] (and q_pos[t] - k_pos[s] < window); rows with no visible key give zeros.
+// k_pos[s] <= q_pos[t] (and q_pos[t] - k_pos[s] < window) (and q_seg[t] == k_seg[s], in the
+// *Segments handlers); rows with no visible key give zeros.
 // Shapes (leading dims before the last three are flattened into B, so vmap folds into the
-// batch): q, out, dq [B, T, N, H]; k, v, dk, dv [B, S, K, H]; q_pos [B, T]; k_pos [B, S];
-// lse [B, N, T] (natural log, +inf where no key is visible); N = K * G.
+// batch): q, out, dq [B, T, N, H]; k, v, dk, dv [B, S, K, H]; q_pos, q_seg [B, T]; k_pos, k_seg
+// [B, S]; lse [B, N, T] (natural log, +inf where no key is visible); N = K * G.
 //
 // One task is (b, kv head, query block) in the forward and (b, kv head, key block) in the
 // backward; the G query heads of a kv head are stacked as rows (M = G * Q) so one matmul serves
-// the whole group. Key blocks outside a query block's position range are skipped, and only
-// blocks straddling the causal edge (or the window edge) are masked element by element.
+// the whole group. Key blocks outside a query block's position range (or, with segments, whose
+// segment-id range misses the query block's) are skipped, and only blocks straddling the causal
+// edge (or the window edge, or more than one segment) are masked element by element. Segments
+// are a template flag (kSeg): the handlers without them run the code without segment ids.
 // Matmuls run on a register-tiled kernel written with GCC vector extensions (AVX-512, AVX or
 // 128-bit vectors, whichever the build machine has): the B operand is packed into 64-column strips, the A operand is read in
 // place (row-major or transposed), so no product needs a BLAS. On this project's 2-core Xeon it
@@ -314,13 +317,30 @@ struct Problem {
   int64_t I, J;
   const float *q, *k, *v;
   const int32_t *q_pos, *k_pos;
+  const int32_t *q_seg = nullptr, *k_seg = nullptr;  // [B, T], [B, S] with segments
   std::vector<int32_t> k_min, k_max;  // [B, J] position range of each key block
+  std::vector<int32_t> k_seg_min, k_seg_max;  // [B, J] segment range (with segments)
 };
+
+// Per-key-block ranges [B, J] of x [B, S].
+void BlockRanges(const Problem& p, const int32_t* x, std::vector<int32_t>& lo,
+                 std::vector<int32_t>& hi) {
+  lo.assign(p.B * p.J, std::numeric_limits<int32_t>::max());
+  hi.assign(p.B * p.J, std::numeric_limits<int32_t>::min());
+  for (int64_t b = 0; b < p.B; ++b) {
+    for (int64_t s = 0; s < p.S; ++s) {
+      const int64_t bj = b * p.J + s / p.C;
+      lo[bj] = std::min(lo[bj], x[b * p.S + s]);
+      hi[bj] = std::max(hi[bj], x[b * p.S + s]);
+    }
+  }
+}
 
 ffi::Error MakeProblem(Problem& p, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                        ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> q_pos,
                        ffi::Buffer<ffi::S32> k_pos, int32_t window, float scale, int64_t block_q,
-                       int64_t block_k) {
+                       int64_t block_k, const ffi::Buffer<ffi::S32>* q_seg = nullptr,
+                       const ffi::Buffer<ffi::S32>* k_seg = nullptr) {
   auto qd = q.dimensions(), kd = k.dimensions();
   if (qd.size() < 4 || kd.size() != qd.size()) {
     return ffi::Error::InvalidArgument("flash attention: q and k must be [..., T, N, H] and "
@@ -334,7 +354,9 @@ ffi::Error MakeProblem(Problem& p, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32
   if (kd[r - 1] != p.H || p.K <= 0 || p.N % p.K != 0 || block_q <= 0 || block_k <= 0 ||
       int64_t(q_pos.element_count()) != p.B * p.T ||
       int64_t(k_pos.element_count()) != p.B * p.S ||
-      int64_t(v.element_count()) != p.B * p.S * p.K * p.H) {
+      int64_t(v.element_count()) != p.B * p.S * p.K * p.H ||
+      (q_seg != nullptr && int64_t(q_seg->element_count()) != p.B * p.T) ||
+      (k_seg != nullptr && int64_t(k_seg->element_count()) != p.B * p.S)) {
     return ffi::Error::InvalidArgument("flash attention: inconsistent shapes");
   }
   p.G = p.N / p.K;
@@ -348,15 +370,10 @@ ffi::Error MakeProblem(Problem& p, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32
   p.J = (p.S + p.C - 1) / p.C;
   p.q = q.typed_data(), p.k = k.typed_data(), p.v = v.typed_data();
   p.q_pos = q_pos.typed_data(), p.k_pos = k_pos.typed_data();
-  p.k_min.assign(p.B * p.J, std::numeric_limits<int32_t>::max());
-  p.k_max.assign(p.B * p.J, std::numeric_limits<int32_t>::min());
-  for (int64_t b = 0; b < p.B; ++b) {
-    for (int64_t s = 0; s < p.S; ++s) {
-      const int64_t bj = b * p.J + s / p.C;
-      const int32_t x = p.k_pos[b * p.S + s];
-      p.k_min[bj] = std::min(p.k_min[bj], x);
-      p.k_max[bj] = std::max(p.k_max[bj], x);
-    }
+  BlockRanges(p, p.k_pos, p.k_min, p.k_max);
+  if (q_seg != nullptr && k_seg != nullptr) {
+    p.q_seg = q_seg->typed_data(), p.k_seg = k_seg->typed_data();
+    BlockRanges(p, p.k_seg, p.k_seg_min, p.k_seg_max);
   }
   return ffi::Error::Success();
 }
@@ -368,27 +385,45 @@ float* Scratch(std::vector<float>& buf, int64_t n) {
 
 enum class Visibility { kNone, kPartial, kFull };
 
-// Whether some / every query in [q_min, q_max] sees some / every key in [k_min, k_max].
-inline Visibility BlockVisibility(int64_t q_min, int64_t q_max, int64_t k_min, int64_t k_max,
-                                  int64_t window) {
-  if (k_min > q_max || q_min - k_max >= window) return Visibility::kNone;
-  if (k_max <= q_min && q_max - k_min < window) return Visibility::kFull;
-  return Visibility::kPartial;
-}
-
 // A query block of one (b, kv head): rows r = g * rows + t.
 struct QueryBlock {
   int64_t b, kh, t0, rows, M;
   int32_t q_min, q_max;
+  int32_t seg_min = 0, seg_max = 0;  // with segments
 };
 
+template <bool kSeg>
 QueryBlock MakeQueryBlock(const Problem& p, int64_t b, int64_t kh, int64_t i) {
   QueryBlock qb{b, kh, i * p.Q, std::min(p.Q, p.T - i * p.Q), 0, 0, 0};
   qb.M = p.G * qb.rows;
   const int32_t* pos = p.q_pos + b * p.T + qb.t0;
   qb.q_min = *std::min_element(pos, pos + qb.rows);
   qb.q_max = *std::max_element(pos, pos + qb.rows);
+  if constexpr (kSeg) {
+    const int32_t* seg = p.q_seg + b * p.T + qb.t0;
+    qb.seg_min = *std::min_element(seg, seg + qb.rows);
+    qb.seg_max = *std::max_element(seg, seg + qb.rows);
+  }
   return qb;
+}
+
+// Whether some / every query of the block sees some / every key of key block j: by position
+// ranges, and with segments by segment ranges (none when they miss each other; every key only
+// when query and key block lie in one and the same segment).
+template <bool kSeg>
+inline Visibility BlockVisibility(const Problem& p, const QueryBlock& qb, int64_t j) {
+  const int64_t bj = qb.b * p.J + j;
+  const int64_t k_min = p.k_min[bj], k_max = p.k_max[bj], window = p.window;
+  if (k_min > qb.q_max || qb.q_min - k_max >= window) return Visibility::kNone;
+  if constexpr (kSeg) {
+    const int32_t s_min = p.k_seg_min[bj], s_max = p.k_seg_max[bj];
+    if (s_min > qb.seg_max || qb.seg_min > s_max) return Visibility::kNone;
+    if (s_min != s_max || qb.seg_min != qb.seg_max || s_min != qb.seg_min) {
+      return Visibility::kPartial;
+    }
+  }
+  if (k_max <= qb.q_min && qb.q_max - k_min < window) return Visibility::kFull;
+  return Visibility::kPartial;
 }
 
 // Copies rows of x [B, T, N, H] for the block's G heads into dst [M, Hp] (zero-padded), times
@@ -412,27 +447,50 @@ const float* AsPacked(const Problem& p, int64_t M, const float* x, std::vector<f
   return out;
 }
 
-// Sets invisible entries of the scores s [M, Cp] (columns >= cols included) to -inf.
-void MaskScores(const Problem& p, const QueryBlock& qb, int64_t s0, int64_t cols, float* s) {
-  const int32_t* k_pos = p.k_pos + qb.b * p.S + s0;
-  alignas(64) int32_t kp[1024 + kLanes];
-  std::vector<int32_t> kp_heap;
-  int32_t* kpb = kp;
-  if (p.Cp > 1024) {
-    kp_heap.resize(p.Cp);
-    kpb = kp_heap.data();
+// Copies x[0, cols) into a buffer of Cp entries (0 beyond cols): on the stack up to 1024.
+struct KeyRow {
+  alignas(64) int32_t stack[1024 + kLanes];
+  std::vector<int32_t> heap;
+  int32_t* data;
+  KeyRow(const Problem& p, const int32_t* x, int64_t cols) : data(stack) {
+    if (p.Cp > 1024) {
+      heap.resize(p.Cp);
+      data = heap.data();
+    }
+    for (int64_t c = 0; c < p.Cp; ++c) data[c] = c < cols ? x[c] : 0;
   }
-  for (int64_t c = 0; c < p.Cp; ++c) kpb[c] = c < cols ? k_pos[c] : 0;
+};
+
+// Sets invisible entries of the scores s [M, Cp] (columns >= cols included) to -inf.
+template <bool kSeg>
+void MaskScores(const Problem& p, const QueryBlock& qb, int64_t s0, int64_t cols, float* s) {
+  const KeyRow kp(p, p.k_pos + qb.b * p.S + s0, cols);
   const int32_t* q_pos = p.q_pos + qb.b * p.T + qb.t0;
   const Vec neg_inf = Splat(-kInf);
   IVec iota;
   for (int i = 0; i < kLanes; ++i) iota[i] = i;
+  if constexpr (kSeg) {
+    const KeyRow ks(p, p.k_seg + qb.b * p.S + s0, cols);
+    const int32_t* q_seg = p.q_seg + qb.b * p.T + qb.t0;
+    for (int64_t r = 0; r < qb.M; ++r) {
+      const IVec qp = SplatI(q_pos[r % qb.rows]), qs = SplatI(q_seg[r % qb.rows]);
+      float* row = s + r * p.Cp;
+      for (int64_t c = 0; c < p.Cp; c += kLanes) {
+        const IVec lane = SplatI(int32_t(c)) + iota;
+        IVec d = qp - LoadI(kp.data + c);
+        IVec visible = (d >= 0) & (d < SplatI(p.window)) & (lane < SplatI(int32_t(cols))) &
+                       (qs == LoadI(ks.data + c));
+        Store(row + c, visible ? Load(row + c) : neg_inf);
+      }
+    }
+    return;
+  }
   for (int64_t r = 0; r < qb.M; ++r) {
     const IVec qp = SplatI(q_pos[r % qb.rows]);
     float* row = s + r * p.Cp;
     for (int64_t c = 0; c < p.Cp; c += kLanes) {
       const IVec lane = SplatI(int32_t(c)) + iota;
-      IVec d = qp - LoadI(kpb + c);
+      IVec d = qp - LoadI(kp.data + c);
       IVec visible = (d >= 0) & (d < SplatI(p.window)) & (lane < SplatI(int32_t(cols)));
       Store(row + c, visible ? Load(row + c) : neg_inf);
     }
@@ -466,11 +524,12 @@ void PackKeyBlock(const Problem& p, int64_t task, PackedKV& kv) {
   PackRows(p.v + off, ld_kv, cols, p.H, p.Hp, kv.v.data() + task * kv.block);
 }
 
+template <bool kSeg>
 void ForwardTask(const Problem& p, const PackedKV& kv, int64_t task, float* out, float* lse) {
   // Heaviest query blocks (last ones, for causal positions) first.
   const int64_t i = p.I - 1 - task / (p.B * p.K);
   const int64_t b = (task % (p.B * p.K)) / p.K, kh = task % p.K;
-  const QueryBlock qb = MakeQueryBlock(p, b, kh, i);
+  const QueryBlock qb = MakeQueryBlock<kSeg>(p, b, kh, i);
   const int64_t M = qb.M, Hp = p.Hp;
   thread_local std::vector<float> q_buf, s_buf, acc_buf, m_buf, l_buf;
   float* qs = Scratch(q_buf, M * Hp);
@@ -483,13 +542,12 @@ void ForwardTask(const Problem& p, const PackedKV& kv, int64_t task, float* out,
   std::fill(m, m + M, -kInf);
   std::fill(l, l + M, 0.f);
   for (int64_t j = 0; j < p.J; ++j) {
-    const Visibility vis = BlockVisibility(qb.q_min, qb.q_max, p.k_min[b * p.J + j],
-                                           p.k_max[b * p.J + j], p.window);
+    const Visibility vis = BlockVisibility<kSeg>(p, qb, j);
     if (vis == Visibility::kNone) continue;
     const int64_t s0 = j * p.C, cols = std::min(p.C, p.S - s0);
     MatMul(M, p.Cp, Hp, qs, Hp, 1, kv.Kt(p, b, kh, j), s, p.Cp, false);
     if (vis == Visibility::kPartial) {
-      MaskScores(p, qb, s0, cols, s);
+      MaskScores<kSeg>(p, qb, s0, cols, s);
     } else if (cols < p.Cp) {
       MaskTail(p, qb, cols, s);
     }
@@ -533,14 +591,8 @@ void ForwardTask(const Problem& p, const PackedKV& kv, int64_t task, float* out,
   }
 }
 
-ffi::Error FlashForwardImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                            ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> q_pos,
-                            ffi::Buffer<ffi::S32> k_pos, ffi::ResultBuffer<ffi::F32> out,
-                            ffi::ResultBuffer<ffi::F32> lse, int32_t window, float scale,
-                            int64_t block_q, int64_t block_k) {
-  Problem p;
-  ffi::Error err = MakeProblem(p, q, k, v, q_pos, k_pos, window, scale, block_q, block_k);
-  if (err.failure()) return err;
+template <bool kSeg>
+void Forward(const Problem& p, ffi::ResultBuffer<ffi::F32>& out, ffi::ResultBuffer<ffi::F32>& lse) {
   float* o = out->typed_data();
   float* l = lse->typed_data();
   // Kept by the calling thread (no page faults on every call); workers reach it through `kv`, as
@@ -553,7 +605,32 @@ ffi::Error FlashForwardImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
   Scratch(kv.v, blocks * kv.block);
   Pool& pool = Pool::Get();
   pool.Run(blocks, [&](int64_t task) { PackKeyBlock(p, task, kv); });
-  pool.Run(p.B * p.K * p.I, [&](int64_t task) { ForwardTask(p, kv, task, o, l); });
+  pool.Run(p.B * p.K * p.I, [&](int64_t task) { ForwardTask<kSeg>(p, kv, task, o, l); });
+}
+
+ffi::Error FlashForwardImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                            ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> q_pos,
+                            ffi::Buffer<ffi::S32> k_pos, ffi::ResultBuffer<ffi::F32> out,
+                            ffi::ResultBuffer<ffi::F32> lse, int32_t window, float scale,
+                            int64_t block_q, int64_t block_k) {
+  Problem p;
+  ffi::Error err = MakeProblem(p, q, k, v, q_pos, k_pos, window, scale, block_q, block_k);
+  if (err.failure()) return err;
+  Forward<false>(p, out, lse);
+  return ffi::Error::Success();
+}
+
+ffi::Error FlashForwardSegmentsImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                                    ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> q_pos,
+                                    ffi::Buffer<ffi::S32> k_pos, ffi::Buffer<ffi::S32> q_seg,
+                                    ffi::Buffer<ffi::S32> k_seg, ffi::ResultBuffer<ffi::F32> out,
+                                    ffi::ResultBuffer<ffi::F32> lse, int32_t window, float scale,
+                                    int64_t block_q, int64_t block_k) {
+  Problem p;
+  ffi::Error err =
+      MakeProblem(p, q, k, v, q_pos, k_pos, window, scale, block_q, block_k, &q_seg, &k_seg);
+  if (err.failure()) return err;
+  Forward<true>(p, out, lse);
   return ffi::Error::Success();
 }
 
@@ -579,7 +656,7 @@ struct QueryRows {
 
 void GatherQueryBlock(const Problem& p, const Grads& gr, int64_t task, QueryRows& qr) {
   const int64_t i = task % p.I, bk = task / p.I, b = bk / p.K, kh = bk % p.K;
-  const QueryBlock qb = MakeQueryBlock(p, b, kh, i);
+  const QueryBlock qb = MakeQueryBlock<false>(p, b, kh, i);
   const int64_t off = qr.Offset(p, b, kh, i);
   float* dos = qr.dout.data() + off * p.Hp;
   GatherRows(p, qb, p.q, p.scale * kLog2e, qr.q.data() + off * p.Hp);
@@ -597,6 +674,7 @@ void GatherQueryBlock(const Problem& p, const Grads& gr, int64_t task, QueryRows
   }
 }
 
+template <bool kSeg>
 void BackwardTask(const Problem& p, const Grads& gr, const QueryRows& qr, int64_t task) {
   const int64_t j = task / (p.B * p.K);  // first key blocks see the most queries: first
   const int64_t b = (task % (p.B * p.K)) / p.K, kh = task % p.K;
@@ -621,9 +699,8 @@ void BackwardTask(const Problem& p, const Grads& gr, const QueryRows& qr, int64_
   std::fill(dv, dv + cols * Hp, 0.f);
   bool any = false;
   for (int64_t i = 0; i < p.I; ++i) {
-    const QueryBlock qb = MakeQueryBlock(p, b, kh, i);
-    const Visibility vis = BlockVisibility(qb.q_min, qb.q_max, p.k_min[b * p.J + j],
-                                           p.k_max[b * p.J + j], p.window);
+    const QueryBlock qb = MakeQueryBlock<kSeg>(p, b, kh, i);
+    const Visibility vis = BlockVisibility<kSeg>(p, qb, j);
     if (vis == Visibility::kNone) continue;
     any = true;
     const int64_t M = qb.M, off = qr.Offset(p, b, kh, i);
@@ -633,7 +710,7 @@ void BackwardTask(const Problem& p, const Grads& gr, const QueryRows& qr, int64_
     const float* delta = qr.delta.data() + off;
     MatMul(M, p.Cp, Hp, qs, Hp, 1, kt, s, p.Cp, false);
     if (vis == Visibility::kPartial) {
-      MaskScores(p, qb, s0, cols, s);
+      MaskScores<kSeg>(p, qb, s0, cols, s);
     } else if (cols < p.Cp) {
       MaskTail(p, qb, cols, s);
     }
@@ -674,16 +751,10 @@ void BackwardTask(const Problem& p, const Grads& gr, const QueryRows& qr, int64_
   }
 }
 
-ffi::Error FlashBackwardImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                             ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> q_pos,
-                             ffi::Buffer<ffi::S32> k_pos, ffi::Buffer<ffi::F32> out,
-                             ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> dout,
-                             ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
-                             ffi::ResultBuffer<ffi::F32> dv, int32_t window, float scale,
-                             int64_t block_q, int64_t block_k) {
-  Problem p;
-  ffi::Error err = MakeProblem(p, q, k, v, q_pos, k_pos, window, scale, block_q, block_k);
-  if (err.failure()) return err;
+template <bool kSeg>
+void Backward(const Problem& p, ffi::Buffer<ffi::F32>& out, ffi::Buffer<ffi::F32>& lse,
+              ffi::Buffer<ffi::F32>& dout, ffi::ResultBuffer<ffi::F32>& dq,
+              ffi::ResultBuffer<ffi::F32>& dk, ffi::ResultBuffer<ffi::F32>& dv) {
   std::vector<std::mutex> locks(p.B * p.K * p.I);
   Grads gr{out.typed_data(), dout.typed_data(), lse.typed_data(), dq->typed_data(),
            dk->typed_data(), dv->typed_data(), &locks};
@@ -702,7 +773,37 @@ ffi::Error FlashBackwardImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
   Scratch(qr.lse2, blocks * qr.rows);
   Scratch(qr.delta, blocks * qr.rows);
   pool.Run(blocks, [&](int64_t task) { GatherQueryBlock(p, gr, task, qr); });
-  pool.Run(p.B * p.K * p.J, [&](int64_t task) { BackwardTask(p, gr, qr, task); });
+  pool.Run(p.B * p.K * p.J, [&](int64_t task) { BackwardTask<kSeg>(p, gr, qr, task); });
+}
+
+ffi::Error FlashBackwardImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                             ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> q_pos,
+                             ffi::Buffer<ffi::S32> k_pos, ffi::Buffer<ffi::F32> out,
+                             ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> dout,
+                             ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
+                             ffi::ResultBuffer<ffi::F32> dv, int32_t window, float scale,
+                             int64_t block_q, int64_t block_k) {
+  Problem p;
+  ffi::Error err = MakeProblem(p, q, k, v, q_pos, k_pos, window, scale, block_q, block_k);
+  if (err.failure()) return err;
+  Backward<false>(p, out, lse, dout, dq, dk, dv);
+  return ffi::Error::Success();
+}
+
+ffi::Error FlashBackwardSegmentsImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                                     ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> q_pos,
+                                     ffi::Buffer<ffi::S32> k_pos, ffi::Buffer<ffi::S32> q_seg,
+                                     ffi::Buffer<ffi::S32> k_seg, ffi::Buffer<ffi::F32> out,
+                                     ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> dout,
+                                     ffi::ResultBuffer<ffi::F32> dq,
+                                     ffi::ResultBuffer<ffi::F32> dk,
+                                     ffi::ResultBuffer<ffi::F32> dv, int32_t window, float scale,
+                                     int64_t block_q, int64_t block_k) {
+  Problem p;
+  ffi::Error err =
+      MakeProblem(p, q, k, v, q_pos, k_pos, window, scale, block_q, block_k, &q_seg, &k_seg);
+  if (err.failure()) return err;
+  Backward<true>(p, out, lse, dout, dq, dk, dv);
   return ffi::Error::Success();
 }
 
@@ -722,6 +823,22 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LongropeFlashForward, FlashForwardImpl,
                                   .Attr<int64_t>("block_q")
                                   .Attr<int64_t>("block_k"));
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LongropeFlashForwardSegments, FlashForwardSegmentsImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // q
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // k
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // v
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // q_pos
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // k_pos
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // q_seg
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // k_seg
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // out
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // lse
+                                  .Attr<int32_t>("window")
+                                  .Attr<float>("scale")
+                                  .Attr<int64_t>("block_q")
+                                  .Attr<int64_t>("block_k"));
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LongropeFlashBackward, FlashBackwardImpl,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()  // q
@@ -729,6 +846,26 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LongropeFlashBackward, FlashBackwardImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // v
                                   .Arg<ffi::Buffer<ffi::S32>>()  // q_pos
                                   .Arg<ffi::Buffer<ffi::S32>>()  // k_pos
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // out
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // lse
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // dout
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dq
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dk
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dv
+                                  .Attr<int32_t>("window")
+                                  .Attr<float>("scale")
+                                  .Attr<int64_t>("block_q")
+                                  .Attr<int64_t>("block_k"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LongropeFlashBackwardSegments, FlashBackwardSegmentsImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // q
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // k
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // v
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // q_pos
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // k_pos
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // q_seg
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // k_seg
                                   .Arg<ffi::Buffer<ffi::F32>>()  // out
                                   .Arg<ffi::Buffer<ffi::F32>>()  // lse
                                   .Arg<ffi::Buffer<ffi::F32>>()  // dout
