@@ -19,7 +19,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from longrope_jax import attention as attention_lib
+from longrope_jax import attention_select
 from longrope_jax import cpu_attention
+from longrope_jax import gpu_attention
+from longrope_jax import pallas_attention
+from longrope_jax import tpu_attention
 from longrope_jax import validation
 from longrope_jax import ring_attention as ring_lib
 from longrope_jax import rope as rope_lib
@@ -30,7 +34,11 @@ DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 # name -> fn(q, k, v, q_pos, k_pos, *, window, block_q, block_k) -> out[B, T, N, H]
 # ring: T split over the 'seq' axis of the current mesh (`jax.set_mesh`);
 # fused: jax.nn.dot_product_attention (cuDNN on a GPU);
-# flash_cpu: the fused C++ kernel of cpu_attention.py (XLA FFI custom call on the CPU).
+# flash_cpu: the fused C++ kernel of cpu_attention.py (XLA FFI custom call on the CPU);
+# cudnn: cuDNN flash attention with is_causal for contiguous positions, else pallas_gpu;
+# pallas_gpu: the Pallas (Triton) flash kernels of pallas_attention.py (interpreted off a GPU);
+# splash: TPU splash attention for contiguous positions, else blockwise (interpreted off a TPU);
+# auto: the fastest correct one for the backend, dtype and length (attention_select.py).
 ATTENTION: dict[str, Callable[..., jax.Array]] = {
     'dense': attention_lib.dense_attention,
     'blockwise': attention_lib.blockwise_attention,
@@ -38,6 +46,10 @@ ATTENTION: dict[str, Callable[..., jax.Array]] = {
     'ring': ring_lib.ring_attention,
     'fused': attention_lib.fused_attention,
     'flash_cpu': cpu_attention.flash_cpu_attention,
+    'cudnn': gpu_attention.cudnn_attention,
+    'pallas_gpu': pallas_attention.pallas_attention,
+    'splash': tpu_attention.splash_attention,
+    attention_select.AUTO: attention_select.auto_attention,
 }
 ATTENTION_IMPLS = tuple(ATTENTION)
 REMAT_NAMED = ('none', 'full')  # other values name a jax.checkpoint_policies policy
@@ -47,12 +59,15 @@ LAYERS = 'layers'  # params[LAYERS]: every layer's params stacked on a leading a
 def attend(q_BTNH, k_BSKH, v_BSKH, q_pos_BT, k_pos_BS, *, impl: str = 'dense',
            window: int | None = None, block_q: int | None = None,
            block_k: int | None = None) -> jax.Array:
-  """Causal GQA out[B, T, N, H] by the implementation registered as `impl` in ATTENTION; block
-  sizes left None are `attention.default_block(T, impl)`."""
+  """Causal GQA out[B, T, N, H] by the implementation registered as `impl` in ATTENTION ('auto'
+  resolved first, for this backend, dtype and length); block sizes left None are
+  `attention.default_block(T, impl)`."""
   if impl not in ATTENTION:
     raise ValueError(f"Unknown attention implementation {impl!r}; choose one of "
                      f"{sorted(ATTENTION)}.")
   T = q_BTNH.shape[1]
+  impl, _ = attention_select.resolve_attention(impl, backend=jax.default_backend(),
+                                               dtype=q_BTNH.dtype, length=T)
   block_q = attention_lib.default_block(T, impl) if block_q is None else block_q
   block_k = attention_lib.default_block(T, impl) if block_k is None else block_k
   return ATTENTION[impl](q_BTNH, k_BSKH, v_BSKH, q_pos_BT, k_pos_BS, window=window,

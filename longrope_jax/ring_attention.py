@@ -8,6 +8,9 @@ al., 2024): the sequence is cut into 2R chunks and device r holds chunks r and 2
 Positions are explicit inputs, so a layout is only a permutation of tokens and positions
 (`to_zigzag`); RoPE and n_hat see the global positions.
 
+Each step's block work is the XLA blockwise code below (the CPU path), or with `step` a fused
+kernel per step merged by log-sum-exp (ring_steps.py; 'auto': the Pallas kernel on a GPU).
+
 Use: `with jax.set_mesh(mesh.make_mesh(seq=R)):` then a model with attention='ring' on
 `to_zigzag(tokens)`, `to_zigzag(positions)`; `from_zigzag(logits)` restores the order.
 
@@ -26,6 +29,7 @@ from jax.sharding import PartitionSpec as P
 
 from longrope_jax import attention as attention_lib
 from longrope_jax import mesh as mesh_lib
+from longrope_jax import ring_steps
 
 LAYOUTS = ('contiguous', 'zigzag')
 
@@ -136,9 +140,10 @@ def _local_blocks(length: int, block: int) -> int:
 def ring_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, q_pos_BT: jax.Array,
                    k_pos_BS: jax.Array, *, window: int | None = None, block_q: int = 512,
                    block_k: int = 512, mesh=None, axis: str = mesh_lib.SEQ_AXIS,
-                   **unused) -> jax.Array:
+                   step: str | ring_steps.StepKernel = 'auto', **unused) -> jax.Array:
   """Causal GQA with T split over the mesh axis `axis` (the mesh set by `jax.set_mesh` unless
-  `mesh` is given). Any layout of tokens is correct; zigzag (`to_zigzag`) balances the work."""
+  `mesh` is given). Any layout of tokens is correct; zigzag (`to_zigzag`) balances the work.
+  `step`: the per-step kernel (ring_steps.STEP_KERNELS; 'xla' is the blockwise code here)."""
   attention_lib.validate_attention_shapes(q_BTNH, k_BSKH, v_BSKH, q_pos_BT, k_pos_BS)
   attention_lib.validate_blocks(block_q, block_k, window)
   mesh = mesh_lib.current_mesh(mesh)
@@ -147,6 +152,10 @@ def ring_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, q_po
   T, S = q_BTNH.shape[1], k_BSKH.shape[1]
   validate_ring(T, ring_size)
   validate_ring(S, ring_size)
+  kernel = ring_steps.step_kernel(step)
+  if kernel is not None:  # a fused kernel per ring step
+    return ring_steps.kernel_ring_attention(kernel, q_BTNH, k_BSKH, v_BSKH, q_pos_BT, k_pos_BS,
+                                            window=window, mesh=mesh, axis=axis)
   Q = _local_blocks(T // ring_size, block_q)
   C = _local_blocks(S // ring_size, block_k)
 
