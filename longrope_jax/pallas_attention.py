@@ -11,10 +11,11 @@ one, from per-sequence bounds of positions and segment ids computed outside the 
 ordered positions, zigzag ring shards and packed documents; unordered positions also compute the
 masked blocks in between (correct, slower).
 
-Triton, not Mosaic GPU: Mosaic GPU kernels (warpgroup MMA, TMA) are faster on Hopper but are
-written for sm90+ only, their API changed between jax 0.10 and 0.11, and they cannot be lowered
-here without the GPU toolchain; the Triton backend runs on every CUDA GPU, lowers on a CPU-only
-jaxlib, and runs in interpret mode on this CPU for the equality tests.
+Triton, not Mosaic GPU: a Mosaic GPU kernel (warpgroup MMA, TMA) would be faster on Hopper, but
+jax 0.10.2 has no interpret mode for it (InterpretGPUParams arrives in 0.11), so it could not be
+tested for equality on a CPU, and its public API changed between 0.10.2 and 0.11.2
+(transform_ref removed, transpose_ref deprecated). The Triton backend runs on every CUDA GPU,
+runs in interpret mode here and lowers for 'cuda' on a CPU-only jaxlib.
 
 Off the GPU the kernels run in Pallas interpret mode (`interpret=None` chooses it): correct and
 slow, for tests. `flash_forward` / `flash_backward` expose (out, lse) and the backward given lse
@@ -36,13 +37,18 @@ from jax.experimental.pallas import triton as plgpu
 
 from longrope_jax import attention as attention_lib
 
-# (block_q, block_k): forward and backward tiles. Triton keeps a block's f32 accumulators in
-# registers, so tiles are far smaller than blockwise's (CPU-measured) blocks, which these kernels
-# ignore. Forward 128 x 64 (as jax's reference Triton kernel for head_dim 128 on Ampere/Hopper),
-# backward 64 x 64 (two accumulators per key block). Not yet tuned on a device.
-DEFAULT_TILES = (128, 64)
-DEFAULT_BACKWARD_TILES = (64, 64)
+# (block_q, block_k) of the forward and the backward, by the inputs' item size. Triton keeps a
+# tile's f32 accumulators in registers and its operands in shared memory, so tiles are far
+# smaller than blockwise's (CPU-measured) blocks, which these kernels ignore. 2-byte inputs:
+# forward 128 x 64 (as jax's reference Triton kernel for head_dim 128), backward 64 x 64 (two
+# accumulators per key tile); 4-byte inputs take half. Not yet tuned on a device.
+DEFAULT_TILES = {2: ((128, 64), (64, 64)), 4: ((64, 64), (32, 32))}
 _MIN_TILE = 16  # Triton's smallest dot operand dimension
+
+
+def default_tiles(dtype) -> tuple[tuple[int, int], tuple[int, int]]:
+  """(forward, backward) (block_q, block_k) for inputs of `dtype`."""
+  return DEFAULT_TILES[min(4, max(2, jnp.dtype(dtype).itemsize))]
 
 
 def _interpret(interpret: bool | None) -> bool:
@@ -339,21 +345,23 @@ def _backward(q_BTNH, k_BSKH, v_BSKH, lse_BNT, delta_BNT, do_BTNH, L: _Layout, i
 
 # ----------------------------------------------------------------------------- per-step API
 def flash_forward(q_BTNH, k_BSKH, v_BSKH, q_pos_BT, k_pos_BS, *, window: int | None = None,
-                  q_seg_BT=None, k_seg_BS=None, tiles: tuple[int, int] = DEFAULT_TILES,
+                  q_seg_BT=None, k_seg_BS=None, tiles: tuple[int, int] | None = None,
                   out_dtype=None, interpret: bool | None = None):
   """(out[B, T, N, H], lse f32[B, N, T]) of one attention call; lse is -inf for rows with no
-  visible key (their out is 0). out_dtype defaults to q's."""
+  visible key (their out is 0). out_dtype defaults to q's; tiles to `default_tiles`."""
+  tiles = default_tiles(q_BTNH.dtype)[0] if tiles is None else tiles
+  out_dtype = q_BTNH.dtype if out_dtype is None else out_dtype
   L = _Layout(q_BTNH, k_BSKH, q_pos_BT, k_pos_BS, q_seg_BT, k_seg_BS, window, tiles)
-  return _forward(q_BTNH, k_BSKH, v_BSKH, L, q_BTNH.dtype if out_dtype is None else out_dtype, _interpret(interpret))
+  return _forward(q_BTNH, k_BSKH, v_BSKH, L, out_dtype, _interpret(interpret))
 
 
 def flash_backward(q_BTNH, k_BSKH, v_BSKH, q_pos_BT, k_pos_BS, lse_BNT, delta_BNT, do_BTNH, *,
                    window: int | None = None, q_seg_BT=None, k_seg_BS=None,
-                   tiles: tuple[int, int] = DEFAULT_BACKWARD_TILES,
-                   interpret: bool | None = None):
+                   tiles: tuple[int, int] | None = None, interpret: bool | None = None):
   """f32 (dq, dk, dv) of the keys given, for the softmax whose log-sum-exp over ALL keys is
   lse f32[B, N, T] and delta = rowsum(dout * out) f32[B, N, T] (flash-attention-2: a partial
   key set, e.g. one ring step, gives that set's share of dq and its dk, dv)."""
+  tiles = default_tiles(q_BTNH.dtype)[1] if tiles is None else tiles
   L = _Layout(q_BTNH, k_BSKH, q_pos_BT, k_pos_BS, q_seg_BT, k_seg_BS, window, tiles)
   return _backward(q_BTNH, k_BSKH, v_BSKH, lse_BNT, delta_BNT, do_BTNH.astype(q_BTNH.dtype), L,
                    _interpret(interpret))
@@ -397,14 +405,15 @@ def pallas_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array,
   """Causal GQA out[B, T, N, H] by the Pallas flash kernels (Triton on a GPU, interpret mode
   elsewhere), equal to `attention.dense_attention`. block_q / block_k (blockwise's CPU block
   sizes) are ignored: `tiles` and `backward_tiles` = (Q, C), powers of two >= 16, override
-  DEFAULT_TILES and DEFAULT_BACKWARD_TILES."""
+  `default_tiles(q.dtype)`."""
   attention_lib.validate_attention_shapes(q_BTNH, k_BSKH, v_BSKH, q_pos_BT, k_pos_BS)
   validate_segments(q_pos_BT, k_pos_BS, q_seg_BT, k_seg_BS)
   if window is not None and (not isinstance(window, int) or window <= 0):
     raise ValueError(f"window must be a positive integer or None, got {window!r}.")
-  tiles = validate_tiles(DEFAULT_TILES if tiles is None else tiles, 'tiles')
-  backward_tiles = validate_tiles(DEFAULT_BACKWARD_TILES if backward_tiles is None else
-                                  backward_tiles, 'backward_tiles')
+  forward_default, backward_default = default_tiles(q_BTNH.dtype)
+  tiles = validate_tiles(forward_default if tiles is None else tiles, 'tiles')
+  backward_tiles = validate_tiles(backward_default if backward_tiles is None else backward_tiles,
+                                  'backward_tiles')
   return _flash(q_BTNH, k_BSKH, v_BSKH, q_pos_BT.astype(jnp.int32), k_pos_BS.astype(jnp.int32),
                 q_seg_BT, k_seg_BS, window, tiles, backward_tiles, _interpret(interpret))
 

@@ -128,6 +128,18 @@ def test_pallas_bfloat16_close_to_dense():
       jnp.bfloat16 and out.shape == q.shape
 
 
+def test_pallas_under_vmap_over_a_population():
+  """The search vmaps the model over candidates: positions shared, q / k / v batched."""
+  qs, ks, vs, douts = (jnp.stack(xs) for xs in zip(*(_inputs(s, 1, 32, 32, 2, 1, 16)
+                                                      for s in (16, 17, 18))))
+  q_pos, k_pos = _arange(1, 32, 32)
+  fn = jax.vmap(_pallas(q_pos, k_pos))
+  ref = jax.vmap(lambda q, k, v: _reference(q, k, v, q_pos, k_pos))
+  (out, grads), (out_r, grads_r) = (_value_and_grads(f, qs, ks, vs, douts) for f in (fn, ref))
+  for got, want in zip((out, *grads), (out_r, *grads_r)):
+    np.testing.assert_allclose(got, want, atol=F32_ATOL, rtol=0)
+
+
 def test_pallas_lse_and_partial_backward_compose():
   """flash_forward's lse over two disjoint key halves merges (ring_steps.merge) into the full
   softmax; an empty row has lse -inf and output 0."""
@@ -377,6 +389,9 @@ def test_cudnn_lowers_for_cuda_or_says_why():
   args, _ = _paper_shapes('llama2_7b', 4096)
   fn = _grad_of(lambda q, k, v, pos: gpu_attention.cudnn_attention(
       q, k, v, pos, pos, implementation='cudnn', fallback='pallas_gpu', interpret=False))
+  f32_args = [jax.ShapeDtypeStruct(a.shape, jnp.float32) if a.dtype == jnp.bfloat16 else a
+              for a in args]
+  assert _lowered_text(fn, f32_args, 'cuda').count('@__gpu$xla.gpu.triton') == 3  # f32: Pallas
   try:
     text = _lowered_text(fn, args, 'cuda')
   except RuntimeError as e:
@@ -397,3 +412,23 @@ def test_splash_lowers_for_tpu(variant, T):
       q, k, v, pos, pos, window=window, interpret=False))
   text = _lowered_text(fn, args, 'tpu')
   assert len(re.findall(r'custom_call @tpu_custom_call', text)) == 3
+
+
+# ----------------------------------------------------------------------------- bench/gpu_check.py
+def test_gpu_check_starts_and_passes_its_cpu_smoke(tmp_path):
+  """The prepared GPU script, on this CPU (interpret mode, the cuDNN call by XLA): every smoke
+  check passes and the JSON holds the rows."""
+  import importlib.util
+  import json
+  import pathlib
+  path = pathlib.Path(__file__).resolve().parents[1] / 'bench' / 'gpu_check.py'
+  spec = importlib.util.spec_from_file_location('gpu_check', path)
+  gpu_check = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(gpu_check)
+  out = tmp_path / 'smoke.json'
+  assert gpu_check.main(['--cpu-smoke', '--out', str(out)]) == 0
+  result = json.loads(out.read_text())
+  assert result['passed'] and result['backend'] == 'cpu' and len(result['rows']) == 5
+  assert {r['impl'] for r in result['rows']} == {'pallas_gpu', 'cudnn', 'ring_pallas'}
+  assert all(r['err_dv'] <= r['tol_dv'] for r in result['rows'])
+  assert gpu_check.main(['--out', str(out)]) == 2  # without --cpu-smoke it wants a GPU
