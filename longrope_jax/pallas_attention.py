@@ -11,11 +11,13 @@ one, from per-sequence bounds of positions and segment ids computed outside the 
 ordered positions, zigzag ring shards and packed documents; unordered positions also compute the
 masked blocks in between (correct, slower).
 
-Triton, not Mosaic GPU: a Mosaic GPU kernel (warpgroup MMA, TMA) would be faster on Hopper, but
-jax 0.10.2 has no interpret mode for it (InterpretGPUParams arrives in 0.11), so it could not be
-tested for equality on a CPU, and its public API changed between 0.10.2 and 0.11.2
-(transform_ref removed, transpose_ref deprecated). The Triton backend runs on every CUDA GPU,
-runs in interpret mode here and lowers for 'cuda' on a CPU-only jaxlib.
+Triton, not Mosaic GPU, for now: a Mosaic GPU kernel (warpgroup MMA, TMA) would be faster on
+Hopper, but its public API differs between jax 0.10.2 and 0.11.2 (transform_ref removed,
+transpose_ref deprecated) and its interpret mode is private in 0.10.2 (InterpretGPUParams is
+public from 0.11), so it could be neither written once for both nor tested here. The Triton
+backend has the same public API in both, runs in interpret mode here and lowers for 'cuda' on a
+CPU-only jaxlib 0.10.2. jax 0.11 deprecates it (a warning at lowering; it still works): porting
+these kernels to Mosaic GPU is the next step once the project moves past 0.10.
 
 Off the GPU the kernels run in Pallas interpret mode (`interpret=None` chooses it): correct and
 slow, for tests. `flash_forward` / `flash_backward` expose (out, lse) and the backward given lse
