@@ -46,6 +46,7 @@ from longrope_jax import attention as attention_lib
 # accumulators per key tile); 4-byte inputs take half. Not yet tuned on a device.
 DEFAULT_TILES = {2: ((128, 64), (64, 64)), 4: ((64, 64), (32, 32))}
 _MIN_TILE = 16  # Triton's smallest dot operand dimension
+_M_INIT = -1e30  # running max before any visible key, finite as attention.py's
 
 
 def default_tiles(dtype) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -138,8 +139,8 @@ class _Layout:
     self.q_bounds, self.k_bounds = _bounds(self.q_pos, self.k_pos, self.q_seg, self.k_seg,
                                            self.Q, self.C, window)
 
-  def pad_q(self, x_BTNH, value=0):
-    return _pad_axis(_pad_axis(x_BTNH, 1, self.Tp, value=value), 3, self.P)
+  def pad_q(self, x_BTNH):
+    return _pad_axis(_pad_axis(x_BTNH, 1, self.Tp), 3, self.P)
 
   def pad_k(self, x_BSKH):
     return _pad_axis(_pad_axis(x_BSKH, 1, self.Sp), 3, self.P)
@@ -201,7 +202,7 @@ def _forward_kernel(bounds_ref, q_ref, k_ref, v_ref, q_pos_ref, k_pos_ref, *refs
     acc_QP = acc_QP * corr_Q[:, None] + _dot(p_QC.astype(v_CP.dtype), v_CP, (1, 0))
     return m_new, l_Q * corr_Q + p_QC.sum(axis=1), acc_QP
 
-  init = (jnp.full((Q,), attention_lib._M_INIT, jnp.float32), jnp.zeros((Q,), jnp.float32),
+  init = (jnp.full((Q,), _M_INIT, jnp.float32), jnp.zeros((Q,), jnp.float32),
           jnp.zeros((Q, P), jnp.float32))
   m_Q, l_Q, acc_QP = lax.fori_loop(bounds_ref[0], bounds_ref[1], body, init)
   seen = l_Q > 0
