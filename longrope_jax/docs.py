@@ -1,5 +1,6 @@
 """The generated docs: docs/results.md from the documented runs (each a folder docs/<run>/ with
-its results.json, report.md and figures) and docs/benchmarks.md from bench/results/*.json, so the
+its results.json, report.md and figures), docs/benchmarks.md from bench/results/*.json and
+docs/config.md from the config rules (validation.reference), so the
 measured figures are written by a program from the artifacts that hold them, never by hand.
 
   pages = docs.generate(root)   # {'docs/results.md': text, 'docs/benchmarks.md': text}
@@ -23,9 +24,11 @@ from typing import Callable, Mapping
 
 from longrope_jax import console
 from longrope_jax import report as report_lib
+from longrope_jax import validation
 
 RESULTS_PAGE = 'docs/results.md'
 BENCHMARKS_PAGE = 'docs/benchmarks.md'
+CONFIG_PAGE = 'docs/config.md'
 BENCH_RESULTS = 'bench/results'
 NOT_RECORDED = 'not recorded'
 PLANS = "Plans of the paper's shapes"
@@ -430,7 +433,8 @@ def benchmarks_page(root: pathlib.Path) -> str:
 def generate(root: pathlib.Path) -> dict[str, str]:
   """Every generated page's text from the artifacts under `root` (the repository)."""
   root = pathlib.Path(root)
-  return {RESULTS_PAGE: results_page(root / 'docs'), BENCHMARKS_PAGE: benchmarks_page(root)}
+  return {RESULTS_PAGE: results_page(root / 'docs'), BENCHMARKS_PAGE: benchmarks_page(root),
+          CONFIG_PAGE: validation.reference()}
 
 
 def stale(root: pathlib.Path, pages: Mapping[str, str] | None = None) -> list[str]:

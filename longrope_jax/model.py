@@ -22,9 +22,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from longrope_jax import attention as attention_lib
+from longrope_jax import attention_select
 from longrope_jax import checks
 from longrope_jax import chunked_attention
 from longrope_jax import cpu_attention
+from longrope_jax import gpu_attention
+from longrope_jax import pallas_attention
+from longrope_jax import tpu_attention
 from longrope_jax import ring_attention as ring_lib
 from longrope_jax import rope as rope_lib
 from longrope_jax.rope import RopeScaling
@@ -35,7 +39,11 @@ DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 # (the contract at the top of attention.py);
 # ring: T split over the 'seq' axis of the current mesh (`jax.set_mesh`);
 # fused: jax.nn.dot_product_attention (cuDNN on a GPU);
-# flash_cpu: the fused C++ kernel of cpu_attention.py (XLA FFI custom call on the CPU).
+# flash_cpu: the fused C++ kernel of cpu_attention.py (XLA FFI custom call on the CPU);
+# cudnn: cuDNN flash attention with is_causal for contiguous positions, else pallas_gpu;
+# pallas_gpu: the Pallas (Triton) flash kernels of pallas_attention.py (interpreted off a GPU);
+# splash: TPU splash attention for contiguous positions, else blockwise (interpreted off a TPU);
+# auto: the fastest correct one for the backend, dtype and length (attention_select.py).
 ATTENTION: dict[str, Callable[..., jax.Array]] = {
     'dense': attention_lib.dense_attention,
     'blockwise': attention_lib.blockwise_attention,
@@ -43,6 +51,10 @@ ATTENTION: dict[str, Callable[..., jax.Array]] = {
     'ring': ring_lib.ring_attention,
     'fused': attention_lib.fused_attention,
     'flash_cpu': cpu_attention.flash_cpu_attention,
+    'cudnn': gpu_attention.cudnn_attention,
+    'pallas_gpu': pallas_attention.pallas_attention,
+    'splash': tpu_attention.splash_attention,
+    attention_select.AUTO: lambda *args, **kwargs: _auto_attention(*args, **kwargs),
 }
 ATTENTION_IMPLS = tuple(ATTENTION)
 # name -> (why it cannot run here or None, the implementation that runs instead): the
@@ -57,29 +69,49 @@ LAYERS = 'layers'  # params[LAYERS]: every layer's params stacked on a leading a
 def attend(q_BTNH, k_BSKH, v_BSKH, q_pos_BT, k_pos_BS, *, impl: str = 'dense',
            window: int | None = None, block_q: int | None = None, block_k: int | None = None,
            q_seg_BT: jax.Array | None = None, k_seg_BS: jax.Array | None = None) -> jax.Array:
-  """Causal GQA out[B, T, N, H] by the implementation registered as `impl` in ATTENTION; block
-  sizes left None are `attention.default_block(T, impl)`. Segment ids (both or neither) keep
-  each query to keys of its own segment."""
+  """Causal GQA out[B, T, N, H] by the implementation registered as `impl` in ATTENTION ('auto'
+  resolved first, for this backend, dtype and length); block sizes left None are
+  `attention.default_block(T, impl)`. Segment ids (both or neither) keep each query to keys of
+  its own segment."""
   if impl not in ATTENTION:
     raise ValueError(f"Unknown attention implementation {impl!r}; choose one of "
                      f"{sorted(ATTENTION)}.")
   T = q_BTNH.shape[1]
+  impl, _ = attention_select.resolve_attention(impl, backend=jax.default_backend(),
+                                               dtype=q_BTNH.dtype, length=T)
   block_q = attention_lib.default_block(T, impl) if block_q is None else block_q
   block_k = attention_lib.default_block(T, impl) if block_k is None else block_k
   return ATTENTION[impl](q_BTNH, k_BSKH, v_BSKH, q_pos_BT, k_pos_BS, window=window,
                          block_q=block_q, block_k=block_k, q_seg_BT=q_seg_BT, k_seg_BS=k_seg_BS)
 
 
-def attention_that_runs(impl: str) -> dict:
+def _auto_attention(q_BTNH, k_BSKH, v_BSKH, q_pos_BT, k_pos_BS, **kwargs) -> jax.Array:
+  """The implementation `attention_select.resolve_attention` picks for this backend, dtype and
+  length (decided at trace time; `attend` resolves it before dispatch, this serves direct calls
+  of ATTENTION['auto'])."""
+  impl, _ = attention_select.resolve_attention(attention_select.AUTO,
+                                               backend=jax.default_backend(),
+                                               dtype=q_BTNH.dtype, length=q_BTNH.shape[1])
+  return ATTENTION[impl](q_BTNH, k_BSKH, v_BSKH, q_pos_BT, k_pos_BS, **kwargs)
+
+
+def attention_that_runs(impl: str, *, dtype: str = 'float32', length: int | None = None) -> dict:
   """What computes `impl`'s attention on this machine: {'requested': impl, 'ran': the
-  implementation that runs, 'reason': why it differs (None when it does not)}; flash_cpu runs
-  blockwise where its kernel cannot be built (`FALLBACKS`)."""
+  implementation that runs, 'reason': why it differs (None when it does not)}. 'auto' resolves
+  for the backend, `dtype` and query `length` (attention_select.resolve_attention); flash_cpu
+  runs blockwise where its kernel cannot be built (`FALLBACKS`)."""
   if impl not in ATTENTION:
     raise ValueError(f"Unknown attention implementation {impl!r}; choose one of "
                      f"{sorted(ATTENTION)}.")
-  unavailable, instead = FALLBACKS.get(impl, (lambda: None, impl))
-  reason = unavailable()
-  return dict(requested=impl, ran=impl if reason is None else instead, reason=reason)
+  ran, reason = impl, None
+  if impl == attention_select.AUTO:
+    ran, reason = attention_select.resolve_attention(
+        impl, backend=jax.default_backend(), dtype=DTYPES.get(dtype, dtype), length=length or 0)
+  unavailable, instead = FALLBACKS.get(ran, (lambda: None, ran))
+  fallback = unavailable()
+  if fallback is not None:
+    ran, reason = instead, fallback
+  return dict(requested=impl, ran=ran, reason=reason)
 
 
 @dataclasses.dataclass(frozen=True)

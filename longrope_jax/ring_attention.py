@@ -9,6 +9,9 @@ Positions are explicit inputs, so a layout is only a permutation of tokens and p
 (`to_zigzag`); RoPE and n_hat see the global positions. Segment ids (packed documents) are
 permuted the same way and travel around the ring with their keys.
 
+Each step's block work is the XLA blockwise code below (the CPU path), or with `step` a fused
+kernel per step merged by log-sum-exp (ring_steps.py; 'auto': the Pallas kernel on a GPU).
+
 Use: `with jax.set_mesh(mesh.make_mesh(seq=R)):` then a model with attention='ring' on
 `to_zigzag(tokens)`, `to_zigzag(positions)`; `from_zigzag(logits)` restores the order.
 
@@ -27,6 +30,7 @@ from jax.sharding import PartitionSpec as P
 
 from longrope_jax import attention as attention_lib
 from longrope_jax import mesh as mesh_lib
+from longrope_jax import ring_steps
 
 LAYOUTS = ('contiguous', 'zigzag')
 
@@ -140,10 +144,11 @@ def ring_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, q_po
                    k_pos_BS: jax.Array, *, window: int | None = None, block_q: int = 512,
                    block_k: int = 512, q_seg_BT: jax.Array | None = None,
                    k_seg_BS: jax.Array | None = None, mesh=None, axis: str = mesh_lib.SEQ_AXIS,
-                   **unused) -> jax.Array:
+                   step: str | ring_steps.StepKernel = 'auto', **unused) -> jax.Array:
   """Causal GQA with T split over the mesh axis `axis` (the mesh set by `jax.set_mesh` unless
   `mesh` is given). Any layout of tokens is correct; zigzag (`to_zigzag`) balances the work.
-  Segment ids, when given, are in the same layout as the positions."""
+  Segment ids, when given, are in the same layout as the positions. `step`: the per-step kernel
+  (ring_steps.STEP_KERNELS; 'xla' is the blockwise code here)."""
   attention_lib.validate_attention_shapes(q_BTNH, k_BSKH, v_BSKH, q_pos_BT, k_pos_BS)
   attention_lib.validate_segments(q_pos_BT, k_pos_BS, q_seg_BT, k_seg_BS)
   attention_lib.validate_blocks(block_q, block_k, window)
@@ -158,6 +163,11 @@ def ring_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, q_po
   T, S = q_BTNH.shape[1], k_BSKH.shape[1]
   validate_ring(T, ring_size)
   validate_ring(S, ring_size)
+  kernel = ring_steps.step_kernel(step)
+  if kernel is not None:  # a fused kernel per ring step
+    return ring_steps.kernel_ring_attention(kernel, q_BTNH, k_BSKH, v_BSKH, q_pos_BT, k_pos_BS,
+                                            window=window, mesh=mesh, axis=axis,
+                                            q_seg_BT=q_seg_BT, k_seg_BS=k_seg_BS)
   Q = _local_blocks(T // ring_size, block_q)
   C = _local_blocks(S // ring_size, block_k)
 

@@ -31,7 +31,7 @@ from longrope_jax.stages import STAGES
 _ABSENT = object()
 # model.variant of configs/hf.py: the checkpoint at model.path decides the model.
 HF_VARIANT = 'hf'
-REFERENCE_COMMAND = 'python -m longrope_jax.validation > docs/config.md'
+REFERENCE_COMMAND = 'python -m experiments.docs'
 
 
 # ----------------------------------------------------------------------------- field checks
@@ -88,7 +88,9 @@ RULES: dict[str, Rule] = {
         'dense within 1e-5): dense the reference, blockwise memory-efficient, chunked by query '
         "chunks, ring one sequence over the 'seq' mesh axis, fused jax.nn.dot_product_attention "
         '(cuDNN on a GPU), flash_cpu the fused C++ CPU kernel (blockwise where it cannot be '
-        'built; results.json says which ran)'),
+        'built), cudnn cuDNN flash attention on a GPU, pallas_gpu a Pallas (Triton) flash kernel, '
+        'splash TPU splash attention, auto the fastest correct one for the backend, dtype and '
+        'length; results.json says which ran'),
     'model.dtype': Rule(checks.choice(model.DTYPES), 'compute dtype'),
     'model.param_dtype': Rule(checks.optional(checks.choice(model.DTYPES)),
                               'parameter dtype (None: as stored, else model.dtype)'),
@@ -356,7 +358,3 @@ def reference() -> str:
   for field, rule in RULES.items():
     lines.append(f'| `{field}` | {_cell(rule.check.accepts)} | {_cell(rule.doc)} |')
   return '\n'.join(lines) + '\n'
-
-
-if __name__ == '__main__':
-  print(reference(), end='')

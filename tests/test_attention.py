@@ -177,7 +177,7 @@ def test_blockwise_rejects_mismatched_shapes():
 def test_registry_lists_every_model_choice():
   assert model_lib.ATTENTION_IMPLS == tuple(model_lib.ATTENTION)
   assert set(model_lib.ATTENTION_IMPLS) == {'dense', 'blockwise', 'chunked', 'ring', 'fused',
-                                            'flash_cpu'}
+                                            'flash_cpu', 'cudnn', 'pallas_gpu', 'splash', 'auto'}
 
 
 def test_no_import_cycle():

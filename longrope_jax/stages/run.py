@@ -177,10 +177,13 @@ class Run:
     progressive stage, its search (search settings' attention None: the model's)."""
     c = self.config
     model = c.model.attention
-    used = {'model': model_lib.attention_that_runs(model)}
+    runs = lambda impl, length: model_lib.attention_that_runs(  # noqa: E731
+        impl, dtype=c.model.dtype, length=length)
+    used = {'model': runs(model, self.original_length)}
     if 'search' in c:
-      used['search'] = model_lib.attention_that_runs(c.search.settings.attention or model)
+      used['search'] = runs(c.search.settings.attention or model,
+                            self.extension(c.search.multiple).target_length)
     if 'progressive' in c and 'progressive' in c.stages:
-      used['progressive_search'] = model_lib.attention_that_runs(
-          c.progressive.search.attention or model)
+      used['progressive_search'] = runs(c.progressive.search.attention or model,
+                                        self.extension(c.progressive.multiple).target_length)
     return used
