@@ -150,6 +150,11 @@ def _splits() -> Iterable[str]:
   return data.SPLITS
 
 
+def _sources() -> Iterable[str]:
+  from longrope_jax import data
+  return data.SOURCES
+
+
 def sliding_window(value: Any, field: str) -> None:
   """'keep' (the checkpoint's or variant's window), 'none' (no window) or a positive integer."""
   from longrope_jax import hf
@@ -217,7 +222,7 @@ RULES: dict[str, Check] = {
     'model.original_length': optional(positive_int),
     'model.sliding_window': sliding_window,
     'model.remat': string,
-    'data.source': choice(('stdlib', 'files', 'tfds')),
+    'data.source': choice(_sources),
     'data.path': optional(string),
     'data.tfds_name': optional(string),
     'data.data_dir': optional(string),
