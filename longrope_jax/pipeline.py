@@ -23,6 +23,7 @@ from longrope_jax import checkpoint as ckpt_lib
 from longrope_jax import console
 from longrope_jax import data as data_lib
 from longrope_jax import evaluate as eval_lib
+from longrope_jax import gguf_import
 from longrope_jax import hf
 from longrope_jax import mesh as mesh_lib
 from longrope_jax import metrics as metrics_lib
@@ -61,10 +62,12 @@ class Run:
       spec = str(pathlib.Path(self.hf_path) / 'tokenizer.json')
     return data_lib.get_tokenizer(spec)
 
-  @property
+  @functools.cached_property
   def hf_path(self) -> str | None:
-    """The Hugging Face checkpoint folder (config.model.path), or None for a workdir model."""
-    return self.config.model.path
+    """The Hugging Face checkpoint folder (config.model.path; a GGUF spec such as 'gguf:smollm2'
+    is converted once into a cached folder, gguf_import.resolve_model_path), or None for a
+    workdir model."""
+    return gguf_import.resolve_model_path(self.config.model.path)
 
   @functools.cached_property
   def hf_checkpoint(self) -> hf.Checkpoint:

@@ -355,6 +355,13 @@ def check_data(config: Mapping) -> None:
 def check_model(config: Mapping) -> None:
   if lookup(config, 'model', None) is None:
     return
+  from longrope_jax import gguf_import
+  path = lookup(config, 'model.path', None)
+  if gguf_import.is_spec(path):
+    try:
+      gguf_import.check_spec(path)
+    except (ImportError, OSError, ValueError) as e:
+      raise ConfigError('model.path', f"model.path {path!r}: {e}") from e
   if not lookup(config, 'model.path', None):
     variant = lookup(config, 'model.variant', None)
     choice(_variants)(variant, 'model.variant')
