@@ -20,15 +20,16 @@ Corpus: `pydoc`, the Python reference manual's prose (pydoc_data/topics.py, in e
 113K SmolLM2 tokens cut into 6 documents of 17.9K-20.0K tokens, every one holding a 16K window;
 2 validation documents (the search's fitness), 4 test documents (the evaluation); no train
 split. `:code` switches to the standard library's source (`stdlib`, split by a hash of the
-file name; 11 test files and 5 validation files hold 16K tokens), the held-out second domain.
+file name; 14 test files and 6 validation files hold 16K tokens), the held-out second domain.
 Both were likely in SmolLM2's pretraining data; neither was ever seen at 16K tokens.
 
 Time on this CPU (2 cores). One forward of this model costs 2 x 134.5M x T FLOPs of matmuls
 plus 2 x 30 x 576 x T^2 of causal attention: 0.70 / 4.5 / 13.7 TFLOP at 2K / 8K / 16K tokens.
 flash_cpu attention with f32 compute runs about 120 GFLOP/s here (bench/forward.py: 58-72% of
 jax's 174-182 GFLOP/s matmul peak), so about F2 = 6 s, F8 = 38 s, F16 = 115 s per window; the
-issue measured 37-100 s per 8K-16K forward on a quiet machine (bf16, blockwise). On the shared
-machine (load 4-15) this config's pieces measured 60 s at 8K and 434 s at 16K.
+issue measured 37-100 s per 8K-16K forward on a quieter machine (bf16, blockwise). On the
+shared machine this config's forward measured 60-92 s at 8K and 292-434 s at 16K (load 4-15,
+the 16K / 8K ratio 3.2 as the FLOPs' 3.0); the times below are the quiet estimates.
   search    paper GA, population 7 (the PI, NTK and YaRN seeds and 4 mutants), 3 parents,
             2 + 2 children, 2 generations: 7 + 2 x 4 = 15 candidates x 1 fitness document at
             16K = 15 x F16 = 29 min.
