@@ -320,17 +320,19 @@ def batches(rows: list[np.ndarray], extra: int, batch_tokens: int,
 
 
 def _batch_rows(rows: list[np.ndarray], indices: list[int], bucket: int, size: int, fill: int,
-                left: bool) -> np.ndarray:
-  """i32[size, bucket]: rows[indices] padded with `fill` on the left or the right; rows beyond
-  len(indices) repeat the first (their results are dropped)."""
+                left: bool) -> tuple[np.ndarray, np.ndarray]:
+  """(tokens i32[size, bucket], lengths i32[size]): rows[indices] padded with `fill` on the left
+  or the right; rows beyond len(indices) repeat the first (their results are dropped)."""
   out = np.full((size, bucket), fill, np.int32)
+  lengths = np.zeros(size, np.int32)
   for r in range(size):
     row = rows[indices[r] if r < len(indices) else indices[0]]
+    lengths[r] = len(row)
     if left:
       out[r, bucket - len(row):] = row
     else:
       out[r, :len(row)] = row
-  return out
+  return out, lengths
 
 
 def greedy_generate_padded(config: model_lib.ModelConfig, params: Any, prompts: list[np.ndarray],
@@ -343,10 +345,8 @@ def greedy_generate_padded(config: model_lib.ModelConfig, params: Any, prompts: 
   out = np.zeros((len(prompts), num_tokens), np.int32)
   fn = _generate_fn(config, int(num_tokens))
   for bucket, size, indices in batches(prompts, num_tokens, batch_tokens):
-    prompt_BP = _batch_rows(prompts, indices, bucket, size, fill, left=True)
-    pad_B = np.asarray([bucket - len(prompts[indices[r] if r < len(indices) else indices[0]])
-                        for r in range(size)], np.int32)
-    out_BN = np.asarray(fn(params, jnp.asarray(prompt_BP), jnp.asarray(pad_B), rope))
+    prompt_BP, length_B = _batch_rows(prompts, indices, bucket, size, fill, left=True)
+    out_BN = np.asarray(fn(params, jnp.asarray(prompt_BP), jnp.asarray(bucket - length_B), rope))
     out[indices] = out_BN[:len(indices)]
   return out
 
@@ -465,7 +465,7 @@ def passkey_answer_nll(config: model_lib.ModelConfig, params: Any,
   nll_TA = np.full((trials, A), np.nan)
   fn = selected_nll_fn(config)
   for bucket, size, indices in batches(sequences, 0, batch_tokens):
-    tokens_BT = _batch_rows(sequences, indices, bucket, size, tokenizer.eos_id, left=False)
+    tokens_BT, _ = _batch_rows(sequences, indices, bucket, size, tokenizer.eos_id, left=False)
     starts_B = [len(samples[i][0]) - 1 for i in indices] + [0] * (size - len(indices))
     index_BA = np.minimum(np.asarray(starts_B)[:, None] + np.arange(A), bucket - 2)
     nll_BA = np.asarray(fn(params, jnp.asarray(tokens_BT), rope, jnp.asarray(index_BA, jnp.int32)))
