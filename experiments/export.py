@@ -37,6 +37,7 @@ def _read_json(path: pathlib.Path) -> dict:
 
 def main(argv):
   del argv
+  from longrope_jax.hf import gguf as gguf_import
   from longrope_jax import hf
   from longrope_jax import train as train_lib
   workdir = pathlib.Path(WORKDIR.value)
@@ -45,6 +46,7 @@ def main(argv):
   if not checkpoint:
     raise ValueError(f"the run in {workdir} has no model.path; pass --checkpoint (the HF folder "
                      "whose config.json and tokenizer files the export starts from).")
+  checkpoint = gguf_import.resolve_model_path(checkpoint)  # 'gguf:...': its converted folder
   window = hf.parse_sliding_window(SLIDING_WINDOW.value)
   params = config = None
   if 'progressive' in results:

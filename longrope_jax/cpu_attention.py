@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from longrope_jax import attention as attention_lib
+from longrope_jax import runtime
 
 try:
   import fcntl
@@ -50,14 +51,6 @@ _NO_WINDOW = np.iinfo(np.int32).max
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # 'lib' (ctypes.CDLL) or 'error' (str), 'warned'
-
-
-def cache_dir() -> pathlib.Path:
-  """Where compiled kernels live: $LONGROPE_JAX_CACHE, else $XDG_CACHE_HOME or ~/.cache."""
-  if 'LONGROPE_JAX_CACHE' in os.environ:
-    return pathlib.Path(os.environ['LONGROPE_JAX_CACHE'])
-  base = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
-  return pathlib.Path(base) / 'longrope_jax'
 
 
 def _compiler() -> str | None:
@@ -88,7 +81,7 @@ def _build(compiler: str) -> pathlib.Path:
                            check=True).stdout
   key = hashlib.sha256('\0'.join([SOURCE.read_text(), ' '.join(FLAGS), version, _cpu_flags(),
                                   jax.__version__, sys.platform]).encode()).hexdigest()[:16]
-  directory = cache_dir()
+  directory = runtime.cache_dir()
   directory.mkdir(parents=True, exist_ok=True)
   target = directory / f'flash_attention-{key}.so'
   with open(directory / f'flash_attention-{key}.lock', 'w') as lock:

@@ -19,12 +19,13 @@ from typing import Iterable, Iterator, Protocol
 import numpy as np
 
 SPLITS = ('train', 'validation', 'test')
+SOURCES = ('stdlib', 'pydoc', 'files', 'tfds')  # data.source
 
 
 # ----------------------------------------------------------------------------- tokenizers
 class Tokenizer(Protocol):
   vocab_size: int
-  bos_id: int
+  bos_id: int | None  # None: the checkpoint puts nothing before a text (see JsonTokenizer)
   eos_id: int
 
   def encode(self, text: str | bytes) -> np.ndarray: ...
@@ -49,7 +50,13 @@ class ByteTokenizer:
 
 
 class JsonTokenizer:
-  """A Hugging Face `tokenizer.json` loaded with the `tokenizers` library (extra `hf`)."""
+  """A Hugging Face `tokenizer.json` loaded with the `tokenizers` library (extra `hf`).
+
+  BOS (what goes before every document and prompt) is the checkpoint's own convention when the
+  folder was saved by transformers (`checkpoint_bos`: what its tokenizer puts before a text; None
+  when nothing); for a bare tokenizer.json, the first of <s>, <|begin_of_text|>, <|endoftext|> in
+  the vocabulary. `bos_token` names it explicitly.
+  """
 
   def __init__(self, path: str | pathlib.Path, bos_token: str | None = None,
                eos_token: str | None = None):
@@ -63,7 +70,9 @@ class JsonTokenizer:
       raise ImportError("JsonTokenizer needs the `tokenizers` package: pip install -e .[hf]") from e
     self._tok = read_tokenizer_file(path)
     self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
-    self.bos_id = self._find(bos_token, ('<s>', '<|begin_of_text|>', '<|endoftext|>'))
+    convention = None if bos_token else checkpoint_bos(path, self._tok)
+    self.bos_id = (self._find(bos_token, ('<s>', '<|begin_of_text|>', '<|endoftext|>'))
+                   if convention is None else convention.bos_id)
     self.eos_id = self._find(eos_token, ('</s>', '<|end_of_text|>', '<|endoftext|>'))
 
   def _find(self, explicit, candidates) -> int:
@@ -82,6 +91,39 @@ class JsonTokenizer:
 
   def decode(self, ids: Iterable[int]) -> str:
     return self._tok.decode([int(i) for i in ids])
+
+
+@dataclasses.dataclass(frozen=True)
+class BosConvention:
+  """What a checkpoint's tokenizer puts before a text: `bos_id` (None: nothing) and the file and
+  rule that say so."""
+
+  bos_id: int | None
+  source: str
+
+
+def checkpoint_bos(path: str | pathlib.Path, tok) -> BosConvention | None:
+  """The BOS convention of the checkpoint folder holding tokenizer.json `path` (`tok`, loaded):
+  what its post-processor puts before a text, which is what transformers' tokenizer puts there
+  (transformers 5 follows tokenizer.json and ignores tokenizer_config.json's add_bos_token):
+  Llama-2/3's template gives <s> / <|begin_of_text|>; SmolLM2's gives nothing, although its
+  config.json says bos_token_id 1 (the <|im_start|> of chat turns). None for a bare tokenizer.json
+  (no tokenizer_config.json beside it: no checkpoint convention to follow)."""
+  if not (pathlib.Path(path).parent / 'tokenizer_config.json').is_file():
+    return None
+  text = tok.encode('a', add_special_tokens=False).ids
+  full = tok.encode('a', add_special_tokens=True).ids
+  prefix = next(full[:i] for i in range(len(full) + 1) if full[i:i + len(text)] == text)
+  if len(prefix) > 1:
+    raise ValueError(f"the post-processor of {path} puts {len(prefix)} tokens before a text; "
+                     "one BOS token is supported.")
+  return BosConvention(prefix[0] if prefix else None, f'{path}: post-processor')
+
+
+def with_bos(tokenizer: Tokenizer, ids: np.ndarray) -> np.ndarray:
+  """i32 ids with the tokenizer's BOS first (unchanged when its checkpoint uses none)."""
+  prefix = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
+  return np.concatenate([prefix, ids]).astype(np.int32)
 
 
 def read_tokenizer_file(path: str | pathlib.Path):
@@ -129,6 +171,37 @@ def stdlib_documents() -> list[Document]:
   files = sorted(p for p in root.rglob('*.py')
                  if 'site-packages' not in p.parts and 'dist-packages' not in p.parts)
   return [Document(str(p.relative_to(root)), p.read_bytes()) for p in files]
+
+
+# The 'pydoc' corpus: the Python reference manual's topics as `help()` shows them
+# (pydoc_data/topics.py, in every install), in topic-name order, as one text cut at paragraph
+# breaks into total // PYDOC_DOCUMENT_CHARS documents of about equal size. With SmolLM2's
+# tokenizer (4.1 characters per token) Python 3.11's 79 topics (465K characters, 113K tokens)
+# make 6 documents of about 77K characters and 19K tokens: each holds a 16K-token window.
+# Document k goes to PYDOC_SPLITS[k % 3]; there is no train split (the corpus is for evaluating
+# pretrained models).
+PYDOC_DOCUMENT_CHARS = 72_000
+PYDOC_SPLITS = ('validation', 'test', 'test')
+
+
+def pydoc_documents(document_chars: int = PYDOC_DOCUMENT_CHARS) -> list[Document]:
+  """The 'pydoc' corpus's documents, every split (`pydoc_split` says which is which): English
+  prose of the reference manual, with its code examples."""
+  from pydoc_data import topics
+  text = '\n\n'.join(topics.topics[name].strip() for name in sorted(topics.topics))
+  count = max(1, len(text) // document_chars)
+  cuts = [0]
+  for k in range(1, count):
+    cut = text.find('\n\n', max(k * len(text) // count, cuts[-1] + 1))
+    cuts.append(len(text) if cut < 0 else cut + 2)
+  cuts.append(len(text))
+  return [Document(f'pydoc/{k:02d}', text[a:b].encode())
+          for k, (a, b) in enumerate(zip(cuts, cuts[1:])) if b > a]
+
+
+def pydoc_split(index: int) -> str:
+  """The split of the 'pydoc' corpus's document `index`."""
+  return PYDOC_SPLITS[index % len(PYDOC_SPLITS)]
 
 
 def corpus_files(path: str | pathlib.Path, pattern: str = '*') -> list[tuple[str, pathlib.Path]]:
@@ -214,11 +287,18 @@ def tfds_documents(name: str, split: str, data_dir: str | None = None,
 
 def load_split(source: str, split: str, *, path: str | None = None, tfds_name: str | None = None,
                data_dir: str | None = None, text_key: str = 'text') -> list[Document]:
-  """Documents of one split of a corpus: source 'stdlib', 'files' or 'tfds'."""
+  """Documents of one split of a corpus: source 'stdlib' (the standard library's code),
+  'pydoc' (its reference manual's prose), 'files' or 'tfds'."""
   if split not in SPLITS:
     raise ValueError(f"split must be one of {SPLITS}, got {split!r}.")
   if source == 'stdlib':
     docs = [d for d in stdlib_documents() if split_of(d.name) == split]
+  elif source == 'pydoc':
+    docs = [d for k, d in enumerate(pydoc_documents()) if pydoc_split(k) == split]
+    if not docs:
+      raise ValueError(f"the 'pydoc' corpus has no {split!r} split: its documents are "
+                       f"{', '.join(sorted(set(PYDOC_SPLITS)))} (it is for evaluating pretrained "
+                       "models); choose one of those splits or another data.source.")
   elif source == 'files':
     if not path:
       raise ValueError("data.source='files' needs data.path (a text file or a folder).")
@@ -231,7 +311,7 @@ def load_split(source: str, split: str, *, path: str | None = None, tfds_name: s
     docs = tfds_documents(tfds_name, split, data_dir, text_key)
     check_text(docs, f'{tfds_name}/{split}')
   else:
-    raise ValueError(f"data.source must be 'stdlib', 'files' or 'tfds', got {source!r}.")
+    raise ValueError(f"data.source must be one of {SOURCES}, got {source!r}.")
   docs = [d for d in docs if d.text]
   if not docs:
     raise ValueError(f"the {split!r} split of corpus {source!r} "
@@ -240,9 +320,9 @@ def load_split(source: str, split: str, *, path: str | None = None, tfds_name: s
 
 
 def encode_documents(docs: list[Document], tokenizer: Tokenizer) -> list[np.ndarray]:
-  """Token ids of each document, BOS first and EOS last."""
-  return [np.concatenate([[tokenizer.bos_id], tokenizer.encode(d.text), [tokenizer.eos_id]])
-          .astype(np.int32) for d in docs]
+  """Token ids of each document, BOS first (if the tokenizer has one) and EOS last."""
+  return [with_bos(tokenizer, np.concatenate([tokenizer.encode(d.text), [tokenizer.eos_id]]))
+          for d in docs]
 
 
 # ----------------------------------------------------------------------------- passkey task
@@ -266,10 +346,10 @@ def passkey_sample(rng: np.random.Generator, length: int, depth: float, tokenize
   """The passkey task (Mohtashami & Jaggi, 2023; LongRoPE section 4.3) at about `length` tokens.
 
   A random `digits`-digit key is stated once at relative `depth` in repeated filler sentences,
-  then asked for at the end. Returns (prompt ids with BOS, answer ids), the prompt plus answer
-  within `length` tokens, whole filler sentences. The answer ids are the tokens the prompt
-  continues with when prompt and key are tokenized together: a SentencePiece tokenizer would give
-  the key encoded alone a leading '▁' that the prompt's '#12345' never has.
+  then asked for at the end. Returns (prompt ids with BOS if the tokenizer has one, answer ids),
+  the prompt plus answer within `length` tokens, whole filler sentences. The answer ids are the
+  tokens the prompt continues with when prompt and key are tokenized together: a SentencePiece
+  tokenizer would give the key encoded alone a leading '▁' that the prompt's '#12345' never has.
   """
   if not 0.0 <= depth <= 1.0:
     raise ValueError(f"passkey depth must be in [0, 1], got {depth}.")
@@ -291,7 +371,7 @@ def passkey_sample(rng: np.random.Generator, length: int, depth: float, tokenize
     if prompt.size + answer.size + 1 <= length or not sentences:
       break
     sentences.pop()
-  return np.concatenate([[tokenizer.bos_id], prompt]).astype(np.int32), answer
+  return with_bos(tokenizer, prompt), answer
 
 
 def _split_answer(tokenizer: Tokenizer, prompt_text: str, answer_text: str
@@ -322,12 +402,12 @@ COPY_ALPHABET = np.frombuffer(b'0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKL
 def copy_sample(rng: np.random.Generator, length: int, tokenizer: Tokenizer,
                 min_unit: int = 4, max_unit: int = 16) -> np.ndarray:
   """Induction data: a random string of `min_unit`..`max_unit` letters and digits repeated to
-  fill `length` tokens, BOS first. From the second copy on every symbol is predictable only by
-  finding its previous occurrence and copying what followed. Returns i32[length].
+  fill `length` tokens, BOS first (if any). From the second copy on every symbol is predictable
+  only by finding its previous occurrence and copying what followed. Returns i32[length].
   """
   unit = bytes(rng.choice(COPY_ALPHABET, int(rng.integers(min_unit, max_unit + 1)))).decode()
-  ids = tokenizer.encode(unit * (length // len(unit) + 1))[:length - 1]
-  return np.concatenate([[tokenizer.bos_id], ids]).astype(np.int32)
+  room = length - (tokenizer.bos_id is not None)
+  return with_bos(tokenizer, tokenizer.encode(unit * (length // len(unit) + 1))[:room])
 
 
 # ----------------------------------------------------------------------------- needle documents

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from longrope_jax import attention as attention_lib
 from longrope_jax import data as data_lib
 from longrope_jax import model as model_lib
 from longrope_jax import rope as rope_lib
@@ -28,6 +29,13 @@ DEFAULT_METHODS = ('none', 'linear', 'ntk', 'dynamic_ntk', 'yarn', 'llama3')
 RopeSource = RopeScaling | Callable[[int], RopeScaling | None]
 
 
+def rope_key(rope: RopeScaling) -> bytes:
+  """The values of `rope` as the model uses them (f32): sources with equal keys give the same
+  forward, which the evaluations compute once (at L <= L0 every method is plain RoPE)."""
+  return b'|'.join(np.asarray(x, np.float32).tobytes()
+                   for x in (rope.factors, rope.n_hat, rope.attn_scale))
+
+
 def batch_size_for(length: int, batch_tokens: int) -> int:
   """Windows per forward so a micro-batch holds about `batch_tokens` tokens (at least 1)."""
   return max(1, batch_tokens // length)
@@ -38,6 +46,14 @@ def nll_fn(config: model_lib.ModelConfig) -> Callable:
   """Jitted (params, tokens i32[B, T], rope) -> next-token NLL f32[B, T - 1] (one per config)."""
   return jax.jit(lambda params, tokens_BT, rope: model_lib.token_nll(config, params, tokens_BT,
                                                                      rope))
+
+
+@functools.cache
+def selected_nll_fn(config: model_lib.ModelConfig) -> Callable:
+  """Jitted (params, tokens i32[B, T], rope, index i32[B, A]) -> NLL f32[B, A] of the tokens
+  after the selected positions (`model.selected_nll`; one per config)."""
+  return jax.jit(lambda params, tokens_BT, rope, index_BA: model_lib.selected_nll(
+      config, params, tokens_BT, rope, index_BA))
 
 
 @functools.cache
@@ -157,9 +173,10 @@ def perplexity_vs_length(config: model_lib.ModelConfig, params: Any,
   span through windows of L tokens sliding by `stride` (`sliding_document_nll`).
   `done` maps (method, length) to per-document NLLs already computed (a resumed run skips them);
   `on_result` is called with each new (method, length, per-document NLLs) to persist it.
-  Returns {'lengths', 'original_length', 'num_windows', 'num_qualified', 'document_length',
-  'stride', 'methods': {name: {'nll', 'bits_per_token', 'perplexity', 'nll_per_document'}}}
-  (lists over lengths; a method skipped at a length holds None).
+  Sources whose scaling has the same values at a length (every method at L <= L0, where s = 1)
+  are computed once. Returns {'lengths', 'original_length', 'num_windows', 'num_qualified',
+  'document_length', 'stride', 'methods': {name: {'nll', 'bits_per_token', 'perplexity',
+  'nll_per_document'}}} (lists over lengths; a method skipped at a length holds None).
   """
   lengths = sorted(set(int(L) for L in lengths))
   document_length = int(document_length or max(lengths))
@@ -184,6 +201,7 @@ def perplexity_vs_length(config: model_lib.ModelConfig, params: Any,
 
   results = {name: dict(nll=[], bits_per_token=[], perplexity=[], nll_per_document=[])
              for name in sources}
+  computed: dict[tuple[int, bytes], list[float]] = {}  # sources with the same values run once
   bar = tqdm(total=len(lengths) * len(sources), desc='perplexity', disable=not progress,
              dynamic_ncols=True)
   for L in lengths:
@@ -192,7 +210,12 @@ def perplexity_vs_length(config: model_lib.ModelConfig, params: Any,
         docs_nll = done[(name, L)]
       else:
         rope = source(L) if callable(source) else source
-        docs_nll = None if rope is None else per_document(L, rope)
+        docs_nll = None
+        if rope is not None:
+          key = (L, rope_key(rope))
+          if key not in computed:
+            computed[key] = per_document(L, rope)
+          docs_nll = computed[key]
         if on_result is not None:
           on_result(name, L, docs_nll)
       nll = None if docs_nll is None else float(np.mean(docs_nll))
@@ -232,27 +255,32 @@ def _decode_fns(config: model_lib.ModelConfig):
 
 @functools.cache
 def _generate_fn(config: model_lib.ModelConfig, num_tokens: int) -> Callable:
-  """Jitted (params, prompt i32[B, P], rope) -> greedy continuation i32[B, num_tokens]: one
-  prefill and a `lax.scan` of one-token steps with the KV cache, one program per shape."""
+  """Jitted (params, prompts i32[B, P], pad i32[B], rope) -> greedy continuation
+  i32[B, num_tokens]: one prefill and a `lax.scan` of one-token steps with the KV cache, one
+  program per shape. Row b's first pad[b] tokens are left padding: they sit at EMPTY_POSITION, so
+  no real token ever sees them, and real token j of the row is at position j - pad[b], as it
+  would be unpadded. Only the last position's logits of the prefill are computed."""
 
-  def generate(params, prompt_BP, rope):
+  def generate(params, prompt_BP, pad_B, rope):
     B, P = prompt_BP.shape
     cache = model_lib.init_cache(config, B, P + num_tokens)
-    positions_BP = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
-    logits_BPV, cache = model_lib.forward_with_cache(config, params, prompt_BP, positions_BP,
-                                                     rope, cache)
-    first_B = jnp.argmax(logits_BPV[:, -1], axis=-1).astype(jnp.int32)
+    positions_BP = jnp.arange(P, dtype=jnp.int32)[None] - pad_B[:, None]
+    positions_BP = jnp.where(positions_BP < 0, attention_lib.EMPTY_POSITION, positions_BP)
+    x_BPD, cache = model_lib.forward_with_cache(config, params, prompt_BP, positions_BP, rope,
+                                                cache, hidden=True)
+    first_B = jnp.argmax(model_lib.logits(config, params, x_BPD[:, -1]), axis=-1)
 
-    def step(carry, position):
+    def step(carry, offset):
       token_B, cache = carry
-      logits_B1V, cache = model_lib.forward_with_cache(
-          config, params, token_B[:, None], jnp.full((B, 1), position, jnp.int32), rope, cache)
+      positions_B1 = (P - pad_B + offset)[:, None]
+      logits_B1V, cache = model_lib.forward_with_cache(config, params, token_B[:, None],
+                                                       positions_B1, rope, cache)
       token_B = jnp.argmax(logits_B1V[:, -1], axis=-1).astype(jnp.int32)
       return (token_B, cache), token_B
 
-    positions = jnp.arange(P, P + num_tokens - 1, dtype=jnp.int32)
-    _, rest_NB = jax.lax.scan(step, (first_B, cache), positions)
-    return jnp.concatenate([first_B[:, None], rest_NB.T], axis=1)
+    offsets = jnp.arange(num_tokens - 1, dtype=jnp.int32)
+    _, rest_NB = jax.lax.scan(step, (first_B.astype(jnp.int32), cache), offsets)
+    return jnp.concatenate([first_B[:, None].astype(jnp.int32), rest_NB.T], axis=1)
 
   return jax.jit(generate)
 
@@ -260,36 +288,88 @@ def _generate_fn(config: model_lib.ModelConfig, num_tokens: int) -> Callable:
 def greedy_generate(config: model_lib.ModelConfig, params: Any, prompt_BP: np.ndarray,
                     rope: RopeScaling, num_tokens: int) -> np.ndarray:
   """Greedy continuation i32[B, num_tokens] of equal-length prompts, with the KV cache."""
-  return np.asarray(_generate_fn(config, int(num_tokens))(params, jnp.asarray(prompt_BP), rope))
+  pad_B = jnp.zeros(prompt_BP.shape[0], jnp.int32)
+  return np.asarray(_generate_fn(config, int(num_tokens))(params, jnp.asarray(prompt_BP), pad_B,
+                                                          rope))
 
 
-# A generate function: (prompts i32[B, P], rope, num_tokens) -> continuation i32[B, num_tokens].
-GenerateFn = Callable[[np.ndarray, RopeScaling, int], np.ndarray]
+# Prompts (and teacher-forced sequences) are padded to a multiple of this many tokens, so the
+# prompts of a passkey length (whose sizes differ by a few tokens) share one compiled program.
+PASSKEY_BUCKET = 64
+
+
+def bucket_length(length: int, multiple: int = PASSKEY_BUCKET) -> int:
+  """`length` rounded up to a multiple of `multiple`."""
+  return -(-int(length) // multiple) * multiple
+
+
+def batches(rows: list[np.ndarray], extra: int, batch_tokens: int,
+            multiple: int = PASSKEY_BUCKET) -> list[tuple[int, int, list[int]]]:
+  """(bucket length, batch size, row indices) of micro-batches: rows grouped by `bucket_length`,
+  at most batch_size_for(bucket + extra, batch_tokens) rows per batch (the evaluation's memory
+  bound, `evaluate.batch_tokens`); every batch of a bucket has the same size (the last one is
+  padded), so one compiled shape serves the bucket."""
+  groups: dict[int, list[int]] = {}
+  for i, row in enumerate(rows):
+    groups.setdefault(bucket_length(len(row), multiple), []).append(i)
+  out = []
+  for bucket, indices in sorted(groups.items()):
+    size = min(len(indices), batch_size_for(bucket + extra, batch_tokens))
+    out += [(bucket, size, indices[k:k + size]) for k in range(0, len(indices), size)]
+  return out
+
+
+def _batch_rows(rows: list[np.ndarray], indices: list[int], bucket: int, size: int, fill: int,
+                left: bool) -> tuple[np.ndarray, np.ndarray]:
+  """(tokens i32[size, bucket], lengths i32[size]): rows[indices] padded with `fill` on the left
+  or the right; rows beyond len(indices) repeat the first (their results are dropped)."""
+  out = np.full((size, bucket), fill, np.int32)
+  lengths = np.zeros(size, np.int32)
+  for r in range(size):
+    row = rows[indices[r] if r < len(indices) else indices[0]]
+    lengths[r] = len(row)
+    if left:
+      out[r, bucket - len(row):] = row
+    else:
+      out[r, :len(row)] = row
+  return out, lengths
+
+
+def greedy_generate_padded(config: model_lib.ModelConfig, params: Any, prompts: list[np.ndarray],
+                           rope: RopeScaling, num_tokens: int, *, batch_tokens: int = 16384,
+                           fill: int = 0) -> np.ndarray:
+  """Greedy continuations i32[len(prompts), num_tokens] of prompts of any lengths: left-padded to
+  a multiple of PASSKEY_BUCKET tokens (`_generate_fn`: the padding is never visible) in batches of
+  at most `batch_tokens` tokens with the continuation (`batches`); one compile per bucket and
+  batch size. `fill` is the padding token id (any id)."""
+  out = np.zeros((len(prompts), num_tokens), np.int32)
+  fn = _generate_fn(config, int(num_tokens))
+  for bucket, size, indices in batches(prompts, num_tokens, batch_tokens):
+    prompt_BP, length_B = _batch_rows(prompts, indices, bucket, size, fill, left=True)
+    out_BN = np.asarray(fn(params, jnp.asarray(prompt_BP), jnp.asarray(bucket - length_B), rope))
+    out[indices] = out_BN[:len(indices)]
+  return out
+
+
+# A generate function: (prompts, i32[P_i] each, of any lengths; rope; num_tokens) -> greedy
+# continuations i32[len(prompts), num_tokens].
+GenerateFn = Callable[[list[np.ndarray], RopeScaling, int], np.ndarray]
 # Tokens generated beyond the longest answer, so a longer number than the key reads as wrong
 # (the official evaluations generate 10 tokens for a 5-digit key).
 PASSKEY_MARGIN = 2
-
-
-def _by_length(rows: list[np.ndarray]) -> dict[int, list[int]]:
-  """Indices of `rows` grouped by row length (each group is one batched call)."""
-  groups: dict[int, list[int]] = {}
-  for i, row in enumerate(rows):
-    groups.setdefault(len(row), []).append(i)
-  return groups
 
 
 def passkey_scores(generate: GenerateFn, tokenizer: data_lib.Tokenizer,
                    prompts: list[np.ndarray], answers: list[np.ndarray],
                    rope: RopeScaling) -> np.ndarray:
   """1.0 where the key parsed from the decoded continuation (`data.parse_passkey`) equals the
-  key of the answer, else 0.0: f32[len(prompts)]. Prompts of equal length share one call."""
+  key of the answer, else 0.0: f32[len(prompts)]. One `generate` call for all prompts."""
   num_tokens = max(len(a) for a in answers) + PASSKEY_MARGIN
+  out_BN = np.asarray(generate(list(prompts), rope, num_tokens))
   scores = np.zeros(len(prompts), np.float32)
-  for indices in _by_length(prompts).values():
-    out_BN = generate(np.stack([prompts[i] for i in indices]), rope, num_tokens)
-    for i, row in zip(indices, np.asarray(out_BN)):
-      key = data_lib.parse_passkey(tokenizer.decode(answers[i]))
-      scores[i] = float(key is not None and data_lib.parse_passkey(tokenizer.decode(row)) == key)
+  for i, row in enumerate(out_BN):
+    key = data_lib.parse_passkey(tokenizer.decode(answers[i]))
+    scores[i] = float(key is not None and data_lib.parse_passkey(tokenizer.decode(row)) == key)
   return scores
 
 
@@ -300,20 +380,23 @@ def passkey_accuracy(config: model_lib.ModelConfig, params: Any, tokenizer: data
                      seed: int = 0, progress: bool = True,
                      done: Mapping[tuple[str, int], list] | None = None,
                      on_result: Callable[[str, int, list], None] | None = None,
-                     generate: GenerateFn | None = None) -> dict:
+                     generate: GenerateFn | None = None, batch_tokens: int = 16384) -> dict:
   """Passkey retrieval accuracy per method, length and depth.
 
-  The model continues each prompt greedily (KV cache, `greedy_generate`, or `generate` when
-  given); the continuation is decoded to text and the first run of digits in it is the answer
-  (`data.parse_passkey`), so scoring means the same for every tokenizer. The same prompts (keys,
-  depths) are used for every method. Returns {'lengths', 'depths', 'trials', 'methods': {name:
-  {'accuracy': [[acc per depth] per length], 'mean': [per length]}}}.
+  The model continues each prompt greedily (KV cache, `greedy_generate_padded`: the prompts of a
+  length, every depth, padded to one bucket, at most `batch_tokens` tokens per call; or
+  `generate` when given); the continuation is decoded to text and the first run of digits in it
+  is the answer (`data.parse_passkey`), so scoring means the same for every tokenizer. The same
+  prompts (keys, depths) are used for every method; methods whose scaling has the same values at
+  a length (every one at L <= L0) share one sweep. Returns {'lengths', 'depths', 'trials',
+  'methods': {name: {'accuracy': [[acc per depth] per length], 'mean': [per length]}}}.
   """
   lengths = sorted(set(int(L) for L in lengths))
   depths = [float(d) for d in depths]
   if generate is None:
-    def generate(prompt_BP, rope, num_tokens):
-      return greedy_generate(config, params, prompt_BP, rope, num_tokens)
+    def generate(prompts, rope, num_tokens):
+      return greedy_generate_padded(config, params, prompts, rope, num_tokens,
+                                    batch_tokens=batch_tokens, fill=tokenizer.eos_id)
   sources: dict[str, RopeSource] = {
       m: (lambda L, m=m: method_rope(m, config=config, length=L)) for m in methods}
   sources.update(extra or {})
@@ -323,6 +406,7 @@ def passkey_accuracy(config: model_lib.ModelConfig, params: Any, tokenizer: data
       rng = np.random.default_rng([seed, L, j])
       prompts[L, j] = [data_lib.passkey_sample(rng, L, depth, tokenizer) for _ in range(trials)]
   results = {name: dict(accuracy=[], mean=[]) for name in sources}
+  computed: dict[tuple[int, bytes], list[float]] = {}  # sources with the same values run once
   bar = tqdm(total=len(lengths) * len(sources), desc='passkey', disable=not progress,
              dynamic_ncols=True)
   for L in lengths:
@@ -332,13 +416,14 @@ def passkey_accuracy(config: model_lib.ModelConfig, params: Any, tokenizer: data
       else:
         rope = source(L) if callable(source) else source
         row = None
-        if rope is not None:
-          row = []
-          for j in range(len(depths)):
-            samples = prompts[L, j]
-            scores = passkey_scores(generate, tokenizer, [p for p, _ in samples],
-                                    [a for _, a in samples], rope)
-            row.append(float(np.mean(scores)))
+        if rope is not None and (L, rope_key(rope)) in computed:
+          row = computed[L, rope_key(rope)]
+        elif rope is not None:
+          samples = [s for j in range(len(depths)) for s in prompts[L, j]]
+          scores = passkey_scores(generate, tokenizer, [p for p, _ in samples],
+                                  [a for _, a in samples], rope)
+          row = computed[L, rope_key(rope)] = [float(np.mean(d)) for d in
+                                               scores.reshape(len(depths), trials)]
         if on_result is not None:
           on_result(name, L, row)
       results[name]['accuracy'].append(row)
@@ -350,28 +435,42 @@ def passkey_accuracy(config: model_lib.ModelConfig, params: Any, tokenizer: data
               methods=results)
 
 
+# The passkey stage's skip check runs at no more than this many tokens: whether a model copies the
+# key at all shows at 2K tokens as at 8K, for a quarter of the forwards (on SmolLM2, 16 prompts
+# at 8K were 9 of the stage's 11 minutes).
+PASSKEY_CHECK_LENGTH = 2048
+
+
 def passkey_answer_nll(config: model_lib.ModelConfig, params: Any,
                        tokenizer: data_lib.Tokenizer, length: int, rope: RopeScaling, *,
-                       trials: int = 16, seed: int = 0) -> list[float]:
+                       trials: int = 16, seed: int = 0,
+                       batch_tokens: int = 16384) -> list[float]:
   """Teacher-forced NLL (nats) of each answer token of `trials` passkey prompts at `length`, at
   random depths: a continuous view of retrieval where accuracy is all or nothing. A model that
   copies the key drives it toward 0; one that only knows the format sits at ln 10 per digit.
 
   The answer tokens are those the prompt continues with (prompt and key tokenized together,
-  `data.passkey_sample`). Returns the mean over trials per answer token (a tokenizer that
-  splits keys into different numbers of tokens averages each position over the keys having it).
+  `data.passkey_sample`). Sequences are padded on the right (the model is causal: the padding
+  changes no earlier prediction) to one bucket length and run in batches of at most
+  `batch_tokens` tokens (`batches`), with logits for the answer's positions only
+  (`model.selected_nll`): memory is a forward's activations, not `trials` windows of logits.
+  Returns the mean over trials per answer token (a tokenizer that splits keys into different
+  numbers of tokens averages each position over the keys having it).
   """
   rng = np.random.default_rng([seed, length, 99])
   samples = [data_lib.passkey_sample(rng, length, float(rng.random()), tokenizer)
              for _ in range(trials)]
   sequences = [np.concatenate([p, a]) for p, a in samples]
-  nll_TA = np.full((trials, max(len(a) for _, a in samples)), np.nan)
-  for indices in _by_length(sequences).values():
-    tokens_BT = jnp.asarray(np.stack([sequences[i] for i in indices]))
-    nll_BT = np.asarray(nll_fn(config)(params, tokens_BT, rope))
-    for i, row in zip(indices, nll_BT):
-      P, A = len(samples[i][0]), len(samples[i][1])
-      nll_TA[i, :A] = row[P - 1:P - 1 + A]
+  A = max(len(a) for _, a in samples)
+  nll_TA = np.full((trials, A), np.nan)
+  fn = selected_nll_fn(config)
+  for bucket, size, indices in batches(sequences, 0, batch_tokens):
+    tokens_BT, _ = _batch_rows(sequences, indices, bucket, size, tokenizer.eos_id, left=False)
+    starts_B = [len(samples[i][0]) - 1 for i in indices] + [0] * (size - len(indices))
+    index_BA = np.minimum(np.asarray(starts_B)[:, None] + np.arange(A), bucket - 2)
+    nll_BA = np.asarray(fn(params, jnp.asarray(tokens_BT), rope, jnp.asarray(index_BA, jnp.int32)))
+    for i, row in zip(indices, nll_BA):
+      nll_TA[i, :len(samples[i][1])] = row[:len(samples[i][1])]
   return np.nanmean(nll_TA, axis=0).tolist()
 
 

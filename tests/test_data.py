@@ -67,6 +67,28 @@ def test_errors_are_clear(tmp_path):
     data_lib.PackedBatches([np.zeros(5, np.int32)], 2, 16)
 
 
+def test_pydoc_corpus_is_the_reference_manual_cut_into_long_documents():
+  """The 'pydoc' source: every topic of pydoc_data/topics.py, in name order, once, cut at
+  paragraph breaks into documents of at least PYDOC_DOCUMENT_CHARS characters; document k is
+  in PYDOC_SPLITS[k % 3]; no train split."""
+  from pydoc_data import topics
+  docs = data_lib.pydoc_documents()
+  text = '\n\n'.join(topics.topics[name].strip() for name in sorted(topics.topics))
+  assert b''.join(d.text for d in docs) == text.encode()
+  assert len(docs) == len(text) // data_lib.PYDOC_DOCUMENT_CHARS >= 3
+  assert all(len(d.text) >= data_lib.PYDOC_DOCUMENT_CHARS for d in docs)
+  assert all(d.text.endswith(b'\n\n') for d in docs[:-1])  # cut at a paragraph break
+  small = data_lib.pydoc_documents(document_chars=len(text) // 10)
+  assert len(small) == 10 and b''.join(d.text for d in small) == text.encode()
+  for split in ('validation', 'test'):
+    names = [d.name for d in data_lib.load_split('pydoc', split)]
+    assert names == [d.name for k, d in enumerate(docs) if data_lib.PYDOC_SPLITS[k % 3] == split]
+  assert len(data_lib.load_split('pydoc', 'test')) == 2 * len(data_lib.load_split('pydoc',
+                                                                                  'validation'))
+  with pytest.raises(ValueError, match=r"'pydoc' corpus has no 'train' split.*test, validation"):
+    data_lib.load_split('pydoc', 'train')
+
+
 def test_text_files_corpus(tmp_path):
   for i in range(40):
     (tmp_path / f'doc{i}.txt').write_text(f'document {i}\n' * (i + 1))

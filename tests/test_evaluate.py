@@ -162,6 +162,93 @@ def test_passkey_answer_nll_scores_exactly_the_answer_digits(params):
   np.testing.assert_allclose(nll, np.mean(rows, 0), rtol=1e-4)
 
 
+def test_batches_group_by_bucket_within_batch_tokens():
+  rows = [np.zeros(n) for n in (100, 120, 130, 60, 128)]
+  assert eval_lib.batches(rows, 0, 1024, multiple=64) == [
+      (64, 1, [3]), (128, 3, [0, 1, 4]), (192, 1, [2])]
+  # 2 rows of the 128 bucket fit in 300 tokens: batches of 2, the last one padded to 2.
+  assert eval_lib.batches(rows, 0, 300, multiple=64)[1:3] == [(128, 2, [0, 1]), (128, 2, [4])]
+  # `extra` (generated tokens) counts against the budget: 128 + 30 > 300 / 2.
+  assert eval_lib.batches(rows, 30, 300, multiple=64)[1] == (128, 1, [0])
+  assert eval_lib.bucket_length(1) == eval_lib.bucket_length(64) == 64
+
+
+@pytest.mark.parametrize('attention', ['blockwise', 'flash_cpu'])
+def test_padded_generation_equals_each_prompt_alone(params, attention):
+  """Prompts of different lengths, left-padded into buckets of 64 (two buckets here) and batched
+  within batch_tokens, continue exactly as each prompt alone by full forwards; the prefill runs
+  the model's attention (blockwise or the CPU kernel) over the cache."""
+  config = CFG.replace(attention=attention, block_q=16, block_k=16)
+  rng = np.random.default_rng(3)
+  prompts = [rng.integers(0, 256, size=n).astype(np.int32) for n in (37, 50, 64, 70, 61)]
+  rope = rope_lib.yarn(head_dim=CFG.head_dim, scale=4.0, theta=CFG.rope_theta,
+                       original_length=CFG.original_length)
+  out = eval_lib.greedy_generate_padded(config, params, prompts, rope, 4, batch_tokens=140,
+                                        fill=257)
+  for prompt, row in zip(prompts, out):
+    np.testing.assert_array_equal(row, _reference_greedy(params, prompt[None], lambda n: rope,
+                                                         4)[0])
+
+
+def test_passkey_check_and_sweep_are_bounded_and_share_compiles(params, monkeypatch):
+  """The skip check's 16 prompts run 2 at a time under batch_tokens = 2 x 128 (one shape),
+  with the NLLs of one big batch (the full-forward reference is the test above); the sweep's prompts of a length (every depth) share one
+  bucket and batch shape, within batch_tokens with the generated tokens."""
+  tok = data_lib.ByteTokenizer()
+  rope = rope_lib.none(head_dim=CFG.head_dim)
+  shapes = []
+  selected_nll_fn = eval_lib.selected_nll_fn
+
+  def recording(config):
+    fn = selected_nll_fn(config)
+    return lambda p, tokens, r, index: (shapes.append(tokens.shape), fn(p, tokens, r, index))[1]
+
+  monkeypatch.setattr(eval_lib, 'selected_nll_fn', recording)
+  bounded = eval_lib.passkey_answer_nll(CFG, params, tok, 128, rope, trials=16, batch_tokens=256)
+  assert set(shapes) == {(2, 128)} and len(shapes) == 8
+  shapes.clear()
+  whole = eval_lib.passkey_answer_nll(CFG, params, tok, 128, rope, trials=16, batch_tokens=4096)
+  assert set(shapes) == {(16, 128)}
+  np.testing.assert_allclose(bounded, whole, rtol=1e-6)
+  generate_fn = eval_lib._generate_fn
+  calls = []
+
+  def recording_generate(config, num_tokens):
+    fn = generate_fn(config, num_tokens)
+    return lambda p, prompt_BP, pad_B, r: (calls.append((prompt_BP.shape, num_tokens)),
+                                           fn(p, prompt_BP, pad_B, r))[1]
+
+  monkeypatch.setattr(eval_lib, '_generate_fn', recording_generate)
+  eval_lib.passkey_accuracy(CFG, params, tok, [128, 192], methods=('none',), depths=(0.0, 1.0),
+                            trials=3, progress=False, batch_tokens=700)
+  # 6 prompts per length: 128-token ones in batches of 700 // (128 + 7) = 5, 192 ones of 3.
+  assert sorted(set(calls)) == [((3, 192), 7), ((5, 128), 7)]
+  assert len(calls) == 4
+
+
+def test_methods_equal_at_a_length_run_once(params, docs, monkeypatch):
+  """At L <= L0 every method is plain RoPE (s = 1): one forward serves them all, in perplexity
+  and in the passkey sweep; beyond L0 each runs its own."""
+  calls = []
+  document_nll = eval_lib.document_nll
+  monkeypatch.setattr(eval_lib, 'document_nll',
+                      lambda *a, **k: (calls.append(a[2].shape[1]), document_nll(*a, **k))[1])
+  methods = ('none', 'linear', 'yarn', 'llama3')
+  res = eval_lib.perplexity_vs_length(CFG, params, docs, [64, 128], methods=methods,
+                                      num_windows=2, progress=False)
+  assert calls == [64] + [128] * 4
+  for m in methods:
+    assert res['methods'][m]['nll_per_document'][0] == res['methods']['none']['nll_per_document'][0]
+  sweeps = []
+  eval_lib.passkey_accuracy(CFG.replace(original_length=128), params, data_lib.ByteTokenizer(),
+                            [128, 192], methods=methods, depths=(0.5,), trials=1, progress=False,
+                            generate=lambda prompts, rope, n: (sweeps.append(len(prompts[0])),
+                                                               np.zeros((len(prompts), n)))[1])
+  assert len(sweeps) == 1 + 4  # L0 = 128: one sweep there, one per method at 192
+  assert eval_lib.rope_key(rope_lib.linear(head_dim=16, scale=1.0)) == \
+      eval_lib.rope_key(rope_lib.none(head_dim=16))
+
+
 def test_every_length_sees_the_same_documents(params, docs):
   results = eval_lib.perplexity_vs_length(CFG, params, docs, [64, 128, 256], methods=('none',),
                                           num_windows=3, seed=1, progress=False)

@@ -110,8 +110,11 @@ def test_positions_shift_invariance_with_vanilla_rope(params):
 
 
 @pytest.mark.parametrize('window', [None, 5])
-def test_kv_cache_decode_equals_full_forward(params, window):
-  cfg = CFG.replace(sliding_window=window)
+@pytest.mark.parametrize('attention', ['dense', 'blockwise'])
+def test_kv_cache_decode_equals_full_forward(params, window, attention):
+  """The prefill runs the model's attention over the whole cache (empty slots at
+  EMPTY_POSITION), the one-token steps dense attention."""
+  cfg = CFG.replace(sliding_window=window, attention=attention, block_q=4, block_k=4)
   B, T, P = 2, 20, 8
   tokens = _tokens(B, T, seed=3)
   positions = jnp.broadcast_to(jnp.arange(T), (B, T))

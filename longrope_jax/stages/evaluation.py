@@ -41,16 +41,20 @@ def evaluate_sliding(run: Run) -> dict:
 def passkey(run: Run) -> dict:
   """Passkey retrieval accuracy per method, length and depth (resumable per cell).
 
-  First the teacher-forced NLL of the answer at the shortest length without scaling: a model
-  whose total over the key stays above passkey.skip_fraction of a guess (5 ln 10 for 5 digits)
-  does not copy, so the sweep (all zeros) is skipped and the stage says so."""
+  First the teacher-forced NLL of the answer at the shortest length (at most
+  evaluate.PASSKEY_CHECK_LENGTH tokens) without scaling: a model whose total over the key stays
+  above passkey.skip_fraction of a guess (5 ln 10 for 5 digits) does not copy, so the sweep (all
+  zeros) is skipped and the stage says so."""
   c = run.config.passkey
   mc = run.passkey_model()
   lengths = run.lengths(c.multiples)
-  answer_length = min(lengths, default=run.original_length)
-  answer_nll = (eval_lib.passkey_answer_nll(mc, run.params(), run.tokenizer, answer_length,
-                                            rope_lib.none(head_dim=mc.head_dim),
-                                            seed=run.config.seed) if lengths else [])
+  answer_length = min(min(lengths, default=run.original_length), eval_lib.PASSKEY_CHECK_LENGTH)
+  answer_nll = []
+  if lengths:
+    answer_nll = eval_lib.passkey_answer_nll(mc, run.params(), run.tokenizer, answer_length,
+                                             rope_lib.none(head_dim=mc.head_dim),
+                                             seed=run.config.seed,
+                                             batch_tokens=run.passkey_batch_tokens)
   guess = data_lib.PASSKEY_DIGITS * math.log(10)
   answer = dict(length=answer_length, nll=answer_nll, total=float(sum(answer_nll)), guess=guess)
   if c.skip_fraction is not None and answer_nll and answer['total'] > c.skip_fraction * guess:
@@ -69,7 +73,7 @@ def passkey(run: Run) -> dict:
   results = eval_lib.passkey_accuracy(
       mc, run.params(), run.tokenizer, lengths, methods=c.methods,
       extra=common.searched_sources(run), depths=c.depths, trials=c.trials,
-      seed=run.config.seed, done=done,
+      seed=run.config.seed, done=done, batch_tokens=run.passkey_batch_tokens,
       on_result=lambda m, L, acc: ckpt_lib.append_jsonl(cache_path, dict(method=m, length=L,
                                                                           accuracy=acc)))
   results['answer_nll'] = answer

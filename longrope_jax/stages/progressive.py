@@ -108,7 +108,7 @@ def progressive_passkey(run: Run) -> dict:
   results = eval_lib.passkey_accuracy(
       mc, params, run.tokenizer, lengths, methods=(),
       extra={'longrope_progressive': factors.select}, depths=c.depths, trials=c.trials,
-      seed=run.config.seed, done=done,
+      seed=run.config.seed, done=done, batch_tokens=run.passkey_batch_tokens,
       on_result=lambda m, L, acc: ckpt_lib.append_jsonl(cache_path, dict(
           method=m, length=L, accuracy=acc, depends=depends)))
   run.save_result('progressive_passkey', results)

@@ -19,6 +19,7 @@ import ml_collections
 
 from longrope_jax import checkpoint as ckpt_lib
 from longrope_jax import data as data_lib
+from longrope_jax.hf import gguf as gguf_import
 from longrope_jax import hf
 from longrope_jax import mesh as mesh_lib
 from longrope_jax import model as model_lib
@@ -51,10 +52,19 @@ class Run:
       spec = str(pathlib.Path(self.hf_path) / 'tokenizer.json')
     return data_lib.get_tokenizer(spec)
 
-  @property
+  @functools.cached_property
   def hf_path(self) -> str | None:
-    """The Hugging Face checkpoint folder (config.model.path), or None for a workdir model."""
-    return self.config.model.path
+    """The Hugging Face checkpoint folder (config.model.path; a GGUF spec such as 'gguf:smollm2'
+    is converted once into a cached folder, gguf_import.resolve_model_path), or None for a
+    workdir model."""
+    return gguf_import.resolve_model_path(self.config.model.path)
+
+  @property
+  def passkey_batch_tokens(self) -> int:
+    """Tokens per batch of the passkey stages' forwards: the evaluation's memory bound
+    (evaluate.batch_tokens), so the skip check and the sweep hold what a perplexity batch does."""
+    section = self.config.get('evaluate')
+    return int(section.batch_tokens) if section is not None else 16384
 
   @functools.cached_property
   def hf_checkpoint(self) -> hf.Checkpoint:
