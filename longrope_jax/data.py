@@ -9,6 +9,7 @@ depend on the order files are listed in.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import pathlib
 import re
@@ -123,12 +124,16 @@ def stdlib_root() -> pathlib.Path:
   return pathlib.Path(sysconfig.get_paths()['stdlib'])
 
 
-def stdlib_documents() -> list[Document]:
+def stdlib_files() -> list[pathlib.Path]:
   """Every `.py` file of the running interpreter's standard library (site-packages excluded)."""
+  return sorted(p for p in stdlib_root().rglob('*.py')
+                if 'site-packages' not in p.parts and 'dist-packages' not in p.parts)
+
+
+def stdlib_documents() -> list[Document]:
+  """Every `.py` file of the running interpreter's standard library, one document each."""
   root = stdlib_root()
-  files = sorted(p for p in root.rglob('*.py')
-                 if 'site-packages' not in p.parts and 'dist-packages' not in p.parts)
-  return [Document(str(p.relative_to(root)), p.read_bytes()) for p in files]
+  return [Document(str(p.relative_to(root)), p.read_bytes()) for p in stdlib_files()]
 
 
 def corpus_files(path: str | pathlib.Path, pattern: str = '*') -> list[tuple[str, pathlib.Path]]:
@@ -145,6 +150,70 @@ def corpus_files(path: str | pathlib.Path, pattern: str = '*') -> list[tuple[str
 def file_documents(path: str | pathlib.Path, pattern: str = '*') -> list[Document]:
   """Documents from a text file (one document) or every file matching `pattern` in a folder."""
   return [Document(name, p.read_bytes()) for name, p in corpus_files(path, pattern)]
+
+
+# How the 'files' source splits its documents (data.path's rule, its errors, the README).
+FILES_SPLIT_RULE = (
+    "each file is one document; in a folder with train/, validation/ and test/ subfolders each "
+    "file belongs to its subfolder's split, otherwise to the split the md5 hash of its path "
+    "relative to data.path falls in (about 90% train, 5% validation, 5% test: data.split_of)")
+
+
+def by_split_folders(path: str | pathlib.Path) -> bool:
+  """Whether a 'files' corpus is laid out by split: a folder with train/, validation/ and test/
+  subfolders."""
+  path = pathlib.Path(path).expanduser()
+  return path.is_dir() and all((path / split).is_dir() for split in SPLITS)
+
+
+def file_splits(path: str | pathlib.Path) -> dict[str, str]:
+  """The split of each file of a 'files' corpus, by name alone (FILES_SPLIT_RULE): {document
+  name: split}. Nothing is read."""
+  files = corpus_files(path)
+  if not by_split_folders(path):
+    return {name: split_of(name) for name, _ in files}
+  splits = {}
+  for name, file in files:
+    top = pathlib.PurePath(name).parts[0]
+    if top not in SPLITS:
+      raise ValueError(f"{file} lies outside the train/, validation/ and test/ subfolders of "
+                       f"data.path = {path}, where each subfolder is its split; move it into "
+                       "one of them.")
+    splits[name] = top
+  return splits
+
+
+def split_sizes(source: str, *, path: str | None = None) -> dict[str, int] | None:
+  """How many non-empty documents each split holds, from file names and sizes alone, for the
+  sources that split by name ('stdlib', 'files'); None for another source (its splits are known
+  once loaded)."""
+  if source == 'stdlib':
+    return dict(_stdlib_split_sizes())
+  if source == 'files' and path:
+    sizes = {name: file.stat().st_size for name, file in corpus_files(path)}
+    splits = [split for name, split in file_splits(path).items() if sizes[name]]
+  else:
+    return None
+  return {split: splits.count(split) for split in SPLITS}
+
+
+@functools.cache
+def _stdlib_split_sizes() -> dict[str, int]:
+  root = stdlib_root()
+  splits = [split_of(str(p.relative_to(root))) for p in stdlib_files() if p.stat().st_size]
+  return {split: splits.count(split) for split in SPLITS}
+
+
+def empty_split_message(source: str, split: str, *, path: str | None = None,
+                        sizes: dict[str, int] | None = None) -> str:
+  """Why a split is empty and what to do, naming the corpus (data.source, data.path)."""
+  where = f"data.source = {source!r}" + (f", data.path = {path}" if path else '')
+  message = f"the {split!r} split of the corpus ({where}) is empty: no non-empty document"
+  if source == 'files':
+    counts = '' if sizes is None else ' (' + ', '.join(f'{k} {v}' for k, v in sizes.items()) + ')'
+    message += (f"{counts}. In the 'files' source {FILES_SPLIT_RULE}. Put the files in train/, "
+                "validation/ and test/ subfolders of data.path, or add files")
+  return message + '.'
 
 
 BINARY_SHARE = 0.05  # above this share of NUL or non-UTF-8 bytes a corpus is not text
@@ -222,9 +291,10 @@ def load_split(source: str, split: str, *, path: str | None = None, tfds_name: s
   elif source == 'files':
     if not path:
       raise ValueError("data.source='files' needs data.path (a text file or a folder).")
+    splits = file_splits(path)
     docs = file_documents(path)
     check_text(docs, str(path))
-    docs = [d for d in docs if split_of(d.name) == split]
+    docs = [d for d in docs if splits[d.name] == split]
   elif source == 'tfds':
     if not tfds_name:
       raise ValueError("data.source='tfds' needs data.tfds_name (a prepared dataset name).")
@@ -234,8 +304,8 @@ def load_split(source: str, split: str, *, path: str | None = None, tfds_name: s
     raise ValueError(f"data.source must be 'stdlib', 'files' or 'tfds', got {source!r}.")
   docs = [d for d in docs if d.text]
   if not docs:
-    raise ValueError(f"the {split!r} split of corpus {source!r} "
-                     f"{'at ' + str(path) + ' ' if path else ''}is empty: no non-empty document.")
+    raise ValueError(empty_split_message(source, split, path=path,
+                                         sizes=split_sizes(source, path=path)))
   return docs
 
 
@@ -476,17 +546,22 @@ def length_report(token_docs: list[np.ndarray], lengths: Iterable[int]) -> str:
   return 'documents at least that long -> ' + ', '.join(counts)
 
 
-def eval_windows(token_docs: list[np.ndarray], length: int, num: int, seed: int = 0) -> np.ndarray:
+def eval_windows(token_docs: list[np.ndarray], length: int, num: int, seed: int = 0, *,
+                 field: str = 'num') -> np.ndarray:
   """The first `length` tokens of `num` documents at least `length` long: i32[num, length].
 
   The paper's truncated setting. Documents are chosen by `seed` among those long enough, so the
-  same windows come back for the same corpus, length, count and seed.
+  same windows come back for the same corpus, length, count and seed. `field` names `num` in
+  errors: the config field that sets it when a stage calls (e.g. 'search.num_windows').
   """
+  if isinstance(num, bool) or not isinstance(num, (int, np.integer)) or num < 1:
+    raise ValueError(f"{field} must be a positive number of eval windows (documents), got "
+                     f"{num!r}; set it to 1 or more.")
   long_enough = [i for i, d in enumerate(token_docs) if len(d) >= length]
   if len(long_enough) < num:
     raise ValueError(
-        f"only {len(long_enough)} documents have at least {length} tokens but {num} eval windows "
-        f"were asked for; lower the number of windows or the length "
+        f"only {len(long_enough)} documents have at least {length} tokens but {field} = {num} "
+        f"eval windows were asked for; lower {field} or the length "
         f"({length_report(token_docs, [length // 4, length // 2, length, 2 * length])}).")
   rng = np.random.default_rng(seed)
   chosen = sorted(rng.choice(long_enough, size=num, replace=False).tolist())

@@ -67,6 +67,55 @@ def test_errors_are_clear(tmp_path):
     data_lib.PackedBatches([np.zeros(5, np.int32)], 2, 16)
 
 
+@pytest.mark.parametrize('num', [0, -1, 2.0, None, True])
+def test_eval_windows_name_num_or_the_config_field_behind_it(num):
+  docs = [np.zeros(n, np.int32) for n in (80, 90)]
+  with pytest.raises(ValueError, match=rf'^num must be a positive number of eval windows .*got '
+                                       rf'{num!r}; set it to 1 or more'):
+    data_lib.eval_windows(docs, 64, num)
+  with pytest.raises(ValueError, match=r'^search.num_windows must be a positive number'):
+    data_lib.eval_windows(docs, 64, num, field='search.num_windows')
+  with pytest.raises(ValueError, match=r'search.num_windows = 3 eval windows were asked for; '
+                                       r'lower search.num_windows or the length'):
+    data_lib.eval_windows(docs, 64, 3, field='search.num_windows')
+
+
+def _names_in(split: str, count: int) -> list[str]:
+  """`count` file names the md5 rule puts in `split`."""
+  names = (f'book{i}.txt' for i in range(10_000))
+  return [n for n in names if data_lib.split_of(n) == split][:count]
+
+
+def test_files_source_says_how_it_splits_and_takes_split_folders(tmp_path):
+  """Five long files that all hash to train: the empty validation split says why and what to
+  do; train/, validation/ and test/ subfolders then decide the splits."""
+  for name in _names_in('train', 5):
+    (tmp_path / name).write_text('a long book\n' * 100)
+  assert data_lib.split_sizes('files', path=str(tmp_path)) == dict(train=5, validation=0, test=0)
+  with pytest.raises(ValueError) as e:
+    data_lib.load_split('files', 'validation', path=str(tmp_path))
+  message = str(e.value)
+  assert message.startswith(f"the 'validation' split of the corpus (data.source = 'files', "
+                            f"data.path = {tmp_path}) is empty: no non-empty document (train 5, "
+                            "validation 0, test 0).")
+  assert 'md5 hash of its path relative to data.path' in message
+  assert 'Put the files in train/, validation/ and test/ subfolders of data.path' in message
+  for split, names in (('train', _names_in('train', 3)), ('validation', ['v.txt']),
+                       ('test', ['t1.txt', 't2.txt'])):
+    (tmp_path / split).mkdir()
+    for name in names:
+      (tmp_path / split / name).write_text(f'{split} {name}\n')
+  with pytest.raises(ValueError, match=r'book.*\.txt lies outside the train/, validation/ and '
+                                       r'test/ subfolders of data.path'):
+    data_lib.load_split('files', 'train', path=str(tmp_path))
+  for file in tmp_path.glob('*.txt'):
+    file.unlink()
+  assert data_lib.split_sizes('files', path=str(tmp_path)) == dict(train=3, validation=1, test=2)
+  docs = data_lib.load_split('files', 'test', path=str(tmp_path))
+  assert [(d.name, d.text) for d in docs] == [('test/t1.txt', b'test t1.txt\n'),
+                                              ('test/t2.txt', b'test t2.txt\n')]
+
+
 def test_text_files_corpus(tmp_path):
   for i in range(40):
     (tmp_path / f'doc{i}.txt').write_text(f'document {i}\n' * (i + 1))
