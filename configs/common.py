@@ -84,13 +84,19 @@ def settings_section(**overrides) -> ml_collections.ConfigDict:
                   'search.settings')
 
 
-def search_section(multiple: float, *, split: str = 'validation', num_windows: int = 5,
-                   num_seeds: int = 3, **settings) -> ml_collections.ConfigDict:
+def search_section(multiple: float, *, multiples: tuple[float, ...] | None = None,
+                   split: str = 'validation', num_windows: int = 5, num_seeds: int = 3,
+                   **settings) -> ml_collections.ConfigDict:
   """The search stage: target length multiple x L0, fitness documents, and its settings;
-  `num_seeds`: how many times the seeds stage repeats it (disjoint fitness documents)."""
-  return ml_collections.ConfigDict(dict(multiple=multiple, split=split, num_windows=num_windows,
-                                        num_seeds=num_seeds,
-                                        settings=settings_section(**settings)))
+  `multiples` (None: only `multiple`) searches at each of these lengths too, `multiple` among
+  them, each length evaluated with its own factors; `num_seeds`: how many times the seeds stage
+  repeats the search at `multiple` (disjoint fitness documents)."""
+  section = ml_collections.ConfigDict(dict(multiple=multiple, split=split,
+                                           num_windows=num_windows, num_seeds=num_seeds,
+                                           settings=settings_section(**settings)))
+  section.multiples = (config_dict.placeholder(tuple) if multiples is None else
+                       tuple(multiples))
+  return section
 
 
 def model_section(variant: str, **overrides) -> ml_collections.ConfigDict:

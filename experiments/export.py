@@ -10,6 +10,10 @@ The run's results.json decides what is exported: a 'progressive' record (long an
 the fine-tuned weights of workdir/progressive), else the 'search' record (long factors, short
 factors 1, the checkpoint's weights). LongRoPE's n_hat has no HF field: a result with n_hat > 0
 is refused unless --drop_n_hat.
+
+Within L0 transformers applies the long factors' attention factor too (one attention_factor for
+both sides), so the export is not the original model there; --plain_short writes the per-side
+factors (short_mscale = 1) that vLLM reads (hf.export_longrope says more).
 """
 
 import json
@@ -26,6 +30,11 @@ DROP_N_HAT = flags.DEFINE_bool('drop_n_hat', False, 'Export a result with n_hat 
                                'n_hat (transformers will then not reproduce its perplexity).')
 SLIDING_WINDOW = flags.DEFINE_string('sliding_window', 'keep', "'keep' (the checkpoint's), "
                                      "'none' (no window) or a number of tokens.")
+PLAIN_SHORT = flags.DEFINE_bool(
+    'plain_short', False, 'Also write short_mscale = 1 and long_mscale = the attention factor: '
+    "vLLM's longrope then runs plain RoPE (the original model) up to L0; "
+    'transformers ignores both keys and applies attention_factor at every length. Only with '
+    'short factors 1 (a search result, not a progressive one).')
 flags.mark_flags_as_required(['workdir', 'output'])
 
 
@@ -62,7 +71,7 @@ def main(argv):
                      "the search stage first.")
   out = hf.export_longrope(checkpoint, OUTPUT.value, long, short=short,
                            drop_n_hat=DROP_N_HAT.value, sliding_window=window, params=params,
-                           config=config)
+                           config=config, plain_short=PLAIN_SHORT.value)
   print(f'wrote {out} (long factors for {long["target_length"]} tokens, original '
         f'{long["original_length"]}, attention factor {long["attn_scale"]:.6f})')
 

@@ -149,8 +149,11 @@ def restore_meta(mngr: ocp.CheckpointManager, step: int | None = None) -> dict:
   try:
     return mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
   except Exception as e:
-    raise WorkdirError(f"checkpoint {step_dir(mngr, step)} is damaged ({_first_line(e)}); "
-                       f"{_what_to_do(mngr, step)}.") from e
+    files = sorted(p for p in (step_dir(mngr, step) / 'meta').glob('*')
+                   if p.name != 'commit_success.txt')
+    where = ', '.join(map(str, files)) or str(step_dir(mngr, step) / 'meta')
+    raise WorkdirError(f"checkpoint {step_dir(mngr, step)} is damaged: its JSON record {where} "
+                       f"cannot be read ({_first_line(e)}); {_what_to_do(mngr, step)}.") from e
 
 
 def to_json(value: Any) -> Any:

@@ -1,25 +1,17 @@
-"""Corpora, tokenizers, packed training batches, eval windows, and the passkey and needle tasks.
-
-The embedded default corpus is the running interpreter's standard-library source: real code with
-long-range structure, present in every Python install, nothing to download. Documents are kept
-whole and split into train / validation / test by a hash of their path, so the split does not
-depend on the order files are listed in.
+"""Tokenizers, documents as token ids, packed training batches, eval windows, and the passkey and
+needle tasks. The corpora themselves (documents and their splits) are corpus.py's.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import pathlib
 import re
-import sysconfig
-import warnings
 from typing import Iterable, Iterator, Protocol
 
 import numpy as np
 
-SPLITS = ('train', 'validation', 'test')
-SOURCES = ('stdlib', 'pydoc', 'files', 'tfds')  # data.source
+from longrope_jax import corpus
 
 
 # ----------------------------------------------------------------------------- tokenizers
@@ -144,182 +136,7 @@ def get_tokenizer(spec: str | None) -> Tokenizer:
   return JsonTokenizer(spec)
 
 
-# ----------------------------------------------------------------------------- corpora
-@dataclasses.dataclass(frozen=True)
-class Document:
-  name: str
-  text: bytes
-
-
-def split_of(name: str, validation: float = 0.05, test: float = 0.05) -> str:
-  """Deterministic split of a document by the md5 of its name."""
-  u = int.from_bytes(hashlib.md5(name.encode()).digest()[:8], 'little') / 2.0**64
-  if u < test:
-    return 'test'
-  if u < test + validation:
-    return 'validation'
-  return 'train'
-
-
-def stdlib_root() -> pathlib.Path:
-  return pathlib.Path(sysconfig.get_paths()['stdlib'])
-
-
-def stdlib_documents() -> list[Document]:
-  """Every `.py` file of the running interpreter's standard library (site-packages excluded)."""
-  root = stdlib_root()
-  files = sorted(p for p in root.rglob('*.py')
-                 if 'site-packages' not in p.parts and 'dist-packages' not in p.parts)
-  return [Document(str(p.relative_to(root)), p.read_bytes()) for p in files]
-
-
-# The 'pydoc' corpus: the Python reference manual's topics as `help()` shows them
-# (pydoc_data/topics.py, in every install), in topic-name order, as one text cut at paragraph
-# breaks into total // PYDOC_DOCUMENT_CHARS documents of about equal size. With SmolLM2's
-# tokenizer (4.1 characters per token) Python 3.11's 79 topics (465K characters, 113K tokens)
-# make 6 documents of about 77K characters and 19K tokens: each holds a 16K-token window.
-# Document k goes to PYDOC_SPLITS[k % 3]; there is no train split (the corpus is for evaluating
-# pretrained models).
-PYDOC_DOCUMENT_CHARS = 72_000
-PYDOC_SPLITS = ('validation', 'test', 'test')
-
-
-def pydoc_documents(document_chars: int = PYDOC_DOCUMENT_CHARS) -> list[Document]:
-  """The 'pydoc' corpus's documents, every split (`pydoc_split` says which is which): English
-  prose of the reference manual, with its code examples."""
-  from pydoc_data import topics
-  text = '\n\n'.join(topics.topics[name].strip() for name in sorted(topics.topics))
-  count = max(1, len(text) // document_chars)
-  cuts = [0]
-  for k in range(1, count):
-    cut = text.find('\n\n', max(k * len(text) // count, cuts[-1] + 1))
-    cuts.append(len(text) if cut < 0 else cut + 2)
-  cuts.append(len(text))
-  return [Document(f'pydoc/{k:02d}', text[a:b].encode())
-          for k, (a, b) in enumerate(zip(cuts, cuts[1:])) if b > a]
-
-
-def pydoc_split(index: int) -> str:
-  """The split of the 'pydoc' corpus's document `index`."""
-  return PYDOC_SPLITS[index % len(PYDOC_SPLITS)]
-
-
-def corpus_files(path: str | pathlib.Path, pattern: str = '*') -> list[tuple[str, pathlib.Path]]:
-  """(document name, file) of a text file or of every file matching `pattern` in a folder."""
-  path = pathlib.Path(path).expanduser()
-  if not path.exists():
-    raise FileNotFoundError(f"corpus path {path} does not exist (data.path); point it at a text "
-                            "file or a folder of text files.")
-  if path.is_file():
-    return [(path.name, path)]
-  return [(str(p.relative_to(path)), p) for p in sorted(path.rglob(pattern)) if p.is_file()]
-
-
-def file_documents(path: str | pathlib.Path, pattern: str = '*') -> list[Document]:
-  """Documents from a text file (one document) or every file matching `pattern` in a folder."""
-  return [Document(name, p.read_bytes()) for name, p in corpus_files(path, pattern)]
-
-
-BINARY_SHARE = 0.05  # above this share of NUL or non-UTF-8 bytes a corpus is not text
-_warned: set[str] = set()
-
-
-def binary_share(text: bytes) -> float:
-  """The share of `text`'s bytes that are NUL or not valid UTF-8 (about 0 for text, about 0.5
-  and more for random or compressed data)."""
-  if not text:
-    return 0.0
-  invalid = text.decode('utf-8', errors='replace').count('\ufffd') - text.count('\ufffd'.encode())
-  return (text.count(b'\0') + invalid) / len(text)
-
-
-def check_text(docs: list[Document], where: str, threshold: float = BINARY_SHARE) -> float:
-  """Warns (once per `where`) when more than `threshold` of the corpus bytes are NUL or not UTF-8:
-  the byte tokenizer would train on binary data without a word. Returns the share."""
-  total = sum(len(d.text) for d in docs)
-  if not total:
-    return 0.0
-  shares = [binary_share(d.text) for d in docs]
-  share = sum(s * len(d.text) for s, d in zip(shares, docs)) / total
-  if share > threshold and where not in _warned:
-    _warned.add(where)
-    binary = [d.name for s, d in zip(shares, docs) if s > threshold]
-    warnings.warn(
-        f"corpus {where}: {share:.0%} of its {total:,} bytes are NUL or not UTF-8, in "
-        f"{len(binary)} of {len(docs)} documents (e.g. {', '.join(binary[:3])}); it looks like "
-        "binary data, not text: point data.path at text files.", stacklevel=2)
-  return share
-
-
-def tfds_documents(name: str, split: str, data_dir: str | None = None,
-                   text_key: str = 'text') -> list[Document]:
-  """Documents of a TFDS dataset prepared as array_record, read with `tfds.data_source`
-  (no TensorFlow needed; extra `tfds`)."""
-  try:
-    import tensorflow_datasets as tfds
-  except ImportError as e:
-    raise ImportError("TFDS corpora need the `tfds` extra: pip install -e .[tfds]") from e
-  if data_dir is not None and not pathlib.Path(data_dir).expanduser().is_dir():
-    raise FileNotFoundError(f"TFDS data_dir {data_dir} does not exist (data.data_dir); point it "
-                            "at the folder the dataset was prepared into.")
-  data_dir = None if data_dir is None else str(pathlib.Path(data_dir).expanduser())
-  try:
-    source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
-  except tfds.core.registered.DatasetNotFoundError as e:
-    raise FileNotFoundError(
-        f"TFDS dataset {name!r} is not prepared in data_dir {data_dir or '~/tensorflow_datasets'} "
-        "(data.tfds_name, data.data_dir); prepare a folder of text files with "
-        "longrope_jax.tfds_text.prepare_local_text and pass the name it returns.") from e
-  docs, named = [], False
-  for i in range(len(source)):
-    example = source[i]
-    if text_key not in example:
-      raise ValueError(f"TFDS dataset {name!r} has no feature {text_key!r} "
-                       f"(features: {sorted(example)}); set data.text_key.")
-    text, named = example[text_key], 'name' in example
-    doc_name = example['name'] if named else f'{name}/{split}/{i}'
-    docs.append(Document(doc_name.decode() if isinstance(doc_name, bytes) else str(doc_name),
-                         text if isinstance(text, bytes) else str(text).encode()))
-  if named:  # a corpus with a 'name' feature comes back in name order, as the 'files' source does
-    docs.sort(key=lambda d: d.name)
-  return docs
-
-
-def load_split(source: str, split: str, *, path: str | None = None, tfds_name: str | None = None,
-               data_dir: str | None = None, text_key: str = 'text') -> list[Document]:
-  """Documents of one split of a corpus: source 'stdlib' (the standard library's code),
-  'pydoc' (its reference manual's prose), 'files' or 'tfds'."""
-  if split not in SPLITS:
-    raise ValueError(f"split must be one of {SPLITS}, got {split!r}.")
-  if source == 'stdlib':
-    docs = [d for d in stdlib_documents() if split_of(d.name) == split]
-  elif source == 'pydoc':
-    docs = [d for k, d in enumerate(pydoc_documents()) if pydoc_split(k) == split]
-    if not docs:
-      raise ValueError(f"the 'pydoc' corpus has no {split!r} split: its documents are "
-                       f"{', '.join(sorted(set(PYDOC_SPLITS)))} (it is for evaluating pretrained "
-                       "models); choose one of those splits or another data.source.")
-  elif source == 'files':
-    if not path:
-      raise ValueError("data.source='files' needs data.path (a text file or a folder).")
-    docs = file_documents(path)
-    check_text(docs, str(path))
-    docs = [d for d in docs if split_of(d.name) == split]
-  elif source == 'tfds':
-    if not tfds_name:
-      raise ValueError("data.source='tfds' needs data.tfds_name (a prepared dataset name).")
-    docs = tfds_documents(tfds_name, split, data_dir, text_key)
-    check_text(docs, f'{tfds_name}/{split}')
-  else:
-    raise ValueError(f"data.source must be one of {SOURCES}, got {source!r}.")
-  docs = [d for d in docs if d.text]
-  if not docs:
-    raise ValueError(f"the {split!r} split of corpus {source!r} "
-                     f"{'at ' + str(path) + ' ' if path else ''}is empty: no non-empty document.")
-  return docs
-
-
-def encode_documents(docs: list[Document], tokenizer: Tokenizer) -> list[np.ndarray]:
+def encode_documents(docs: list[corpus.Document], tokenizer: Tokenizer) -> list[np.ndarray]:
   """Token ids of each document, BOS first (if the tokenizer has one) and EOS last."""
   return [with_bos(tokenizer, np.concatenate([tokenizer.encode(d.text), [tokenizer.eos_id]]))
           for d in docs]
@@ -556,17 +373,22 @@ def length_report(token_docs: list[np.ndarray], lengths: Iterable[int]) -> str:
   return 'documents at least that long -> ' + ', '.join(counts)
 
 
-def eval_windows(token_docs: list[np.ndarray], length: int, num: int, seed: int = 0) -> np.ndarray:
+def eval_windows(token_docs: list[np.ndarray], length: int, num: int, seed: int = 0, *,
+                 field: str = 'num') -> np.ndarray:
   """The first `length` tokens of `num` documents at least `length` long: i32[num, length].
 
   The paper's truncated setting. Documents are chosen by `seed` among those long enough, so the
-  same windows come back for the same corpus, length, count and seed.
+  same windows come back for the same corpus, length, count and seed. `field` names `num` in
+  errors: the config field that sets it when a stage calls (e.g. 'search.num_windows').
   """
+  if isinstance(num, bool) or not isinstance(num, (int, np.integer)) or num < 1:
+    raise ValueError(f"{field} must be a positive number of eval windows (documents), got "
+                     f"{num!r}; set it to 1 or more.")
   long_enough = [i for i, d in enumerate(token_docs) if len(d) >= length]
   if len(long_enough) < num:
     raise ValueError(
-        f"only {len(long_enough)} documents have at least {length} tokens but {num} eval windows "
-        f"were asked for; lower the number of windows or the length "
+        f"only {len(long_enough)} documents have at least {length} tokens but {field} = {num} "
+        f"eval windows were asked for; lower {field} or the length "
         f"({length_report(token_docs, [length // 4, length // 2, length, 2 * length])}).")
   rng = np.random.default_rng(seed)
   chosen = sorted(rng.choice(long_enough, size=num, replace=False).tolist())

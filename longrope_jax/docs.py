@@ -100,7 +100,8 @@ def run_headline(results: Mapping) -> list[str]:
     r = results['perplexity']
     lines += [f"Held-out perplexity on {r['num_windows']} `{r['split']}` documents; "
               f'{report_lib.BOLD_RULE}:', '', report_lib.markdown_table(r), '']
-    rows = report_lib.paired_comparison(r, 'longrope') if 'longrope' in r['methods'] else []
+    ours = report_lib.searched_row(r)
+    rows = report_lib.paired_comparison(r, ours) if ours else []
     if rows:
       lines += ['LongRoPE against the best other method:', '',
                 report_lib.comparison_table(rows), '']

@@ -143,7 +143,8 @@ def eval_documents(token_docs: list[np.ndarray], length: int, num: int, *,
         f"{qualified} of the split's {len(token_docs)} qualify; lower evaluate.num_windows or "
         f"the longest of evaluate.multiples, or choose a split with longer documents "
         f"(evaluate.split).")
-  return data_lib.eval_windows(token_docs, length, num, seed), qualified
+  windows = data_lib.eval_windows(token_docs, length, num, seed, field='evaluate.num_windows')
+  return windows, qualified
 
 
 def method_rope(name: str, *, config: model_lib.ModelConfig, length: int,

@@ -16,9 +16,12 @@ import jax
 import ml_collections
 
 from longrope_jax import console
+from longrope_jax import corpus
+from longrope_jax import hf
 from longrope_jax import metrics as metrics_lib
 from longrope_jax import provenance
 from longrope_jax import validation
+from longrope_jax.checks import lookup
 from longrope_jax.stages import STAGES
 from longrope_jax.stages.run import Run
 
@@ -27,6 +30,42 @@ __all__ = ['Run', 'run']
 _ACTION_WORDS = {provenance.KEEP: 'inputs unchanged (reused, resumed where unfinished)',
                  provenance.RERUN: 'rerun, cached cells kept', provenance.EXTEND: 'extended',
                  provenance.RECOMPUTE: 'recomputed'}
+
+
+def used_splits(config: ml_collections.ConfigDict,
+                stages: tuple[str, ...]) -> dict[str, list[str]]:
+  """{split: the stages (and fields) reading it} for the corpus splits `stages` read
+  (`Stage.splits`)."""
+  used: dict[str, list[str]] = {}
+  for stage in stages:
+    for entry in STAGES[stage].splits:
+      split = entry if entry in corpus.SPLITS else lookup(config, entry, None)
+      if split is not None:
+        used.setdefault(split, []).append(stage if entry == split else f'{stage} ({entry})')
+  return used
+
+
+def preflight(r: Run, stages: tuple[str, ...]) -> None:
+  """Before the first stage, what the config names on disk: a Hugging Face checkpoint
+  (model.path) is one of the supported architectures (its config.json alone is read), and every
+  corpus split the stages read holds a document. Sources that split by name are checked from
+  file names and sizes alone; others by loading the split, which `Run.documents` keeps for the
+  stages."""
+  if r.hf_path:
+    try:
+      hf.architecture(hf.read_config(r.hf_path))
+    except ValueError as e:
+      raise ValueError(f"model.path = {r.hf_path}: {e}") from None
+  d = r.config.get('data')
+  if d is None:
+    return
+  sizes = corpus.split_sizes(d.source, path=d.path)
+  for split, readers in used_splits(r.config, stages).items():
+    if sizes is None:
+      r.documents(split)  # raises on an empty split; cached for the stages
+    elif not sizes.get(split):
+      raise ValueError(corpus.empty_split_message(d.source, split, path=d.path, sizes=sizes) +
+                       f" Read by: {', '.join(readers)}.")
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
@@ -43,6 +82,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
     raise ValueError(f"unknown stages {unknown} in config.stages; choose from {list(STAGES)}.")
   validation.validate_config(config)
   r = Run(config, workdir)
+  preflight(r, stages)
   earlier = provenance.read_records(r.workdir)
   decisions = provenance.prepare(config, stages, r.workdir,
                                  overwrite=config.get('overwrite', False))

@@ -15,6 +15,23 @@ import numpy as np
 from longrope_jax import console
 
 RESAMPLES = 2000
+# The row of LongRoPE searched at each length of search.multiples (one search: 'longrope').
+PER_LENGTH = 'longrope (searched per length)'
+SEARCHED_ROWS = (PER_LENGTH, 'longrope')
+
+
+def searched_row(results: Mapping) -> str | None:
+  """The searched factors' row of a table (PER_LENGTH or 'longrope'), or None."""
+  return next((m for m in SEARCHED_ROWS if m in results['methods']), None)
+
+
+def per_length_note(per_length: Mapping) -> str:
+  """What the per-length row is, from results.json's 'search_per_length' ({L': record})."""
+  lengths = sorted(int(L) for L in per_length)
+  return (f"`{PER_LENGTH}`: LongRoPE searched at each of {', '.join(map(str, lengths))} tokens on "
+          "the same base model, every length evaluated with the factors searched for it "
+          "(LongRoPE's Table 1); a length without its own search uses those of the shortest "
+          "searched length above it, and beyond the longest, the longest's.")
 
 
 def paired_bootstrap(a_N, b_N, *, resamples: int = RESAMPLES, level: float = 0.95,
@@ -137,12 +154,34 @@ BOLD_RULE = ('best per column in bold where its 95% paired bootstrap interval ov
              f'({RESAMPLES} resamples) against the runner-up excludes zero')
 
 
+def _row_note(results: Mapping, table: Mapping) -> str:
+  """' ' + what the per-length row is, where `table` has it; else ''."""
+  if PER_LENGTH not in table['methods'] or 'search_per_length' not in results:
+    return ''
+  return ' ' + per_length_note(results['search_per_length'])
+
+
 def _caption(r: Mapping) -> str:
   """The protocol and the bold rule, with a warning where too few documents make the percentile
   bootstrap's interval too narrow to trust."""
   few = (f" (only {r['num_windows']} documents: intervals this small-sample are optimistic)"
          if r['num_windows'] < 10 else '')
   return f'{_protocol(r)}; {BOLD_RULE}{few}.'
+
+
+def per_length_summary(per_length: Mapping) -> str:
+  """Each searched length's validation fitness, against its best seed, and its search time."""
+  lines = ['| target | n_hat | attention scale | best seed | its perplexity | searched perplexity '
+           '| candidates | search time |', '|---|---|---|---|---|---|---|---|']
+  for L, r in sorted(per_length.items(), key=lambda item: int(item[0])):
+    seeds = {name: s['perplexity'] for name, s in r.get('seeds', {}).items()}
+    best = min(seeds, key=seeds.get) if seeds else None
+    seconds = r.get('seconds')
+    lines.append(
+        f"| {L} ({r['scale']:g}x) | {r['n_hat']} | {r['attn_scale']:.4f} | "
+        f"{best or '-'} | {f'{seeds[best]:.4f}' if best else '-'} | **{r['perplexity']:.4f}** | "
+        f"{r['evaluations']} | {console.format_seconds(seconds) if seconds else '-'} |")
+  return '\n'.join(lines)
 
 
 def search_summary(record: Mapping, directory: str = 'search') -> str:
@@ -300,17 +339,19 @@ def render(results: Mapping, *, model: str) -> str:
               '', '![pretraining](plots/pretrain.png)', '']
   if 'perplexity' in results:
     r = results['perplexity']
-    lines += ['## Perplexity vs length (held-out)', '', _caption(r), '',
+    lines += ['## Perplexity vs length (held-out)', '', _caption(r) + _row_note(results, r), '',
               markdown_table(r), '', '![perplexity](plots/perplexity.png)', '']
-    rows = paired_comparison(r, 'longrope') if 'longrope' in r['methods'] else []
+    ours = searched_row(r)
+    rows = paired_comparison(r, ours) if ours else []
     if rows:
       lines += ['LongRoPE against the best other method at each length (difference of mean '
                 'per-document NLL; negative: LongRoPE lower):', '', comparison_table(rows), '']
   if 'perplexity_sliding' in results:
     r = results['perplexity_sliding']
-    lines += ['## Perplexity vs length, sliding windows', '', _caption(r),
+    lines += ['## Perplexity vs length, sliding windows', '', _caption(r) + _row_note(results, r),
               '', markdown_table(r), '']
-    rows = paired_comparison(r, 'longrope') if 'longrope' in r['methods'] else []
+    ours = searched_row(r)
+    rows = paired_comparison(r, ours) if ours else []
     if rows:
       lines += [comparison_table(rows), '']
   if 'seeds' in results and 'seeds_perplexity' in results:
@@ -332,7 +373,7 @@ def render(results: Mapping, *, model: str) -> str:
     lines += ['## Passkey retrieval', '',
               f"Accuracy over {r['trials']} keys at each of {len(r['depths'])} depths "
               f"({', '.join(f'{d:g}' for d in r['depths'])}) per length; greedy decoding with the "
-              "KV cache; best per column in bold.", '',
+              "KV cache; best per column in bold." + _row_note(results, r), '',
               markdown_table(r, metric='mean', digits=2, best=max), '',
               '![passkey](plots/passkey.png)', '']
     if r.get('answer_nll', {}).get('nll'):
@@ -378,4 +419,11 @@ def render(results: Mapping, *, model: str) -> str:
   if 'search' in results:
     lines += [f"## LongRoPE search ({results['search']['split']} split)", '',
               search_summary(results['search']), '']
+  if 'search_per_length' in results:
+    per_length = results['search_per_length']
+    lines += ['Searched at each length, each on its own validation documents truncated to that '
+              'length (search times as run, compilation included):', '',
+              per_length_summary(per_length), '',
+              ' '.join(f'![{L}](search/length_{L}/fitness.png)' for L in sorted(
+                  per_length, key=int) if int(L) != results['search']['target_length']), '']
   return '\n'.join(lines)

@@ -51,6 +51,20 @@ def inv_frequencies(head_dim: int, theta: float) -> np.ndarray:
   return 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
 
 
+def _check_n_hat(n_hat) -> int:
+  """n_hat as an int: a finite, non-negative, whole number (4 or 4.0; not nan, 2.5, True or '4')."""
+  value = None
+  if not isinstance(n_hat, (bool, np.bool_, str, bytes)) and np.ndim(n_hat) == 0:
+    try:
+      value = float(n_hat)
+    except (TypeError, ValueError):
+      value = None
+  if value is None or not math.isfinite(value) or value < 0 or value != int(value):
+    raise ValueError(f"n_hat must be a finite non-negative integer (how many initial positions "
+                     f"keep the original angles), got {n_hat!r}; pass e.g. n_hat=0.")
+  return int(value)
+
+
 def make(factors, n_hat=0, attn_scale=1.0, *, head_dim: int | None = None) -> RopeScaling:
   """Builds a validated `RopeScaling` from concrete values (eagerly: never call under jit)."""
   factors = np.asarray(factors, dtype=np.float64)
@@ -66,13 +80,12 @@ def make(factors, n_hat=0, attn_scale=1.0, *, head_dim: int | None = None) -> Ro
     raise ValueError(
         f"factors must all be finite and >= 1 (interpolation only); factors[{bad}] = "
         f"{factors[bad]}. Clip the factors to [1, lambda_max].")
-  if int(n_hat) != n_hat or n_hat < 0:
-    raise ValueError(f"n_hat must be a non-negative integer, got {n_hat}.")
+  n_hat = _check_n_hat(n_hat)
   if not math.isfinite(attn_scale) or attn_scale <= 0:
     raise ValueError(f"attn_scale must be a positive number, got {attn_scale}.")
   return RopeScaling(
       factors=jnp.asarray(factors, jnp.float32),
-      n_hat=jnp.asarray(int(n_hat), jnp.int32),
+      n_hat=jnp.asarray(n_hat, jnp.int32),
       attn_scale=jnp.asarray(attn_scale, jnp.float32))
 
 

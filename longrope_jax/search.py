@@ -466,9 +466,9 @@ def _write_history(workdir: pathlib.Path, history: list[dict]) -> None:
 
 def _restore(mngr, strategy, space: SearchSpace | RcdSearchSpace, settings: SearchConfig,
              archive: Archive, expected: dict):
-  """The checkpointed (state, history, seed NLLs), or a ValueError if it is another search."""
-  restored_meta = mngr.restore(mngr.latest_step(), args=ckpt_lib.ocp.args.Composite(
-      meta=ckpt_lib.ocp.args.JsonRestore()))['meta']
+  """The checkpointed (state, history, seed NLLs), or a ValueError if it is another search; a
+  damaged generation raises WorkdirError naming its folder and what to delete."""
+  restored_meta = ckpt_lib.restore_meta(mngr)
   for k, v in expected.items():
     if ckpt_lib.to_json(v) != ckpt_lib.to_json(restored_meta.get(k)):
       raise ValueError(f"{mngr.directory} holds a search with a different {k} "

@@ -1,11 +1,11 @@
 """A TFDS builder for a local folder of text files (e.g. a local copy of PG19), as array_record.
 
-The splits follow `data.split_of` on each file's path relative to the folder, so a prepared
+The splits follow `corpus.split_of` on each file's path relative to the folder, so a prepared
 dataset holds the same train / validation / test documents as `data.source='files'` on that
 folder. Preparing and reading need no TensorFlow:
 
   name = prepare_local_text('~/pg19', '~/tensorflow_datasets', name='pg19')  # 'local_text/pg19'
-  data.load_split('tfds', 'test', tfds_name=name, data_dir='~/tensorflow_datasets')
+  corpus.load_split('tfds', 'test', tfds_name=name, data_dir='~/tensorflow_datasets')
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ except ImportError as e:
   raise ImportError("the local text TFDS builder needs the `tfds` extra: "
                     "pip install -e .[tfds]") from e
 
-from longrope_jax import data as data_lib
+from longrope_jax import corpus
 
 
 @dataclasses.dataclass(eq=False)
@@ -39,7 +39,7 @@ class LocalText(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """
 
   VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'Whole files as documents, split by data.split_of.'}
+  RELEASE_NOTES = {'1.0.0': 'Whole files as documents, split by corpus.split_of.'}
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
@@ -50,8 +50,8 @@ class LocalText(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def _split_generators(self, dl_manager):
     del dl_manager  # nothing to download
-    files = data_lib.corpus_files(self.builder_config.source, self.builder_config.pattern)
-    by_split = {s: [(n, p) for n, p in files if data_lib.split_of(n) == s] for s in data_lib.SPLITS}
+    files = corpus.corpus_files(self.builder_config.source, self.builder_config.pattern)
+    by_split = {s: [(n, p) for n, p in files if corpus.split_of(n) == s] for s in corpus.SPLITS}
     # TFDS cannot write a split without examples; such a split is left out.
     return {s: self._generate_examples(f) for s, f in by_split.items() if f}
 

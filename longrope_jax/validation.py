@@ -18,6 +18,7 @@ from typing import Any, Callable, Mapping
 import jax
 
 from longrope_jax import checks
+from longrope_jax import corpus
 from longrope_jax import data
 from longrope_jax.hf import gguf as gguf_import
 from longrope_jax import hf
@@ -54,7 +55,7 @@ def _remat(value: Any, field: str) -> None:
 
 sliding_window = checks.Check(_sliding_window, "'keep', 'none' or a positive number of tokens")
 remat = checks.Check(_remat, "'none', 'full' or a jax.checkpoint_policies name")
-splits = checks.choice(data.SPLITS)
+splits = checks.choice(corpus.SPLITS)
 methods = checks.tuple_of(checks.choice(rope.METHODS), nonempty=False)
 multiples = checks.tuple_of(checks.positive_float)
 
@@ -103,11 +104,11 @@ RULES: dict[str, Rule] = {
                                  'none (full causal attention) or a number of tokens'),
     'model.remat': Rule(remat, 'rematerialization of each layer in training (activation '
                         'memory)'),
-    'data.source': Rule(checks.choice(data.SOURCES),
+    'data.source': Rule(checks.choice(corpus.SOURCES),
                         "corpus: stdlib (the Python standard library's source), pydoc (the "
                         "reference manual's prose, pydoc_data/topics.py), files or tfds"),
     'data.path': Rule(checks.optional(checks.string),
-                      'files: a text file or a folder of them'),
+                      f'files: a text file or a folder of them; {corpus.FILES_SPLIT_RULE}'),
     'data.tfds_name': Rule(checks.optional(checks.string),
                            'tfds: a prepared dataset name (array_record, no TensorFlow)'),
     'data.data_dir': Rule(checks.optional(checks.string), 'tfds: its data_dir'),
@@ -125,6 +126,12 @@ RULES: dict[str, Rule] = {
     'pretrain.copy_fraction': Rule(
         checks.fraction, 'fraction of training rows that repeat a random string (induction data)'),
     'search.multiple': Rule(checks.at_least(1.0), "target length L' as a multiple of L0"),
+    'search.multiples': Rule(
+        checks.optional(checks.tuple_of(checks.at_least(1.0))),
+        'search at each of these multiples of L0 too, search.multiple among them (None: only '
+        "search.multiple); each evaluation length then uses its own length's factors (the "
+        "shortest searched length at or above it, beyond the longest the longest's), in the "
+        "row 'longrope (searched per length)'"),
     'search.split': Rule(splits, 'split of the fitness documents (validation; test is kept for '
                          'the final tables)'),
     'search.num_windows': Rule(checks.positive_int,
@@ -204,6 +211,24 @@ def check_searches(config: Mapping) -> None:
       raise ConfigError(f'{prefix}.n_hat_choices', f"{prefix}.n_hat_choices is set but "
                         f"{prefix}.search_n_hat is False (n_hat is fixed to {prefix}.n_hat); "
                         "unset one of them.")
+
+
+def check_search_lengths(config: Mapping) -> None:
+  """search.multiples lists each length once and holds search.multiple (the search the other
+  stages read)."""
+  multiple, multiples = lookup(config, 'search.multiple', None), lookup(config,
+                                                                        'search.multiples', None)
+  if not multiples:
+    return
+  if len(set(multiples)) != len(multiples):
+    raise ConfigError('search.multiples', f"search.multiples = {tuple(multiples)} repeats a "
+                      "length; list each multiple once.")
+  if multiple not in multiples:
+    raise ConfigError(
+        'search.multiples', f"search.multiples = {tuple(multiples)} does not hold "
+        f"search.multiple = {multiple}: search.multiple is the one search the progressive, "
+        "seeds, ablations and finetuned stages and the export read, and one of the searched "
+        f"lengths; add {multiple} to search.multiples or set search.multiple to one of them.")
 
 
 def check_data(config: Mapping) -> None:
@@ -315,8 +340,8 @@ def check_mesh_shape(config: Mapping) -> None:
 
 # Append a section's own cross-field rules here.
 CROSS_CHECKS: list[Callable[[Mapping], None]] = [
-    check_stages, check_model, check_data, check_optimizers, check_searches, check_passkey,
-    check_mesh, check_mesh_shape]
+    check_stages, check_model, check_data, check_optimizers, check_searches, check_search_lengths,
+    check_passkey, check_mesh, check_mesh_shape]
 
 
 def validate_config(config: Mapping) -> None:

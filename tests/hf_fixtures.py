@@ -8,7 +8,7 @@
 - `save_checkpoint`: a random LlamaForCausalLM / MistralForCausalLM / Phi3ForCausalLM saved by
   transformers (`save_pretrained`, safetensors) with a tokenizer.json next to it.
 - `write_books` + `tfds_text.prepare_local_text`: a PG19-like folder of "books" (several thousand
-  tokens each) in train / validation / test, readable with `data.load_split('tfds', ...)`.
+  tokens each) in train / validation / test, readable with `corpus.load_split('tfds', ...)`.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import pathlib
 
 import numpy as np
 
+from longrope_jax import corpus
 from longrope_jax import data as data_lib
 
 ORIGINAL = 128  # original window L0 of the tiny checkpoints
@@ -155,12 +156,12 @@ def save_checkpoint(kind: str, folder: pathlib.Path, tok, *, seed: int = 0,
 
 
 def book_names(counts: dict[str, int]) -> list[str]:
-  """File names that `data.split_of` puts in each split, `counts[split]` of each."""
+  """File names that `corpus.split_of` puts in each split, `counts[split]` of each."""
   wanted, names = dict(counts), []
   for i in range(100_000):
     name = f'book_{i:05d}.txt'
-    if wanted[data_lib.split_of(name)] > 0:
-      wanted[data_lib.split_of(name)] -= 1
+    if wanted[corpus.split_of(name)] > 0:
+      wanted[corpus.split_of(name)] -= 1
       names.append(name)
     if not any(wanted.values()):
       return names

@@ -3,6 +3,7 @@ LongRoPE factors -> `hf.export_longrope` -> transformers' perplexity on PG19-lik
 project's for the same factors (short ones at L <= L0, long ones beyond, one attention factor)."""
 
 import json
+import logging
 import math
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from longrope_jax import corpus
 from longrope_jax import data as data_lib
 from longrope_jax import hf
 from longrope_jax import model as model_lib
@@ -38,19 +40,12 @@ def windows(hf_assets):
   name, data_dir = hf_assets.pg19()
   tok = data_lib.get_tokenizer(str(hf_assets.tokenizer_file('sentencepiece')))
   docs = data_lib.encode_documents(
-      data_lib.load_split('tfds', 'validation', tfds_name=name, data_dir=str(data_dir)), tok)
+      corpus.load_split('tfds', 'validation', tfds_name=name, data_dir=str(data_dir)), tok)
   return {L: data_lib.eval_windows(docs, L, 2) for L in LENGTHS}
 
 
 def _hf_perplexity(folder, windows_NL: np.ndarray) -> float:
-  import torch
-  model = transformers.AutoModelForCausalLM.from_pretrained(
-      folder, attn_implementation='eager', dtype=torch.float32).eval()
-  with torch.no_grad():  # one row at a time: transformers' longrope looks at the positions only
-    nll = [float(model(torch.tensor(row[None], dtype=torch.long),
-                       labels=torch.tensor(row[None], dtype=torch.long)).loss)
-           for row in windows_NL]
-  return math.exp(np.mean(nll))
+  return math.exp(hf.transformers_nll(folder, windows_NL).mean())
 
 
 def _our_perplexity(ckpt, windows_NL: np.ndarray, rope) -> float:
@@ -82,6 +77,54 @@ def test_transformers_reproduces_the_exported_factors(hf_assets, windows, tmp_pa
     assert rel < 1e-4, (L, theirs, mine)
     plain = _our_perplexity(ckpt, windows[L], rope_lib.none(head_dim=ckpt.config.head_dim))
     assert abs(plain - mine) / mine > 1e-3  # the factors and the attention factor matter here
+
+
+def _transformers_warnings(load) -> list[str]:
+  """The warnings transformers logs while `load()` runs (whatever verbosity other tests set)."""
+  messages, handler = [], logging.Handler()
+  handler.emit = lambda record: messages.append(record.getMessage())
+  logger, level = logging.getLogger('transformers'), transformers.logging.get_verbosity()
+  transformers.logging.set_verbosity_warning()
+  logger.addHandler(handler)
+  try:
+    load()
+  finally:
+    logger.removeHandler(handler)
+    transformers.logging.set_verbosity(level)
+  return messages
+
+
+def test_plain_short_writes_per_side_attention_factors(hf_assets, windows, tmp_path):
+  """plain_short: short_mscale 1 and long_mscale = attn_scale beside attention_factor (what
+  vLLM's longrope reads); transformers ignores the two keys, so in transformers
+  the export is the default one, attn_scale within L0 included (the figure printed)."""
+  source = hf_assets.checkpoint('llama')
+  default = hf.export_longrope(source, tmp_path / 'default', LONG)
+  plain = hf.export_longrope(source, tmp_path / 'plain', LONG, plain_short=True)
+  written = hf.read_config(plain)
+  for key in ('rope_scaling', 'rope_parameters'):
+    block = written[key]
+    assert block['short_mscale'] == 1.0 and block['long_mscale'] == pytest.approx(ATTN, rel=1e-12)
+    assert block['attention_factor'] == pytest.approx(ATTN, rel=1e-12)
+    assert block['short_factor'] == [1.0] * 8 and block['long_factor'] == LONG['factors']
+  assert {k: v for k, v in written['rope_scaling'].items() if not k.endswith('_mscale')} == \
+      hf.read_config(default)['rope_scaling']
+  assert 'short_mscale' not in hf.read_config(default)['rope_scaling']
+  with pytest.raises(ValueError, match=r'plain_short keeps plain RoPE up to L0, so it needs '
+                                       'short factors 1'):
+    hf.export_longrope(source, tmp_path / 'refused', LONG, short=SHORT, plain_short=True)
+  assert not (tmp_path / 'refused').exists()
+
+  warned = _transformers_warnings(lambda: transformers.AutoConfig.from_pretrained(plain))
+  assert any('Unrecognized keys' in m and 'short_mscale' in m and 'long_mscale' in m
+             for m in warned), warned  # read, then ignored
+  short = windows[LENGTHS[0]]  # within L0
+  same = hf.relative_difference(default, plain, short)
+  assert same['relative'] == 0.0 and same['length'] == LENGTHS[0] <= L0
+  within = hf.relative_difference(source, default, short)
+  print(f"export vs original in transformers at L = {LENGTHS[0]} <= L0 = {L0}: "
+        f"{within['original']:.4f} -> {within['exported']:.4f} ({100 * within['relative']:+.3f}%)")
+  assert abs(within['relative']) > 1e-4  # the attention factor within L0 is visible here
 
 
 def test_n_hat_is_refused_unless_dropped(hf_assets, tmp_path):

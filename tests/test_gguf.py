@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from longrope_jax import corpus
 from longrope_jax import data as data_lib
 from longrope_jax.hf import gguf as gguf_import
 from longrope_jax import hf
@@ -212,7 +213,7 @@ def test_bos_is_what_transformers_puts_before_a_text(tiny):
   text = 'The pass key is #12345. Remember it.'
   assert tok.bos_id is None and tok.vocab_size == 512
   assert reference(text).input_ids == tok.encode(text).tolist()
-  doc, = data_lib.encode_documents([data_lib.Document('d', text.encode())], tok)
+  doc, = data_lib.encode_documents([corpus.Document('d', text.encode())], tok)
   np.testing.assert_array_equal(doc, reference(text).input_ids + [tok.eos_id])
   prompt, _ = data_lib.passkey_sample(np.random.default_rng(0), 128, 0.5, tok)
   assert prompt[0] == tok.encode(' ' + data_lib.FILLER[0])[0]  # the first filler word, no BOS
@@ -233,7 +234,7 @@ def test_bos_is_what_transformers_puts_before_a_text(tiny):
   tok = data_lib.get_tokenizer(str(asked / 'tokenizer.json'))
   ids = transformers.AutoTokenizer.from_pretrained(str(asked))(text).input_ids
   assert tok.bos_id == ids[0] == 1
-  doc, = data_lib.encode_documents([data_lib.Document('d', text.encode())], tok)
+  doc, = data_lib.encode_documents([corpus.Document('d', text.encode())], tok)
   assert doc[:-1].tolist() == ids
   # No tokenizer_config.json: the project's default, the first of <s>, <|begin_of_text|>,
   # <|endoftext|>.
@@ -253,7 +254,7 @@ def test_smollm2_wheel_end_to_end(length):
     pytest.skip(str(e))
   folder = gguf_import.convert(file)
   tok = data_lib.get_tokenizer(str(folder / 'tokenizer.json'))
-  doc = data_lib.encode_documents(data_lib.load_split('pydoc', 'test')[:1], tok)[0]
+  doc = data_lib.encode_documents(corpus.load_split('pydoc', 'test')[:1], tok)[0]
   tokens = doc[None, :length]
   ckpt = hf.load(folder, attention='flash_cpu')
   assert (ckpt.config.num_layers, ckpt.config.num_heads, ckpt.config.num_kv_heads,

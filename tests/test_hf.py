@@ -281,11 +281,21 @@ def test_folder_without_config(tmp_path):
 
 
 def test_unsupported_architecture(tmp_path):
-  _, _, folder = _saved(tmp_path)
-  hf_config = hf.read_config(folder)
-  hf_config.update(architectures=['GPT2LMHeadModel'], model_type='gpt2')
-  (folder / hf.CONFIG_FILE).write_text(json.dumps(hf_config))
-  with pytest.raises(ValueError, match='GPT2LMHeadModel'):
+  """A GPT-2 folder (GPT-2's config.json and tensor names): the model_type and the supported
+  architectures, before any weight is looked for."""
+  folder = tmp_path / 'gpt2'
+  folder.mkdir()
+  (folder / hf.CONFIG_FILE).write_text(json.dumps(dict(
+      architectures=['GPT2LMHeadModel'], model_type='gpt2', n_embd=32, n_layer=1, n_head=2,
+      vocab_size=100, n_positions=64)))
+  save_file({'transformer.wte.weight': np.zeros((100, 32), np.float32),
+             'transformer.wpe.weight': np.zeros((64, 32), np.float32)},
+            folder / hf.WEIGHTS_FILE)
+  with pytest.raises(ValueError, match=rf"^{folder}: Unsupported architecture 'GPT2LMHeadModel' "
+                                       r"\(model_type 'gpt2'\) in config.json: .*supported: "
+                                       r"LlamaForCausalLM \(model_type 'llama'\), "
+                                       r"MistralForCausalLM \(model_type 'mistral'\), "
+                                       r"Phi3ForCausalLM \(model_type 'phi3'\); point model.path"):
     hf.load(folder)
 
 

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from longrope_jax import corpus
 from longrope_jax import data as data_lib
 from longrope_jax import hf
 from longrope_jax import model as model_lib
@@ -49,12 +50,12 @@ def test_books_through_the_tfds_builder(hf_assets):
   assert name == 'local_text/pg19'
   tok = data_lib.get_tokenizer(str(hf_assets.tokenizer_file('sentencepiece')))
   for split, count in (('train', 6), ('validation', 4), ('test', 4)):
-    docs = data_lib.load_split('tfds', split, tfds_name=name, data_dir=str(data_dir))
+    docs = corpus.load_split('tfds', split, tfds_name=name, data_dir=str(data_dir))
     assert len(docs) == count
     assert min(len(t) for t in data_lib.encode_documents(docs, tok)) > 3000
   # The builder's features are 'name' and 'text' (data.text_key = 'text'), not PG19's 'book_text'.
   with pytest.raises(ValueError, match=r"no feature 'book_text'.*\['name', 'text'\]"):
-    data_lib.load_split('tfds', 'test', tfds_name=name, data_dir=str(data_dir),
+    corpus.load_split('tfds', 'test', tfds_name=name, data_dir=str(data_dir),
                         text_key='book_text')
 
 

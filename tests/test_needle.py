@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from longrope_jax import corpus
 from longrope_jax import data as data_lib
 from longrope_jax import fitness as fitness_lib
 from longrope_jax import mesh as mesh_lib
@@ -33,7 +34,7 @@ def tokenizer(request, hf_assets):
 
 def token_docs(tokenizer, num=6):
   import hf_fixtures
-  docs = [data_lib.Document(f'book_{i}', hf_fixtures.english_text(400, 50 + i).encode())
+  docs = [corpus.Document(f'book_{i}', hf_fixtures.english_text(400, 50 + i).encode())
           for i in range(num)]
   return data_lib.encode_documents(docs, tokenizer)
 
@@ -137,7 +138,7 @@ def params():
 
 def test_weighted_fitness_is_the_masked_mean_of_token_nll(params):
   tok = data_lib.ByteTokenizer()
-  docs = data_lib.encode_documents(data_lib.load_split('stdlib', 'validation')[:60], tok)
+  docs = data_lib.encode_documents(corpus.load_split('stdlib', 'validation')[:60], tok)
   windows, weights = data_lib.needle_windows(docs, tok, TARGET, 3, fmt='short')
   kwargs = rope_lib.method_kwargs(head_dim=CFG.head_dim, theta=CFG.rope_theta,
                                   original_length=EXT.original_length, length=TARGET)
@@ -157,7 +158,7 @@ def test_weighted_fitness_is_the_masked_mean_of_token_nll(params):
 
 def test_bad_needle_input_raises(params):
   tok = data_lib.ByteTokenizer()
-  docs = data_lib.encode_documents(data_lib.load_split('stdlib', 'validation')[:60], tok)
+  docs = data_lib.encode_documents(corpus.load_split('stdlib', 'validation')[:60], tok)
   with pytest.raises(ValueError, match=r"needs more than \d+ tokens, the window is 200.*short"):
     data_lib.needle_windows(docs, tok, 200, 2, fmt='ruler')
   with pytest.raises(ValueError, match="unknown needle format 'niah'"):

@@ -10,6 +10,7 @@ import pytest
 
 from configs import demo as demo_config
 from longrope_jax import console
+from longrope_jax import corpus
 from longrope_jax import metrics as metrics_lib
 from longrope_jax import pipeline
 from longrope_jax import stages as stages_lib
@@ -170,3 +171,39 @@ def test_ring_attention_from_the_command_line(tmp_path):
   for name, method in a['perplexity']['methods'].items():  # None (nan): longrope below L'
     np.testing.assert_allclose(np.array(b['perplexity']['methods'][name]['nll'], float),
                                np.array(method['nll'], float), rtol=1e-4, err_msg=name)
+
+
+def test_empty_split_is_caught_before_the_first_stage(tmp_path):
+  """A 'files' corpus whose five files all hash to train: the run stops before pretraining,
+  naming the split, how files are split, the fix and the stages that read it."""
+  folder = tmp_path / 'corpus'
+  folder.mkdir()
+  names = (f'book{i}.txt' for i in range(10_000))
+  for name in [n for n in names if corpus.split_of(n) == 'train'][:5]:
+    (folder / name).write_text('a long book\n' * 200)
+  config = demo_config.get_config('test')
+  config.data.update(source='files', path=str(folder))
+  with pytest.raises(ValueError) as e:
+    pipeline.run(config, tmp_path / 'run')
+  message = str(e.value)
+  assert message.startswith("the 'validation' split of the corpus (data.source = 'files', "
+                            f"data.path = {folder}) is empty")
+  assert 'md5 hash of its path' in message and 'train/, validation/ and test/ subfolders' in message
+  assert message.endswith('Read by: pretrain, search (search.split).')
+  assert list((tmp_path / 'run').iterdir()) == []  # nothing written
+
+
+def test_unsupported_checkpoint_is_caught_before_the_first_stage(tmp_path):
+  """configs/hf.py on a GPT-2 folder: its model_type and the supported ones, before anything."""
+  folder = tmp_path / 'gpt2'
+  folder.mkdir()
+  (folder / 'config.json').write_text(json.dumps(dict(
+      architectures=['GPT2LMHeadModel'], model_type='gpt2', n_embd=32, n_layer=1, n_head=2)))
+  from configs import hf as hf_config
+  config = hf_config.get_config()
+  config.model.path = str(folder)
+  with pytest.raises(ValueError, match=rf"^model.path = {folder}: Unsupported architecture "
+                                       r"'GPT2LMHeadModel' \(model_type 'gpt2'\).*supported: "
+                                       r"LlamaForCausalLM \(model_type 'llama'\)"):
+    pipeline.run(config, tmp_path / 'run')
+  assert list((tmp_path / 'run').iterdir()) == []

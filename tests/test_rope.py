@@ -4,6 +4,7 @@ float32 rounding bound of the computation (u = 2**-24 per rounding), whichever i
 """
 
 import math
+import re
 
 import chex
 import jax
@@ -547,3 +548,17 @@ def test_make_names_the_first_bad_factor(bad, index):
   factors = [1.0, 1.5, 1.2, bad]  # not the smallest, not the first: the bad one
   with pytest.raises(ValueError, match=r'factors\[3\] = '):
     rope_lib.make(factors)
+
+
+@pytest.mark.parametrize('n_hat', [np.nan, np.inf, -np.inf, 2.5, -1, True, '4', None,
+                                   np.array([1, 2])])
+def test_longrope_refuses_a_non_integral_n_hat_naming_it(n_hat):
+  with pytest.raises(ValueError, match=r'n_hat must be a finite non-negative integer .*got '
+                                       rf'{re.escape(repr(n_hat))}; pass e.g. n_hat=0'):
+    rope_lib.longrope(factors=[1.0, 2.0], n_hat=n_hat, attn_scale=1.0)
+
+
+@pytest.mark.parametrize('n_hat', [4, 4.0, np.int64(4), np.float32(4.0), jnp.asarray(4)])
+def test_longrope_takes_any_whole_n_hat(n_hat):
+  rope = rope_lib.longrope(factors=[1.0, 2.0], n_hat=n_hat, attn_scale=1.0)
+  assert rope.n_hat.dtype == jnp.int32 and int(rope.n_hat) == 4

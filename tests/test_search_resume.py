@@ -5,6 +5,7 @@ import importlib.util
 import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -169,3 +170,19 @@ def test_search_stage_writes_results_and_evaluate_includes_longrope(tmp_path):
                'factors.png'):
     assert (tmp_path / 'search' / name).exists()
   assert 'LongRoPE search' in (tmp_path / 'report.md').read_text()
+
+
+def test_damaged_search_state_names_the_file_and_the_fix(tmp_path):
+  """A generation whose JSON record (search/ckpt/<gen>/meta/metadata) is cut: the resume names
+  the file and the generation to delete, and doing so resumes to the uninterrupted result."""
+  straight = small_search(tmp_path / 'a', fitness='shared')
+  with pytest.raises(Stop):
+    small_search(tmp_path / 'b', on_generation=_stop_at(4), fitness='shared')
+  meta = tmp_path / 'b' / 'ckpt' / '4' / 'meta' / 'metadata'
+  meta.write_bytes(meta.read_bytes()[:40])
+  with pytest.raises(ckpt_lib.WorkdirError) as e:
+    small_search(tmp_path / 'b', fitness='shared')
+  assert f'{meta} cannot be read' in str(e.value)
+  assert f"delete {tmp_path / 'b' / 'ckpt' / '4'} to resume from step 3" in str(e.value)
+  shutil.rmtree(tmp_path / 'b' / 'ckpt' / '4')
+  _same(small_search(tmp_path / 'b', fitness='shared'), straight)

@@ -5,7 +5,7 @@ import pytest
 pytest.importorskip('tensorflow_datasets')
 pytest.importorskip('array_record')
 
-from longrope_jax import data as data_lib  # noqa: E402
+from longrope_jax import corpus as corpus_lib  # noqa: E402
 from longrope_jax import tfds_text  # noqa: E402
 
 
@@ -15,7 +15,7 @@ def _names():
   names = []
   for i in range(10_000):
     name = f'part{i % 3}/book_{i:04d}.txt' if i % 2 else f'book_{i:04d}.txt'
-    split = data_lib.split_of(name)
+    split = corpus_lib.split_of(name)
     if wanted[split]:
       wanted[split] -= 1
       names.append(name)
@@ -41,9 +41,9 @@ def test_every_split_reads_back_as_the_files_source(corpus):
   source, data_dir, name = corpus
   assert name == 'local_text/books'
   seen = 0
-  for split in data_lib.SPLITS:
-    from_tfds = data_lib.load_split('tfds', split, tfds_name=name, data_dir=str(data_dir))
-    from_files = data_lib.load_split('files', split, path=str(source))
+  for split in corpus_lib.SPLITS:
+    from_tfds = corpus_lib.load_split('tfds', split, tfds_name=name, data_dir=str(data_dir))
+    from_files = corpus_lib.load_split('files', split, path=str(source))
     assert from_tfds == from_files, split
     seen += len(from_tfds)
   assert seen == 29  # the empty file is dropped by both
@@ -57,13 +57,13 @@ def test_prepare_reuses_an_existing_corpus(corpus):
 def test_unknown_dataset_and_missing_data_dir_are_clear_errors(corpus, tmp_path):
   _, data_dir, name = corpus
   with pytest.raises(FileNotFoundError, match='not prepared.*prepare_local_text'):
-    data_lib.load_split('tfds', 'test', tfds_name='local_text/nope', data_dir=str(data_dir))
+    corpus_lib.load_split('tfds', 'test', tfds_name='local_text/nope', data_dir=str(data_dir))
   with pytest.raises(FileNotFoundError, match='not prepared'):
-    data_lib.load_split('tfds', 'test', tfds_name='no_such_dataset', data_dir=str(data_dir))
+    corpus_lib.load_split('tfds', 'test', tfds_name='no_such_dataset', data_dir=str(data_dir))
   with pytest.raises(FileNotFoundError, match=r'data_dir .* does not exist \(data.data_dir\)'):
-    data_lib.load_split('tfds', 'test', tfds_name=name, data_dir=str(tmp_path / 'missing'))
+    corpus_lib.load_split('tfds', 'test', tfds_name=name, data_dir=str(tmp_path / 'missing'))
   with pytest.raises(ValueError, match='needs data.tfds_name'):
-    data_lib.load_split('tfds', 'test', data_dir=str(data_dir))
+    corpus_lib.load_split('tfds', 'test', data_dir=str(data_dir))
 
 
 def test_prepare_errors(tmp_path):

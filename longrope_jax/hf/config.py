@@ -70,9 +70,12 @@ def architecture(hf_config: dict) -> str:
       return by_type[hf_config['model_type']]
   name = names[0] if names else None
   if name not in ARCHITECTURES:
+    supported = ', '.join(f'{a} (model_type {t!r})' for a, t in sorted(ARCHITECTURES.items()))
     raise ValueError(
         f"Unsupported architecture {name!r} (model_type {hf_config.get('model_type')!r}) in "
-        f"{CONFIG_FILE}; supported: {sorted(ARCHITECTURES)}.")
+        f"{CONFIG_FILE}: longrope-jax reads Llama-family decoders (rotary positions, RMSNorm, "
+        f"SwiGLU, weights named model.embed_tokens / model.layers.N...), supported: "
+        f"{supported}; point model.path at such a checkpoint.")
   return name
 
 

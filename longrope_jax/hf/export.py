@@ -98,8 +98,15 @@ def save_params(params: dict, config: ModelConfig, out_dir: Path, *,
 
 def longrope_block(short_factor: Iterable[float], long_factor: Iterable[float],
                    original_max_position_embeddings: int, max_position_embeddings: int, *,
-                   head_dim: int | None = None, attention_factor: float | None = None) -> dict:
-  """An HF `rope_scaling` block for LongRoPE factors (validated: >= 1, one per frequency)."""
+                   head_dim: int | None = None, attention_factor: float | None = None,
+                   short_mscale: float | None = None, long_mscale: float | None = None) -> dict:
+  """An HF `rope_scaling` block for LongRoPE factors (validated: >= 1, one per frequency).
+
+  `short_mscale` / `long_mscale` (written when given) are the attention factors of the short and
+  long factors that vLLM's longrope reads (its get_rope passes them to its Phi-3 LongRoPE
+  rotary embedding, for any architecture); transformers ignores them (it warns of unrecognized
+  keys) and applies `attention_factor` to both.
+  """
   original, max_len = int(original_max_position_embeddings), int(max_position_embeddings)
   if original <= 0 or max_len < original:
     raise ValueError(f"Need 0 < original_max_position_embeddings ({original}) <= "
@@ -113,19 +120,25 @@ def longrope_block(short_factor: Iterable[float], long_factor: Iterable[float],
       raise ValueError(f"{key}: {e}") from e
     block[key] = [float(v) for v in values]
   block.update(original_max_position_embeddings=original, factor=max_len / original)
-  if attention_factor is not None:
-    block['attention_factor'] = float(attention_factor)
+  for key, value in (('attention_factor', attention_factor), ('short_mscale', short_mscale),
+                     ('long_mscale', long_mscale)):
+    if value is not None:
+      if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{key} must be a positive number, got {value!r}.")
+      block[key] = float(value)
   return block
 
 
 def export_rope_scaling(config_dir_in: Path, out_dir: Path, short_factor: Iterable[float],
                         long_factor: Iterable[float], original_max_position_embeddings: int,
                         max_position_embeddings: int, *, attention_factor: float | None = None,
+                        short_mscale: float | None = None, long_mscale: float | None = None,
                         others: str = 'link') -> pathlib.Path:
   """Writes config_dir_in's config.json into out_dir with a LongRoPE `rope_scaling` block.
 
   The block ({rope_type, type: 'longrope', short_factor, long_factor,
-  original_max_position_embeddings, factor}) is written as `rope_scaling` (read first by
+  original_max_position_embeddings, factor, and attention_factor, short_mscale, long_mscale when
+  given: `longrope_block`) is written as `rope_scaling` (read first by
   transformers 5, and by 4.x) and as `rope_parameters` (with rope_theta); the top-level
   max_position_embeddings / original_max_position_embeddings are set to match. LongRoPE's n_hat
   has no HF field and is not exported. `others` ('link', 'copy' or 'none') brings the folder's
@@ -138,7 +151,8 @@ def export_rope_scaling(config_dir_in: Path, out_dir: Path, short_factor: Iterab
   architecture(out_config)
   block = longrope_block(short_factor, long_factor, original_max_position_embeddings,
                          max_position_embeddings, head_dim=head_dim(out_config),
-                         attention_factor=attention_factor)
+                         attention_factor=attention_factor, short_mscale=short_mscale,
+                         long_mscale=long_mscale)
   theta = rope_parameters(out_config)['rope_theta']
   for key in ('rope_scaling', 'rope_parameters'):
     out_config.pop(key, None)
@@ -182,8 +196,8 @@ def _check_record(record: Mapping[str, Any], name: str, drop_n_hat: bool) -> Non
 def export_longrope(source: Path, out_dir: Path, long: Mapping[str, Any], *,
                     short: Mapping[str, Any] | Iterable[float] | None = None,
                     drop_n_hat: bool = False, sliding_window: int | None | str = KEEP,
-                    params: dict | None = None, config: ModelConfig | None = None
-                    ) -> pathlib.Path:
+                    params: dict | None = None, config: ModelConfig | None = None,
+                    plain_short: bool = False) -> pathlib.Path:
   """Writes a complete HF folder (config.json, weights, tokenizer files) that transformers
   loads with the searched LongRoPE scaling; returns out_dir.
 
@@ -196,6 +210,16 @@ def export_longrope(source: Path, out_dir: Path, long: Mapping[str, Any], *,
   n_hat > 0 has no HF field and is refused unless `drop_n_hat`. `sliding_window` keeps the
   source's (KEEP), or writes None (no window) or an int. The weights are the source's, or
   `params` of `config` (e.g. a fine-tuned model) when given. Nothing is written on an error.
+
+  Within L0 the default export is not the original model: transformers' longrope has one
+  attention factor for short and long factors, so sequences up to L0 get attn_scale too (on
+  SmolLM2-135M at 8K = L0, perplexity 1.5% above the original's; `hf.relative_difference`
+  measures it). `plain_short` (short factors 1 only) also writes short_mscale = 1 and
+  long_mscale = attn_scale, the per-side factors vLLM's longrope reads (it ignores
+  attention_factor and derives both from max/original when they are absent): there the
+  model runs plain RoPE, the original, up to L0 and the searched scaling beyond. transformers
+  ignores the two keys (logging "Unrecognized keys") and still applies attention_factor at every
+  length, so its numbers do not change.
   """
   src, out_dir = pathlib.Path(source), pathlib.Path(out_dir)
   hf_config = read_config(src)
@@ -214,8 +238,13 @@ def export_longrope(source: Path, out_dir: Path, long: Mapping[str, Any], *,
           f"factors must be searched under attn_scale = {attn_scale} to be exported.")
     short = short['factors']
   short_factor = np.ones(head_dim(hf_config) // 2) if short is None else np.asarray(short)
+  if plain_short and np.any(short_factor != 1.0):
+    raise ValueError("plain_short keeps plain RoPE up to L0, so it needs short factors 1: export "
+                     "without `short` (the search's result), or without plain_short (short "
+                     "factors are searched under the long attention factor).")
+  mscales = dict(short_mscale=1.0, long_mscale=attn_scale) if plain_short else {}
   longrope_block(short_factor, long['factors'], original, target,  # validates before writing
-                 head_dim=head_dim(hf_config), attention_factor=attn_scale)
+                 head_dim=head_dim(hf_config), attention_factor=attn_scale, **mscales)
   if params is not None and config is None:
     raise ValueError("export_longrope with params needs their ModelConfig (config=...).")
   if out_dir.exists() and any(out_dir.iterdir()):
@@ -238,4 +267,4 @@ def export_longrope(source: Path, out_dir: Path, long: Mapping[str, Any], *,
     base = written
   _write_json_atomic(base, out_dir / CONFIG_FILE)
   return export_rope_scaling(out_dir, out_dir, short_factor, long['factors'], original, target,
-                             attention_factor=attn_scale, others='none')
+                             attention_factor=attn_scale, others='none', **mscales)

@@ -288,6 +288,10 @@ def load(path: Path, *, sharding: ShardingSpec = None, param_dtype: str | None =
   """
   path = pathlib.Path(path)
   hf_config = read_config(path)
+  try:  # the architecture before any weight: another model's tensors have other names
+    architecture(hf_config)
+  except ValueError as e:
+    raise ValueError(f"{path}: {e}") from None
   if param_dtype is None:
     param_dtype = _DEFAULT_PARAM_DTYPE.get(checkpoint_dtype(path), 'float32')
   config = model_config(hf_config, param_dtype=param_dtype, dtype=dtype,

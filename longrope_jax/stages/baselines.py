@@ -16,7 +16,7 @@ from longrope_jax import search_space
 from longrope_jax import train as train_lib
 from longrope_jax.stages import common
 from longrope_jax.stages.run import Run
-from longrope_jax.stages.stage import MODEL_FIELDS, SEARCH_PERF, Stage
+from longrope_jax.stages.stage import MODEL_FIELDS, SEARCH_LENGTHS, SEARCH_PERF, Stage
 
 
 def seed_windows(token_docs: list, length: int, num: int, count: int,
@@ -32,7 +32,8 @@ def seed_windows(token_docs: list, length: int, num: int, count: int,
     order = np.random.default_rng(seed).permutation(long_enough)
     chosen = [sorted(order[k * num:(k + 1) * num].tolist()) for k in range(count)]
     return [np.stack([token_docs[i][:length] for i in c]).astype(np.int32) for c in chosen], True
-  return [data_lib.eval_windows(token_docs, length, num, seed + k) for k in range(count)], False
+  return [data_lib.eval_windows(token_docs, length, num, seed + k, field='search.num_windows')
+          for k in range(count)], False
 
 
 def seeds(run: Run) -> dict:
@@ -119,7 +120,8 @@ def ablations(run: Run) -> dict:
   extension = run.extension(c.multiple)
   settings = search_lib.SearchConfig.from_config(c.settings)
   windows = data_lib.eval_windows(run.documents(c.split), extension.target_length,
-                                  c.num_windows, seed=run.config.seed)  # the search's own
+                                  c.num_windows, seed=run.config.seed,
+                                  field='search.num_windows')  # the search's own
   fixed = search_lib.search(mc, run.params(), windows, extension=extension,
                             mesh=run.search_mesh,
                             settings=dataclasses.replace(settings, search_n_hat=False, n_hat=0),
@@ -177,18 +179,21 @@ def _ablations_header(run: Run) -> dict:
 
 SEEDS = Stage(
     'seeds', seeds, reads=('seed', *MODEL_FIELDS, 'data', 'search', 'evaluate'),
-    ignore=('evaluate.batch_tokens', *(f'search.settings.{k}' for k in SEARCH_PERF)),
+    ignore=('evaluate.batch_tokens', SEARCH_LENGTHS,
+            *(f'search.settings.{k}' for k in SEARCH_PERF)),
     upstream=('pretrain',), outputs=('seeds', 'eval/seeds_perplexity.jsonl'),
-    results=('seeds',), header=_seeds_header)
+    results=('seeds',), splits=('search.split', 'evaluate.split'), header=_seeds_header)
 FINETUNED = Stage(
     'finetuned', finetuned,
     reads=('seed', *MODEL_FIELDS, 'data', 'evaluate', 'progressive.finetune', 'finetuned'),
     ignore=('evaluate.batch_tokens', 'progressive.finetune.ckpt_every'),
-    upstream=('pretrain', 'search'),
+    upstream=('pretrain', 'search'), splits=('train', 'evaluate.split'),
     outputs=('finetuned', 'eval/finetuned_*.jsonl', 'plots/finetuned.png'),
     results=('finetuned',), header=_finetuned_header)
 ABLATIONS = Stage(
     'ablations', ablations, reads=('seed', *MODEL_FIELDS, 'data', 'search', 'evaluate'),
-    ignore=('evaluate.batch_tokens', *(f'search.settings.{k}' for k in SEARCH_PERF)),
+    ignore=('evaluate.batch_tokens', SEARCH_LENGTHS,
+            *(f'search.settings.{k}' for k in SEARCH_PERF)),
     upstream=('pretrain', 'search'), outputs=('ablations', 'eval/ablations.jsonl'),
-    results=('ablations',), header=_ablations_header)
+    results=('ablations',), splits=('search.split', 'evaluate.split'),
+    header=_ablations_header)

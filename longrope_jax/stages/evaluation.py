@@ -10,6 +10,7 @@ from longrope_jax import data as data_lib
 from longrope_jax import evaluate as eval_lib
 from longrope_jax import metrics as metrics_lib
 from longrope_jax import plots
+from longrope_jax import report as report_lib
 from longrope_jax import rope as rope_lib
 from longrope_jax.stages import common
 from longrope_jax.stages.run import Run
@@ -20,7 +21,8 @@ def evaluate(run: Run) -> dict:
   """Perplexity of every method at every length on held-out documents (resumable per cell)."""
   c = run.config.evaluate
   results = common.perplexity(run, 'perplexity', run.params(), c.methods,
-                              common.searched_sources(run))
+                              common.searched_sources(run),
+                              cell_depends=common.searched_cell(run))
   plots.perplexity_vs_length(results, run.workdir / 'plots' / 'perplexity.png',
                              title=f'Held-out perplexity vs length ({c.split} split)',
                              caption=plots.measured_caption(
@@ -35,7 +37,8 @@ def evaluate_sliding(run: Run) -> dict:
   document's span (LongRoPE's official evaluation offers it), beside the truncated table."""
   return common.perplexity(run, 'perplexity_sliding', run.params(),
                            run.config.evaluate.methods, common.searched_sources(run),
-                           stride=run.config.evaluate.sliding_stride)
+                           stride=run.config.evaluate.sliding_stride,
+                           cell_depends=common.searched_cell(run))
 
 
 def passkey(run: Run) -> dict:
@@ -68,14 +71,23 @@ def passkey(run: Run) -> dict:
     run.save_result('passkey', results)
     return results
   cache_path = run.workdir / 'eval' / 'passkey.jsonl'
+  # A per-length row's cell is kept while the search serving its length is unchanged.
+  cell = common.searched_cell(run)
   done = {(r['method'], r['length']): r['accuracy']
-          for r in ckpt_lib.read_jsonl(cache_path, required=('method', 'length', 'accuracy'))}
+          for r in ckpt_lib.read_jsonl(cache_path, required=('method', 'length', 'accuracy'))
+          if common.same_cell(r, cell)}
+
+  def on_result(method, length, accuracy):
+    record = dict(method=method, length=length, accuracy=accuracy)
+    if cell(method, length) is not None:
+      record['depends'] = cell(method, length)
+    ckpt_lib.append_jsonl(cache_path, record)
+
   results = eval_lib.passkey_accuracy(
       mc, run.params(), run.tokenizer, lengths, methods=c.methods,
       extra=common.searched_sources(run), depths=c.depths, trials=c.trials,
       seed=run.config.seed, done=done, batch_tokens=run.passkey_batch_tokens,
-      on_result=lambda m, L, acc: ckpt_lib.append_jsonl(cache_path, dict(method=m, length=L,
-                                                                          accuracy=acc)))
+      on_result=on_result)
   results['answer_nll'] = answer
   run.save_result('passkey', results)
   metrics_lib.write_per_length(run.workdir, 'passkey', results, metric='mean', tag='passkey')
@@ -87,8 +99,12 @@ def passkey(run: Run) -> dict:
 
 
 def _searched(run: Run) -> list[str]:
-  """['longrope'] when the searched factors join the methods (searched, or searched now)."""
-  return ['longrope'] if 'search' in run.results() or 'search' in run.config.stages else []
+  """The searched factors' row when it joins the methods (searched, or searched now): 'longrope',
+  or with several searched lengths report.PER_LENGTH."""
+  if 'search' not in run.results() and 'search' not in run.config.stages:
+    return []
+  several = 'search' in run.config and len(run.search_multiples()) > 1
+  return [report_lib.PER_LENGTH if several else 'longrope']
 
 
 def _evaluate_header(run: Run) -> dict:
@@ -114,7 +130,8 @@ EVALUATE = Stage(
     'evaluate', evaluate, reads=('seed', *MODEL_FIELDS, 'data', 'evaluate'),
     ignore=('evaluate.batch_tokens',), cells=('evaluate.multiples', 'evaluate.methods'),
     upstream=('pretrain', 'search'), outputs=('eval/perplexity.jsonl', 'plots/perplexity.png'),
-    results=('perplexity',), method_upstream=(('search', 'longrope'),), header=_evaluate_header)
+    results=('perplexity',), method_upstream=(('search', 'longrope'),),
+    splits=('evaluate.split',), header=_evaluate_header)
 PASSKEY = Stage(
     'passkey', passkey, reads=('seed', *MODEL_FIELDS, 'data.tokenizer', 'passkey'),
     cells=('passkey.multiples', 'passkey.methods', 'passkey.skip_fraction'),
@@ -126,4 +143,4 @@ EVALUATE_SLIDING = Stage(
     cells=('evaluate.multiples', 'evaluate.methods'),
     upstream=('pretrain', 'search'), outputs=('eval/perplexity_sliding.jsonl',),
     results=('perplexity_sliding',), method_upstream=(('search', 'longrope'),),
-    header=_sliding_header)
+    splits=('evaluate.split',), header=_sliding_header)

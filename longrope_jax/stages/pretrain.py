@@ -21,7 +21,7 @@ def pretrain(run: Run) -> None:
                                    seed=run.config.seed, passkey_fraction=c.passkey_fraction,
                                    copy_fraction=c.copy_fraction, tokenizer=run.tokenizer)
   val = data_lib.eval_windows(run.documents('validation'), run.original_length, c.eval_windows,
-                              seed=run.config.seed)
+                              seed=run.config.seed, field='pretrain.eval_windows')
   t0 = time.time()
   train_lib.train(run.training_config(run.model_config.attention),
                   train_lib.OptimConfig.from_config(c), batches,
@@ -55,4 +55,4 @@ PRETRAIN = Stage(
     'pretrain', pretrain, reads=('seed', *MODEL_FIELDS, 'data', 'pretrain'),
     ignore=('pretrain.ckpt_every', 'pretrain.eval_every'), extend=('pretrain.steps',),
     outputs=('ckpt', 'metrics.jsonl', 'plots/pretrain.png'), results=('pretrain',),
-    header=_header)
+    splits=('train', 'validation'), header=_header)

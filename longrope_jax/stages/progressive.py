@@ -34,7 +34,7 @@ def progressive(run: Run) -> dict:
   extension = run.extension(c.multiple, base_length=L1)
   windows = data_lib.eval_windows(run.documents(run.config.search.split),
                                   extension.target_length, run.config.search.num_windows,
-                                  seed=run.config.seed)
+                                  seed=run.config.seed, field='search.num_windows')
   long = search_lib.search(run.model_config, params, windows, extension=extension,
                            mesh=run.search_mesh,
                            settings=settings, base=first.rope(),
@@ -48,7 +48,7 @@ def progressive(run: Run) -> dict:
   short_extension = run.extension(1)
   windows0 = data_lib.eval_windows(run.documents(run.config.search.split),
                                    short_extension.target_length, c.short_num_windows,
-                                   seed=run.config.seed)
+                                   seed=run.config.seed, field='progressive.short_num_windows')
   short = search_lib.search(run.model_config, params, windows0, extension=short_extension,
                             mesh=run.search_mesh,
                             settings=short_settings, workdir=workdir / 'search_short',
@@ -154,12 +154,13 @@ PROGRESSIVE = Stage(
     ignore=('progressive.finetune.ckpt_every',
             *(f'progressive.search.{k}' for k in SEARCH_PERF)),
     upstream=('pretrain', 'search'), outputs=('progressive',), results=('progressive',),
+    splits=('train', 'search.split'),
     header=_header)
 PROGRESSIVE_EVALUATE = Stage(
     'progressive_evaluate', progressive_evaluate,
     reads=('seed', *MODEL_FIELDS, 'data', 'evaluate.split', 'evaluate.num_windows',
            'evaluate.multiples'),
-    cells=('evaluate.multiples',), upstream=('progressive',),
+    cells=('evaluate.multiples',), upstream=('progressive',), splits=('evaluate.split',),
     outputs=('eval/progressive_perplexity.jsonl',), results=('progressive_perplexity',),
     header=_evaluate_header)
 PROGRESSIVE_PASSKEY = Stage(

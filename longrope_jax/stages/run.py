@@ -12,12 +12,13 @@ import functools
 import json
 import math
 import pathlib
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import jax
 import ml_collections
 
 from longrope_jax import checkpoint as ckpt_lib
+from longrope_jax import corpus
 from longrope_jax import data as data_lib
 from longrope_jax.hf import gguf as gguf_import
 from longrope_jax import hf
@@ -26,6 +27,23 @@ from longrope_jax import model as model_lib
 from longrope_jax import rope as rope_lib
 from longrope_jax import search as search_lib
 from longrope_jax import train as train_lib
+
+
+PER_LENGTH_KEY = 'search_per_length'  # results.json: {target length: search record}
+
+
+def search_multiples(search: Any) -> tuple[float, ...]:
+  """A search section's searched multiples, ascending: `multiples`, or `(multiple,)` unset."""
+  multiples = search.get('multiples')
+  return tuple(sorted(multiples)) if multiples else (search['multiple'],)
+
+
+def search_for_length(targets: Iterable[int], length: int) -> int:
+  """The searched target length whose factors serve evaluation `length`: the shortest at or
+  above it (its factors interpolate at least as far as needed), else the longest (as one
+  search's factors serve every length beyond its own)."""
+  targets = sorted(targets)
+  return next((t for t in targets if t >= length), targets[-1])
 
 
 class Run:
@@ -90,7 +108,7 @@ class Run:
   @functools.lru_cache(maxsize=None)
   def documents(self, split: str) -> list:
     d = self.config.data
-    docs = data_lib.load_split(d.source, split, path=d.path, tfds_name=d.tfds_name,
+    docs = corpus.load_split(d.source, split, path=d.path, tfds_name=d.tfds_name,
                                data_dir=d.data_dir, text_key=d.text_key)
     return data_lib.encode_documents(docs, self.tokenizer)
 
@@ -152,6 +170,13 @@ class Run:
     results[key] = value
     ckpt_lib.write_json(self.results_path, results)
 
+  def drop_result(self, key: str) -> None:
+    """Removes results.json[key] (a result the config no longer describes), if present."""
+    results = self.results()
+    if key in results:
+      del results[key]
+      ckpt_lib.write_json(self.results_path, results)
+
   def searched(self, key: str = 'search') -> search_lib.SearchResult:
     """A finished search's result (results.json[key])."""
     return search_lib.SearchResult.from_json(self.results()[key])
@@ -159,12 +184,32 @@ class Run:
   def write_config(self) -> None:
     ckpt_lib.write_json(self.workdir / 'config.json', json.loads(self.config.to_json_best_effort()))
 
+  def search_multiples(self) -> tuple[float, ...]:
+    """The multiples LongRoPE is searched at, ascending: search.multiples, or
+    (search.multiple,) when it is unset."""
+    return search_multiples(self.config.search)
+
   # -------------------------------------------------------------------------- what ran
   def longrope_source(self) -> Callable[[int], rope_lib.RopeScaling | None]:
     """The searched factors at every length beyond L0 (None at L <= L0, where no scaling is
     needed)."""
     rope = self.searched().rope()
     return lambda length: rope if length > self.original_length else None
+
+  def per_length(self) -> dict[int, search_lib.SearchResult]:
+    """Each searched length's result by target length (results.json 'search_per_length',
+    written when search.multiples holds several); {} for a single search."""
+    records = self.results().get(PER_LENGTH_KEY, {})
+    return {int(L): search_lib.SearchResult.from_json(r) for L, r in sorted(
+        records.items(), key=lambda item: int(item[0]))}
+
+  def per_length_source(self) -> Callable[[int], rope_lib.RopeScaling | None]:
+    """The per-length searches as one row: at each length beyond L0 the factors of the search
+    `search_for_length` picks (None at L <= L0, where no scaling is needed)."""
+    searches = self.per_length()
+    L0 = self.original_length
+    return lambda length: (searches[search_for_length(searches, length)].rope()
+                           if length > L0 else None)
 
   def progressive_factors(self) -> tuple[rope_lib.LongRopeFactors, dict]:
     """The progressive stage's factors (short up to L0, long beyond) and what they were built

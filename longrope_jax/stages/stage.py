@@ -20,6 +20,12 @@ MODEL_FIELDS = ('model.variant', 'model.path', 'model.original_length', 'model.s
                 'model.dtype', 'model.param_dtype')
 # Search settings that change how, not what, a search computes (up to float summation order).
 SEARCH_PERF = ('chunk', 'memory_gb', 'doc_batch', 'attention')
+# The searched lengths, ignored by every stage that reads the search section: each length's
+# search is a resumable folder of its own, the search at search.multiple (the one the other
+# stages read) does not depend on the others, and every cell evaluated with per-length factors
+# records the factors it used (stages.common.searched_cell). Adding or removing a length so
+# reruns exactly the searches and cells that use it.
+SEARCH_LENGTHS = 'search.multiples'
 
 
 def _no_header(run: Run) -> dict:
@@ -44,6 +50,8 @@ class Stage:
   method_upstream: (upstream stage, method) pairs: that method's cached cells are the only ones
     reading that upstream stage (evaluate's 'longrope' cells read the search), so a change there
     alone drops those cells instead of the whole cache.
+  splits: the corpus splits it reads, each a split name ('train') or the config field holding
+    one ('search.split'); the run checks before the first stage that none is empty.
   header: what it will do, for its console header: Run -> {label: value}.
   """
 
@@ -57,6 +65,7 @@ class Stage:
   cells: tuple[str, ...] = ()
   extend: tuple[str, ...] = ()
   method_upstream: tuple[tuple[str, str], ...] = ()
+  splits: tuple[str, ...] = ()
   header: Callable[[Run], dict] = _no_header
 
   @property
