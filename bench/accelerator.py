@@ -427,7 +427,7 @@ def run_torch(cells, args, rate: float, budget_s: float, out_path: pathlib.Path)
   except ValueError:
     pass
   from longrope_jax.hf import export
-  shapes = sorted({c.shape for c in cells})
+  shapes = list(dict.fromkeys(c.shape for c in cells))
   spec = dict(args=dict(repeats=args.repeats, target_s=args.target_s, matmul=args.matmul,
                         candidates=args.candidates, cpu_smoke=args.cpu_smoke),
               cells=[dataclasses.asdict(c) for c in cells], rate=rate, budget_s=budget_s,
@@ -459,10 +459,8 @@ def jax_maker(args):
 
   cache = {}
 
-  def params_for(shape):
+  def params_for(shape):  # kept for the run: the 1B model's bf16 params are 1.7 GB
     if shape not in cache:
-      cache.clear()
-      gc.collect()
       cache[shape] = model_lib.init_params(model_config(shape, 'dense'), jax.random.key(0))
     return cache[shape]
 
@@ -592,6 +590,8 @@ def schedule(cells: list[Cell], backend: str, memory_bytes: float
   scores would not fit."""
   from longrope_jax import attention_select
   torch_cells = [c for c in cells if c.impl == TORCH]
+  shapes = list(dict.fromkeys(c.shape for c in torch_cells))
+  torch_cells.sort(key=lambda c: shapes.index(c.shape))  # one model built per shape
   jax_cells, rows, seen = [], [], set()
   for cell in cells:
     if cell.impl == TORCH:
