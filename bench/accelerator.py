@@ -110,8 +110,9 @@ K = 1024
 # process, --torch_share of the budget). 'auto' shares the cell of the implementation it names.
 DEFAULT_CELLS = (
     _cells('forward', '1b', [8 * K], [TORCH, 'cudnn', 'pallas_gpu', 'blockwise', 'auto'])
-    + _cells('train', '1b', [8 * K], [TORCH, 'cudnn', 'pallas_gpu', 'auto'])
+    + _cells('train', '1b', [8 * K], [TORCH, 'cudnn', 'auto'])
     + _cells('fitness', '1b', [8 * K], ['cudnn', 'auto'])
+    + _cells('train', '1b', [8 * K], ['pallas_gpu'])
     + _cells('forward', '1b', [32 * K], [TORCH, 'cudnn', 'pallas_gpu'])
     + _cells('train', '1b', [32 * K], [TORCH, 'cudnn'])
     + _cells('forward', 'wide', [8 * K], [TORCH, 'cudnn', 'pallas_gpu', 'blockwise', 'chunked',
