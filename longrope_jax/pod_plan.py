@@ -21,6 +21,7 @@ constants.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Callable
 
@@ -109,6 +110,7 @@ def batch_for(kind: str, sizes: dict) -> int:
 
 
 # ----------------------------------------------------------------------------- arguments
+@functools.lru_cache(maxsize=None)  # a recommendation asks for hundreds of meshes
 def state_bytes(kind: str, config: model_lib.ModelConfig, fsdp: int) -> int:
   """Bytes per device of the params (and for 'train' the AdamW state), as train.fsdp_spec
   shards them ('search': replicated)."""
