@@ -123,6 +123,16 @@ def main(argv=None) -> None:
     pathlib.Path(args.out).write_text(json.dumps(results, indent=2))
 
 
+def pod_markdown(result: dict) -> str:
+  """The --pod study's markdown page: a header with the command, then pod_plan.markdown."""
+  from longrope_jax import pod_plan
+  return (f"# The 2048K plan (XLA:CPU ahead-of-time compiles on up to {result['max_devices']} "
+          f"simulated devices; a plan, not a measurement)\n\n{result['command']}\n\nStep "
+          f"times at {result['peak_tflops']:g} TFLOP/s and MFU {result['mfu']:g} "
+          f"(recommendations: each memory class's own peak); ring attention, remat "
+          f"{result['remat']}, blocks {result['block']}.\n\n" + pod_plan.markdown(result))
+
+
 def pod(args: argparse.Namespace) -> None:
   """The 2048K plan (pod_plan.study): tables on stdout, JSON at --out and markdown beside it."""
   import platform
@@ -136,11 +146,7 @@ def pod(args: argparse.Namespace) -> None:
   command = 'python -m experiments.plan ' + ' '.join(sys.argv[1:])
   result.update(command=command, date=time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(start)),
                 wall_seconds=time.time() - start, machine=platform.platform())
-  text = (f"# The 2048K plan (XLA:CPU ahead-of-time compiles on up to {args.devices} simulated "
-          f"devices; a plan, not a measurement)\n\n{command}\n\nStep times at "
-          f"{args.peak_tflops:g} TFLOP/s and MFU {args.mfu:g} (recommendations: each memory "
-          f"class's own peak); ring attention, remat {args.remat}, blocks {args.block}.\n\n"
-          + pod_plan.markdown(result))
+  text = pod_markdown(result)
   print(text)
   if args.out:
     out = pathlib.Path(args.out)

@@ -468,7 +468,8 @@ def pod_plan_lines(path: pathlib.Path, d: Mapping) -> list[str]:
     rows.append([r['variant'], r['workload'], r['memory_class'], mesh, str(r.get('devices', '-')),
                  f"{compiled:.1f}" if compiled is not None else
                  f"{r['predicted_peak_gib']:.1f} (model)",
-                 f"{r['step_s']:.2f}" if 'step_s' in r else '-'])
+                 f"{r['step_s']:.2f}" if 'step_s' in r else '-',
+                 f"{r['generation_hours']:.1f}" if 'generation_hours' in r else '-'])
   lines = [f'### {path.stem}', '', f"- Command: `{d.get('command', NOT_RECORDED)}`",
            f"- Compiled on up to {d['max_devices']} simulated CPU devices "
            f"(`{d['xla_flags']}`); ring attention, remat {d['remat']}, blocks {d['block']}",
@@ -479,9 +480,14 @@ def pod_plan_lines(path: pathlib.Path, d: Mapping) -> list[str]:
                  f"{len(checks)} pod-scale compiles: largest error {worst['error_pct']:+.1f}% "
                  f"({worst['variant']} {worst['workload']}, "
                  f"{' x '.join(f'{k} {v}' for k, v in worst['mesh'].items())})")
-  return lines + ['', 'Recommended meshes, per-device peak GiB (compiled):', '',
-                  table(['model', 'workload', 'memory', 'mesh', 'devices', 'peak GiB', 'step s'],
-                        rows), '', f'JSON: [{path.name}](../{BENCH_RESULTS}/{path.name}).', '']
+  if d.get('check_summary', {}).get('text'):
+    lines.append(f"- {d['check_summary']['text']}")
+  return lines + ['', 'Recommended meshes, per-device peak GiB (compiled); step s: a train '
+                  "step, an evaluation window or one search candidate's document; generation h: "
+                  'a search generation on a pod (see the .md):', '',
+                  table(['model', 'workload', 'memory', 'mesh', 'devices', 'peak GiB', 'step s',
+                         'generation h'], rows), '',
+                  f'JSON: [{path.name}](../{BENCH_RESULTS}/{path.name}).', '']
 
 
 def benchmarks_page(root: pathlib.Path) -> str:

@@ -91,6 +91,10 @@ MEMORY_CLASSES = (
 )
 USABLE = 0.9  # of HBM a plan may take (the runtime, fragmentation and XLA's own buffers)
 GRID_DEVICES = tuple(2 ** i for i in range(3, 11))  # 8 .. 1024
+# A search generation: the paper's population on its fitness documents (configs/common.py
+# paper_model_config: 64 candidates, 5 documents), candidate groups side by side on a pod of at
+# least POD_DEVICES.
+SEARCH_POPULATION, SEARCH_DOCUMENTS, POD_DEVICES = 64, 5, 256
 VERIFY_TRIES = 4  # compiled candidates per recommendation before giving up
 
 
@@ -303,13 +307,41 @@ def study(variants: list[str], *, remat: str = 'full', block: int = 2048,
           rec.pop('devices')
           rec.pop('step_s')
         recs.append(rec)
-  return dict(format='pod_plan', variants=variants, remat=remat, block=block,
-              peak_tflops=peak_tflops, mfu=mfu, usable=USABLE, max_devices=max_devices,
-              xla_flags=plan_lib.CPU_PLAN_XLA_FLAGS,
-              workloads=[dataclasses.asdict(w) for w in workloads],
-              memory_classes=[dataclasses.asdict(c) for c in MEMORY_CLASSES],
-              fits={k: dataclasses.asdict(f) for k, f in fits.items()},
-              plans=plans, checks=checks, recommendations=recs)
+  return summarize(dict(
+      format='pod_plan', variants=variants, remat=remat, block=block, peak_tflops=peak_tflops,
+      mfu=mfu, usable=USABLE, max_devices=max_devices, xla_flags=plan_lib.CPU_PLAN_XLA_FLAGS,
+      workloads=[dataclasses.asdict(w) for w in workloads],
+      memory_classes=[dataclasses.asdict(c) for c in MEMORY_CLASSES],
+      fits={k: dataclasses.asdict(f) for k, f in fits.items()},
+      plans=plans, checks=checks, recommendations=recs))
+
+
+def summarize(result: dict) -> dict:
+  """Adds what follows from the compiles: the model's error on the meshes it was not fitted to,
+  by local tokens at or above / below the fit points' fewest ('check_summary'), and for each
+  recommended search mesh the hours of one generation on a pod ('generation_hours')."""
+  fit_local = {k: {p['local_tokens'] for p in f['points']} for k, f in result['fits'].items()}
+  floor = min(min(v) for v in fit_local.values())
+  checks = [c for c in result['checks'] if c['workload'] != 'fit point']
+  novel = [c for c in checks if c['local_tokens'] not in fit_local[f"{c['variant']}/{c['kind']}"]]
+
+  def span(rows):
+    errors = [c['error_pct'] for c in rows]
+    return dict(count=len(rows), min_error_pct=min(errors, default=None),
+                max_error_pct=max(errors, default=None))
+
+  result['check_summary'] = dict(
+      fit_local_tokens_min=floor, compiled=len(checks),
+      at_fit_local_tokens=span([c for c in checks if c not in novel]),
+      above=span([c for c in novel if c['local_tokens'] >= floor]),
+      below=span([c for c in novel if c['local_tokens'] < floor]))
+  result['check_summary']['text'] = _summary_text(result['check_summary'])
+  for r in result['recommendations']:
+    if r['workload'].startswith('search') and r.get('mesh'):
+      pod = max(POD_DEVICES, r['devices'])
+      rounds = math.ceil(SEARCH_POPULATION / (pod // r['devices']))
+      r.update(pod_devices=pod, generation_hours=rounds * SEARCH_DOCUMENTS * r['step_s'] / 3600)
+  return result
 
 
 def _trim(sizes: dict) -> dict:
@@ -328,6 +360,17 @@ def _check(variant, workload, kind, config, sizes, length, fit: MemoryFit, p) ->
 
 
 # ----------------------------------------------------------------------------- markdown
+def _summary_text(summary: dict) -> str:
+  fmt = lambda s: (f"{s['count']} compiles, error {s['min_error_pct']:+.1f}% to "
+                   f"{s['max_error_pct']:+.1f}%") if s['count'] else 'none'
+  floor = summary['fit_local_tokens_min']
+  return (f"The model, fitted on 8 devices at {floor:,}+ tokens per device, against the "
+          f"{summary['compiled']} pod-scale compiles: at the fit points' tokens per device "
+          f"{fmt(summary['at_fit_local_tokens'])}; other lengths at {floor:,}+ tokens per device "
+          f"{fmt(summary['above'])}; below {floor:,} tokens per device {fmt(summary['below'])} "
+          '(fixed buffers weigh more there; every recommended mesh is checked by a compile).')
+
+
 def markdown(result: dict) -> str:
   """The study's tables: compiled plans per workload, the check of the linear model, and the
   recommended meshes per memory class."""
@@ -353,19 +396,26 @@ def markdown(result: dict) -> str:
   out += [f"| {c['variant']} | {c['workload']} | {mesh_name(c['mesh'])} | {c['length']:,} | "
           f"{gib(c['compiled_peak_bytes'])} | {gib(c['predicted_peak_bytes'])} | "
           f"{c['error_pct']:+.1f} |" for c in result['checks']]
+  summary = result.get('check_summary')
+  if summary:
+    out += ['', _summary_text(summary)]
   out += ['', '### Recommended meshes (smallest that fits '
           f"{100 * result['usable']:.0f}% of HBM)", '',
-          '| model | workload | memory | mesh | devices | peak GiB model (compiled) | step s |',
-          '|' + ' --- |' * 7]
+          f'Search: `devices` is one candidate group; a generation ({SEARCH_POPULATION} '
+          f'candidates x {SEARCH_DOCUMENTS} documents) runs groups side by side on a pod of '
+          f'{POD_DEVICES} devices (or the group, if larger).', '',
+          '| model | workload | memory | mesh | devices | peak GiB model (compiled) | step s | '
+          'generation h |', '|' + ' --- |' * 8]
   for r in result['recommendations']:
     if r['mesh'] is None:
       cells = ['does not fit up to 1024 devices', '-',
-               f"lowest {r['predicted_peak_gib']:.1f} (model)", '-']
+               f"lowest {r['predicted_peak_gib']:.1f} (model)", '-', '-']
     else:
       compiled = ('' if r['compiled_peak_gib'] is None else
                   f" ({r['compiled_peak_gib']:.1f})")
       cells = [mesh_name(r['mesh']), str(r['devices']),
-               f"{r['predicted_peak_gib']:.1f}{compiled}", f"{r['step_s']:.2f}"]
+               f"{r['predicted_peak_gib']:.1f}{compiled}", f"{r['step_s']:.2f}",
+               f"{r['generation_hours']:.1f}" if 'generation_hours' in r else '-']
     if r.get('rejected'):
       cells[0] += ' (compiled over the limit: ' + ', '.join(
           f"{mesh_name(x['mesh'])} {x['compiled_peak_gib']:.1f} GiB" for x in r['rejected']) + ')'

@@ -296,6 +296,6 @@ def test_accelerator_bench_and_pod_plan_render(tmp_path):
   assert '- Command: `python -m experiments.plan --pod --out x`' in plans
   assert 'against the 1 pod-scale compiles: largest error -2.3% (llama2_7b search_2048k, seq 64)' \
       in plans
-  assert '| llama2_7b | search_2048k | TPU v5e 16 GiB | seq 128 | 128 | 13.6 | 12.50 |' in plans
+  assert '| llama2_7b | search_2048k | TPU v5e 16 GiB | seq 128 | 128 | 13.6 | 12.50 | - |' in plans
   assert ('| llama2_7b | finetune_256k | TPU v5e 16 GiB | does not fit up to 1024 devices | - | '
-          '20.0 (model) | - |') in plans
+          '20.0 (model) | - | - |') in plans
