@@ -475,13 +475,13 @@ def pod_plan_lines(path: pathlib.Path, d: Mapping) -> list[str]:
            f"(`{d['xla_flags']}`); ring attention, remat {d['remat']}, blocks {d['block']}",
            f"- Step times at each memory class's bf16 peak x MFU {d['mfu']:g}; a mesh fits when "
            f"its peak is at most {100 * d['usable']:.0f}% of HBM"]
-  if worst:
+  if d.get('check_summary', {}).get('text'):
+    lines.append(f"- {d['check_summary']['text']}")
+  elif worst:
     lines.append(f"- Linear memory model (fitted on 8 devices at short lengths) against the "
                  f"{len(checks)} pod-scale compiles: largest error {worst['error_pct']:+.1f}% "
                  f"({worst['variant']} {worst['workload']}, "
                  f"{' x '.join(f'{k} {v}' for k, v in worst['mesh'].items())})")
-  if d.get('check_summary', {}).get('text'):
-    lines.append(f"- {d['check_summary']['text']}")
   return lines + ['', 'Recommended meshes, per-device peak GiB (compiled); step s: a train '
                   "step, an evaluation window or one search candidate's document; generation h: "
                   'a search generation on a pod (see the .md):', '',
