@@ -1,8 +1,9 @@
 """Tokens/s and model FLOP utilization on an accelerator: the forward, the population fitness and
 the training step per attention implementation, against PyTorch SDPA (flash) in transformers.
 
-The device command (one line; bench/gpu_check.py first, about 2 min; this script 6 min at most
-by default: --budget_s 300 of cells, a watchdog at --budget_s + 60 s):
+The device command (one line; bench/gpu_check.py first, about 2 min, its watchdog 150 s; this
+script at most 315 s by default: --budget_s 270 of cells from its start, a watchdog at
+--budget_s + 45 s; run it with timeout_s 540):
 
   set -o pipefail; export PYTHONUNBUFFERED=1; python3 bench/gpu_check.py --out $OUT/gpu_check.json 2>&1 | tee $OUT/gpu_check.log; python3 bench/accelerator.py --out-dir $OUT 2>&1 | tee $OUT/accelerator.log
 
