@@ -182,7 +182,7 @@ def paper_model_config(arg: str | None, *, variant: str, multiple: float, doc_to
   # at `first` x L0, fine-tune there with those factors, search again at `second` x L0 on the
   # fine-tuned model on top of them, short factors for L0. (The paper goes on with a second
   # fine-tune and a search to 2048k.) Mesh and remat from the plan (python -m experiments.plan):
-  # a 128K fine-tune of a 7B model needs one sequence over 8 devices (seq 8, about 91 GiB per
+  # a 128K fine-tune of a 7B model needs one sequence over 8 devices (seq 8, about 75 GiB per
   # device) with full rematerialization; the search uses the same 'seq' axis.
   c.progressive = progressive_section(
       second, short_num_windows=5,

@@ -288,8 +288,48 @@ def _memory_tables(d: Mapping) -> list[str]:
                  'measured / planned'], rows), '']
 
 
+def _accelerator_cell(r: Mapping) -> str:
+  if r.get('status') != 'ok':
+    return str(r.get('status', '')).split(' (')[0].replace('skipped: ', 'skipped, ')
+  mfu = r.get('mfu_vs_peak')
+  share = f"{100 * mfu:.0f}%" if mfu is not None else '-'
+  return (f"{r['tokens_per_s']:,.0f} ({share}, {100 * r['mfu_vs_matmul']:.0f}% of matmul)"
+          if r.get('mfu_vs_matmul') is not None else f"{r['tokens_per_s']:,.0f} ({share})")
+
+
+def _accelerator_tables(d: Mapping) -> list[str]:
+  """bench/accelerator.py: tokens/s and MFU per part, (shape, length) x implementation."""
+  matmul, torch = d.get('matmul', {}), d.get('torch', {})
+  torch_mm = matmul.get('torch_tflops')
+  out = [f"Device: {d['device_kind']} ({d['backend']}); MFU against {d['peak_tflops']} TFLOP/s "
+         f"({d['peak_source']}) and against the bf16 {matmul.get('n')}^3 matmul measured in the "
+         f"same run: jnp.dot {matmul.get('jax_tflops', 0):.3g} TFLOP/s"
+         + (f", torch.matmul {torch_mm:.3g}" if torch_mm else '') + '. '
+         + ('PyTorch: ' + (f"torch {torch['torch']}, transformers {torch['transformers']}, SDPA "
+                           + ('flash backend forced' if torch.get('flash_forced') else
+                              "PyTorch's default backend choice")
+                           if 'torch' in torch else torch.get('skipped', NOT_RECORDED)) + '. ')
+         + f"bf16, one sequence per step; shapes: "
+         + '; '.join(f"`{n}` {c['params'] / 1e6:,.1f}M parameters" for n, c in
+                     d.get('shapes', {}).items()) + '.', '']
+  rows = d['rows']
+  for part in ('forward', 'fitness', 'train'):
+    part_rows = [r for r in rows if r['part'] == part]
+    if not part_rows:
+      continue
+    impls = list(dict.fromkeys(r['impl'] for r in part_rows))
+    keys = sorted({(r['shape'], r['length']) for r in part_rows})
+    cells = {(r['shape'], r['length'], r['impl']): _accelerator_cell(r) for r in part_rows}
+    out += [f'`{part}`: tokens/s (MFU vs peak, vs matmul):', '',
+            table(['shape', 'length'] + impls,
+                  [[shape, f'{length:,}'] + [cells.get((shape, length, i), '') for i in impls]
+                   for shape, length in keys]), '']
+  return out
+
+
 # script name -> the tables of its JSON
 BENCH_TABLES: dict[str, Callable[[Mapping], list[str]]] = {
+    'accelerator.py': _accelerator_tables,
     'forward.py': _forward_tables,
     'search.py': _population_tables,
     'train_step.py': _train_step_tables,
@@ -384,6 +424,9 @@ def plan_section(paths: list[pathlib.Path]) -> str:
            "reads per-device memory from XLA's memory analysis: a plan, not a measurement.", '']
   for path in paths:
     plans = _read_json(path)
+    if isinstance(plans, dict):
+      lines += pod_plan_lines(path, plans)
+      continue
     command = _plan_command(md_text, f'{BENCH_RESULTS}/{path.name}')
     meshes = list(dict.fromkeys(' x '.join(f'{k} {v}' for k, v in p['mesh'].items())
                                 for p in plans))
@@ -408,11 +451,51 @@ def plan_section(paths: list[pathlib.Path]) -> str:
   return '\n'.join(lines).rstrip() + '\n'
 
 
+def _is_plan(d) -> bool:
+  """experiments.plan's JSON: a list of plans, or the --pod study (a dict, format 'pod_plan')."""
+  return isinstance(d, list) or (isinstance(d, dict) and d.get('format') == 'pod_plan')
+
+
+def pod_plan_lines(path: pathlib.Path, d: Mapping) -> list[str]:
+  """experiments.plan --pod: the recommended mesh per workload and memory class, and how well
+  the linear memory model matched the compiles."""
+  checks = [c for c in d['checks'] if c['workload'] != 'fit point']
+  worst = max(checks, key=lambda c: abs(c['error_pct'])) if checks else None
+  rows = []
+  for r in d['recommendations']:
+    mesh = (' x '.join(f'{k} {v}' for k, v in r['mesh'].items()) if r['mesh'] else
+            'does not fit up to 1024 devices')
+    compiled = r.get('compiled_peak_gib')
+    rows.append([r['variant'], r['workload'], r['memory_class'], mesh, str(r.get('devices', '-')),
+                 f"{compiled:.1f}" if compiled is not None else
+                 f"{r['predicted_peak_gib']:.1f} (model)",
+                 f"{r['step_s']:.2f}" if 'step_s' in r else '-',
+                 f"{r['generation_hours']:.1f}" if 'generation_hours' in r else '-'])
+  lines = [f'### {path.stem}', '', f"- Command: `{d.get('command', NOT_RECORDED)}`",
+           f"- Compiled on up to {d['max_devices']} simulated CPU devices "
+           f"(`{d['xla_flags']}`); ring attention, remat {d['remat']}, blocks {d['block']}",
+           f"- Step times at each memory class's bf16 peak x MFU {d['mfu']:g}; a mesh fits when "
+           f"its peak is at most {100 * d['usable']:.0f}% of HBM"]
+  if d.get('check_summary', {}).get('text'):
+    lines.append(f"- {d['check_summary']['text']}")
+  elif worst:
+    lines.append(f"- Linear memory model (fitted on 8 devices at short lengths) against the "
+                 f"{len(checks)} pod-scale compiles: largest error {worst['error_pct']:+.1f}% "
+                 f"({worst['variant']} {worst['workload']}, "
+                 f"{' x '.join(f'{k} {v}' for k, v in worst['mesh'].items())})")
+  return lines + ['', 'Recommended meshes, per-device peak GiB (compiled); step s: a train '
+                  "step, an evaluation window or one search candidate's document; generation h: "
+                  'a search generation on a pod (see the .md):', '',
+                  table(['model', 'workload', 'memory', 'mesh', 'devices', 'peak GiB', 'step s',
+                         'generation h'], rows), '',
+                  f'JSON: [{path.name}](../{BENCH_RESULTS}/{path.name}).', '']
+
+
 def benchmarks_page(root: pathlib.Path) -> str:
   """docs/benchmarks.md: one section per bench/results/*.json, the plans last."""
   results_dir, bench_dir = root / BENCH_RESULTS, root / 'bench'
   paths = sorted(results_dir.glob('*.json'))
-  plans = [p for p in paths if isinstance(_read_json(p), list)]
+  plans = [p for p in paths if _is_plan(_read_json(p))]
   benches = [p for p in paths if p not in plans]
   head = ['# Benchmarks', '', GENERATED_BY.format(source='`bench/results/*.json`'), '',
           'Every speed bench runs under `bench/harness.py`: all the cores the process may use '

@@ -18,6 +18,7 @@ from longrope_jax import attention as attention_lib
 from longrope_jax import mesh as mesh_lib
 from longrope_jax import model as model_lib
 from longrope_jax import ring_attention as ring_lib
+from longrope_jax import rope as rope_lib
 from longrope_jax.rope import RopeScaling
 
 
@@ -101,12 +102,14 @@ class PopulationFitness:
       self.num_tokens = float(weights_N.sum())
       weights_N = np.concatenate([weights_N, np.zeros((pad, length - 1), np.float32)])
     replicated = mesh_lib.replicated_sharding(self.mesh)
-    self._params = jax.device_put(params, replicated)
-    self._windows_bBL = jax.device_put(windows_NL.reshape(num_batches, doc_batch, length),
-                                       replicated)
+    # Abstract params (ShapeDtypeStructs, as plan.py passes): nothing is placed, `lower` only.
+    self.abstract = all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(params))
+    put = _abstract_put if self.abstract else jax.device_put
+    self._params = put(params, replicated)
+    self._windows_bBL = put(windows_NL.reshape(num_batches, doc_batch, length), replicated)
     # Per document f32[b, B], or per token f32[b, B, L' - 1].
-    self._weights_bB = jax.device_put(weights_N.reshape(num_batches, doc_batch,
-                                                        *weights_N.shape[1:]), replicated)
+    self._weights_bB = put(weights_N.reshape(num_batches, doc_batch, *weights_N.shape[1:]),
+                           replicated)
     self.traces = 0
     # Manual over the candidate axes only: with ring attention 'seq' stays Auto, and the ring's
     # own shard_map splits each sequence over it (a ring inside a shard_map already manual over
@@ -152,8 +155,22 @@ class PopulationFitness:
     j = np.arange(num)
     return (j % self.pop_devices) * self.local + j // self.pop_devices
 
+  def lower(self) -> jax.stages.Lowered:
+    """The population call for `capacity` candidates lowered from shapes alone (ahead-of-time
+    compilation: plan.py plans the search with abstract params)."""
+    sharding = mesh_lib.population_sharding(self.mesh, self.pop_axes)
+    one = rope_lib.none(head_dim=self.config.head_dim)
+    rope = jax.tree.map(lambda x: jax.ShapeDtypeStruct((self.capacity, *np.shape(x)),
+                                                       np.asarray(x).dtype, sharding=sharding),
+                        one)
+    active = jax.ShapeDtypeStruct((self.capacity,), np.bool_, sharding=sharding)
+    return self._fn.lower(self._params, self._windows_bBL, self._weights_bB, rope, active)
+
   def __call__(self, rope: RopeScaling) -> np.ndarray:
     """Mean NLL f32[P] of a stacked RopeScaling with P <= capacity candidates."""
+    if self.abstract:
+      raise ValueError("this PopulationFitness was built from abstract params (ShapeDtypeStructs) "
+                       "for planning: it can be lowered (.lower()), not called; pass arrays.")
     P = rope.factors.shape[0]
     if not 1 <= P <= self.capacity:
       raise ValueError(f"this fitness evaluates 1 to {self.capacity} candidates per call "
@@ -168,6 +185,12 @@ class PopulationFitness:
     buffer, active = jax.device_put((buffer, active), sharding)
     nll = self._fn(self._params, self._windows_bBL, self._weights_bB, buffer, active)
     return mesh_lib.to_host(nll)[slots]
+
+
+def _abstract_put(tree: Any, sharding) -> Any:
+  """The ShapeDtypeStructs of `tree` (arrays or structs) placed on `sharding`, nothing moved."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding),
+                      tree)
 
 
 def _token_weights(weights_NL, num: int, length: int) -> np.ndarray:

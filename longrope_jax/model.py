@@ -27,6 +27,7 @@ from longrope_jax import checks
 from longrope_jax import chunked_attention
 from longrope_jax import cpu_attention
 from longrope_jax import gpu_attention
+from longrope_jax import mesh as mesh_lib
 from longrope_jax import pallas_attention
 from longrope_jax import tpu_attention
 from longrope_jax import ring_attention as ring_lib
@@ -302,7 +303,9 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-  """Pre-norm residual layer: x + attn(norm(x)), then x + mlp(norm(x))."""
+  """Pre-norm residual layer: x + attn(norm(x)), then x + mlp(norm(x)); on a mesh the residual
+  stream keeps the batch over ('data', 'fsdp') and the length over 'seq'
+  (mesh.constrain_activations), so FSDP gathers weights, not activations."""
 
   config: ModelConfig
 
@@ -311,11 +314,12 @@ class DecoderLayer(nn.Module):
     c = self.config
     norm = lambda name: nn.RMSNorm(epsilon=c.norm_eps, dtype=jnp.float32,
                                    param_dtype=c.weight_dtype, name=name)
+    x_BTD = mesh_lib.constrain_activations(x_BTD)
     attn_BTD, cache = Attention(c, name='attn')(norm('attn_norm')(x_BTD), positions_BT, rotary,
                                                 cache, segment_ids_BT)
-    x_BTD = x_BTD + attn_BTD.astype(x_BTD.dtype)
+    x_BTD = mesh_lib.constrain_activations(x_BTD + attn_BTD.astype(x_BTD.dtype))
     x_BTD = x_BTD + MLP(c, name='mlp')(norm('mlp_norm')(x_BTD)).astype(x_BTD.dtype)
-    return x_BTD, cache
+    return mesh_lib.constrain_activations(x_BTD), cache
 
 
 def vary_like(x: jax.Array, *trees: Any) -> jax.Array:

@@ -5,6 +5,16 @@ XLA's memory analysis gives the per-device arguments, temporaries and outputs of
 program. XLA's cost analysis counts a loop body once (the layer scan, the attention's block
 loops), so the FLOPs used for time are the model's own count (`model_flops`): 2 per weight per
 token forward, three times that with the backward, plus causal attention.
+
+Kinds: 'train' (the fine-tuning step, params and optimizer state over 'fsdp'), 'fitness' (one
+candidate's NLL of a batch of windows, params over 'fsdp': the evaluation forward) and 'search'
+(the search's own program, fitness.PopulationFitness: params replicated, one candidate per group
+of 'seq' devices, the other axes spreading candidates).
+
+On XLA:CPU, compile with CPU_PLAN_XLA_FLAGS (experiments.plan does): XLA:CPU runs bf16 matmuls
+in f32 and, with loop-invariant code motion, converts every stacked layer weight to f32 once
+outside the layer loop, a copy no GPU or TPU makes (25 GiB per device for a 7B model: the
+fitness at 128K on seq 8 planned 40.3 GiB with it, 15.6 GiB without).
 """
 
 from __future__ import annotations
@@ -15,15 +25,18 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from longrope_jax import fitness as fitness_lib
 from longrope_jax import mesh as mesh_lib
 from longrope_jax import model as model_lib
 from longrope_jax import rope as rope_lib
 from longrope_jax import train as train_lib
 
-KINDS = ('train', 'fitness')  # the fine-tuning step; the search fitness (one candidate's NLL)
+KINDS = ('train', 'fitness', 'search')  # see the top of this file
+CPU_PLAN_XLA_FLAGS = '--xla_disable_hlo_passes=while-loop-invariant-code-motion'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +54,7 @@ class Plan:
   xla_flops: float  # cost analysis of the partitioned program (loop bodies counted once)
   model_flops: float  # per device, per step
   compile_s: float
+  local_tokens: int = 0  # tokens of one sequence on one device (length / seq)
 
   @property
   def peak_bytes(self) -> int:
@@ -76,11 +90,25 @@ def _abstract_rope(config: model_lib.ModelConfig, mesh):
                                                      sharding=NamedSharding(mesh, P())), rope)
 
 
+def search_fitness(config: model_lib.ModelConfig, mesh, length: int,
+                   windows: int = 1) -> fitness_lib.PopulationFitness:
+  """The search's PopulationFitness from abstract params: one candidate per device group of the
+  candidate axes (every axis but 'seq' with ring attention), `windows` documents of `length`."""
+  ring = config.attention == 'ring'
+  groups = mesh_lib.population_axis_size(mesh, mesh_lib.population_axes(mesh, ring))
+  params = jax.eval_shape(lambda: model_lib.init_params(config, jax.random.key(0)))
+  return fitness_lib.PopulationFitness(config, params, np.zeros((windows, length), np.int32),
+                                       max_population=groups, mesh=mesh, chunk=1, doc_batch=1)
+
+
 def compile_step(kind: str, config: model_lib.ModelConfig, mesh, batch: int, length: int,
                  optimizer: optax.GradientTransformation | None = None):
-  """The compiled `kind` step ('train' or 'fitness') for tokens [batch, length + 1] on `mesh`."""
+  """The compiled `kind` step for tokens [batch, length + 1] on `mesh` ('search': one window of
+  `length` per candidate, a candidate per device group; `batch` unused)."""
   if kind not in KINDS:
     raise ValueError(f"Unknown plan kind {kind!r}; choose one of {KINDS}.")
+  if kind == 'search':
+    return search_fitness(config, mesh, length).lower().compile()
   train_lib.validate_mesh(config, mesh, batch, length)
   tokens = jax.ShapeDtypeStruct((batch, length + 1), jnp.int32,
                                 sharding=train_lib.batch_sharding(mesh))
@@ -102,6 +130,9 @@ def plan_step(kind: str, config: model_lib.ModelConfig, mesh, batch: int, length
   t0 = time.perf_counter()
   compiled = compile_step(kind, config, mesh, batch, length, optimizer)
   compile_s = time.perf_counter() - t0
+  sizes = {k: int(v) for k, v in mesh.shape.items()}
+  if kind == 'search':
+    batch = sizes_product(sizes) // sizes[mesh_lib.SEQ_AXIS]  # one candidate per group
   memory = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -113,7 +144,21 @@ def plan_step(kind: str, config: model_lib.ModelConfig, mesh, batch: int, length
               alias_bytes=int(memory.alias_size_in_bytes),
               xla_flops=float((cost or {}).get('flops', 0.0)),
               model_flops=model_flops(config, batch, length, kind == 'train') / mesh.devices.size,
-              compile_s=compile_s)
+              compile_s=compile_s, local_tokens=local_tokens(kind, sizes, batch, length))
+
+
+def sizes_product(sizes: dict[str, int]) -> int:
+  return int(np.prod(list(sizes.values())))
+
+
+def local_tokens(kind: str, sizes: dict[str, int], batch: int, length: int) -> int:
+  """Tokens per device: the batch's share (train, fitness: over 'data' x 'fsdp'; search: one
+  candidate's window) of length / seq."""
+  seq = sizes.get(mesh_lib.SEQ_AXIS, 1)
+  if kind == 'search':
+    return length // seq
+  split = sizes.get(mesh_lib.DATA_AXIS, 1) * sizes.get(mesh_lib.FSDP_AXIS, 1)
+  return max(1, batch // split) * length // seq
 
 
 def table(plans: list[Plan], peak_flops: float, mfu: float) -> str:

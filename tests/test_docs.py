@@ -242,3 +242,60 @@ def test_readme_tables_are_quoted_from_the_demo_report():
   assert rows, 'the README has lost its headline table'
   assert [row for row in rows if row not in report] == [], (
       "the README's table rows must be the demo report's (docs/demo/report.md), verbatim")
+
+
+def test_accelerator_bench_and_pod_plan_render(tmp_path):
+  """bench/accelerator.py's JSON: a table per part, tokens/s with MFU vs the peak and the
+  measured matmul, statuses for cells that did not run; experiments.plan --pod's JSON: the
+  recommended meshes and the model check, in the plans section."""
+  bench, results = tmp_path / 'bench', tmp_path / 'bench' / 'results'
+  results.mkdir(parents=True)
+  (bench / 'accelerator.py').write_text('"""Tokens/s on an accelerator.\n"""\n')
+  ok = dict(part='forward', shape='1b', length=8192, impl='cudnn', status='ok',
+            tokens_per_s=250000.0, mfu_vs_peak=0.412, mfu_vs_matmul=0.52)
+  rows = [ok, dict(ok, impl='torch_sdpa', tokens_per_s=200000.0, mfu_vs_peak=0.33,
+                   mfu_vs_matmul=0.41),
+          dict(part='forward', shape='1b', length=8192, impl='auto', status='same as cudnn'),
+          dict(ok, length=131072, status='oom'),
+          dict(ok, part='train', status='skipped: budget (estimate 40 s, 10 s left)')]
+  (results / 'accelerator_h200.json').write_text(json.dumps(dict(
+      command=['python3', 'bench/accelerator.py', '--out-dir', '/out'],
+      machine=dict(cpu='Host', usable_cores=16, platform='Linux',
+                   versions=dict(jax='0.11.2', torch='2.11.0')),
+      device_kind='NVIDIA H200', backend='gpu', peak_tflops=989.0, peak_source='datasheet',
+      matmul=dict(n=8192, jax_tflops=781.23, torch_tflops=790.0),
+      torch=dict(torch='2.11.0', transformers='5.17.0', flash_forced=True),
+      shapes={'1b': dict(params=853_000_000)}, rows=rows)))
+  pod = dict(format='pod_plan', command='python -m experiments.plan --pod --out x', max_devices=1024,
+             xla_flags='--xla_disable_hlo_passes=while-loop-invariant-code-motion', remat='full',
+             block=2048, mfu=0.4, usable=0.9,
+             checks=[dict(variant='llama2_7b', workload='fit point', mesh=dict(seq=8),
+                          error_pct=0.1),
+                     dict(variant='llama2_7b', workload='search_2048k', mesh=dict(seq=64),
+                          error_pct=-2.345)],
+             recommendations=[dict(variant='llama2_7b', workload='search_2048k',
+                                   memory_class='TPU v5e 16 GiB', mesh=dict(seq=128), devices=128,
+                                   predicted_peak_gib=14.0, compiled_peak_gib=13.6, step_s=12.5),
+                              dict(variant='llama2_7b', workload='finetune_256k',
+                                   memory_class='TPU v5e 16 GiB', mesh=None,
+                                   predicted_peak_gib=20.0, compiled_peak_gib=None)])
+  (results / 'plan_2048k.json').write_text(json.dumps(pod))
+  page = docs.benchmarks_page(tmp_path)
+  sections = {s.split('\n')[0]: s for s in page.split('\n## ')[1:]}
+  assert list(sections) == ['accelerator_h200', "Plans of the paper's shapes"]
+  acc = sections['accelerator_h200']
+  assert '`bench/accelerator.py`: Tokens/s on an accelerator.' in acc
+  assert ('MFU against 989.0 TFLOP/s (datasheet) and against the bf16 8192^3 matmul measured in '
+          'the same run: jnp.dot 781 TFLOP/s, torch.matmul 790.') in acc
+  assert 'SDPA flash backend forced' in acc and '`1b` 853.0M parameters' in acc
+  assert ('| shape | length | cudnn | torch_sdpa | auto |\n|---|---|---|---|---|\n'
+          '| 1b | 8,192 | 250,000 (41%, 52% of matmul) | 200,000 (33%, 41% of matmul) | '
+          'same as cudnn |\n| 1b | 131,072 | oom |  |  |') in acc
+  assert '| 1b | 8,192 | skipped, budget |' in acc
+  plans = sections["Plans of the paper's shapes"]
+  assert '- Command: `python -m experiments.plan --pod --out x`' in plans
+  assert 'against the 1 pod-scale compiles: largest error -2.3% (llama2_7b search_2048k, seq 64)' \
+      in plans
+  assert '| llama2_7b | search_2048k | TPU v5e 16 GiB | seq 128 | 128 | 13.6 | 12.50 | - |' in plans
+  assert ('| llama2_7b | finetune_256k | TPU v5e 16 GiB | does not fit up to 1024 devices | - | '
+          '20.0 (model) | - | - |') in plans

@@ -40,3 +40,21 @@ def test_make_mesh():
   assert mesh_lib.population_mesh().shape['pop'] == len(jax.devices())
   with pytest.raises(ValueError, match='available'):
     mesh_lib.make_mesh(pop=4, seq=4)
+
+
+def test_constrain_activations_splits_batch_and_length_over_the_auto_axes():
+  """Under jax.set_mesh: B over ('data', 'fsdp') and T over 'seq' where they divide; values
+  unchanged; no mesh, or inside a shard_map manual over every axis: x itself."""
+  import jax.numpy as jnp
+  from jax.sharding import PartitionSpec as P
+  x = jnp.arange(4 * 8 * 3, dtype=jnp.float32).reshape(4, 8, 3)
+  mesh = mesh_lib.make_mesh(data=2, fsdp=2, seq=2)
+  with jax.set_mesh(mesh):
+    y = jax.jit(mesh_lib.constrain_activations)(x)
+    odd = jax.jit(mesh_lib.constrain_activations)(x[:3, :7])  # neither divides
+  assert y.sharding.spec == P(('data', 'fsdp'), 'seq')
+  assert (y == x).all() and odd.sharding.is_fully_replicated
+  assert mesh_lib.constrain_activations(x) is x
+  manual = jax.jit(jax.shard_map(mesh_lib.constrain_activations, mesh=mesh, in_specs=P(),
+                                 out_specs=P()))
+  assert (manual(x) == x).all()

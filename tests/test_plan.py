@@ -38,3 +38,15 @@ def test_model_flops_is_six_n_t_plus_attention():
 def test_unknown_kind():
   with pytest.raises(ValueError, match='Unknown plan kind'):
     plan_lib.compile_step('eval', CFG, mesh_lib.make_mesh(), 1, 64)
+
+
+def test_search_plan_is_the_population_fitness_with_replicated_params():
+  """'search': PopulationFitness lowered from abstract params, one candidate per 'seq' group (2
+  groups of 4), params replicated: arguments = all params + the window + one candidate."""
+  from longrope_jax import pod_plan
+  mesh = mesh_lib.make_mesh(pop=2, seq=4)
+  config = CFG.replace(attention='ring')
+  p = plan_lib.plan_step('search', config, mesh, batch=0, length=128)
+  assert p.batch == 2 and p.local_tokens == 32 and p.mesh == {'pop': 2, 'seq': 4}
+  assert p.argument_bytes == pod_plan.argument_bytes('search', config, {'pop': 2, 'seq': 4}, 128)
+  assert p.model_flops == pytest.approx(plan_lib.model_flops(config, 2, 128, False) / 8)
