@@ -8,12 +8,17 @@ max_position_embeddings, attention_factor), the weights and the tokenizer files.
 
 The run's results.json decides what is exported: a 'progressive' record (long and short factors,
 the fine-tuned weights of workdir/progressive), else the 'search' record (long factors, short
-factors 1, the checkpoint's weights). LongRoPE's n_hat has no HF field: a result with n_hat > 0
+factors 1, the checkpoint's weights); --result=longrope2:<arm> exports a LongRoPE2 arm (its long
+factors, short factors 1.0 as nnscaler's LLaMA3 config, the weights fine-tuned in
+workdir/longrope2/finetune_<arm>). LongRoPE's n_hat has no HF field: a result with n_hat > 0
 is refused unless --drop_n_hat.
 
 Within L0 transformers applies the long factors' attention factor too (one attention_factor for
 both sides), so the export is not the original model there; --plain_short writes the per-side
 factors (short_mscale = 1) that vLLM reads (hf.export_longrope says more).
+
+  python -m experiments.export --workdir runs/phi3 --output runs/phi3/hf_longrope2 \
+      --result=longrope2:longrope2
 """
 
 import json
@@ -35,6 +40,9 @@ PLAIN_SHORT = flags.DEFINE_bool(
     "vLLM's longrope then runs plain RoPE (the original model) up to L0; "
     'transformers ignores both keys and applies attention_factor at every length. Only with '
     'short factors 1 (a search result, not a progressive one).')
+RESULT = flags.DEFINE_string('result', 'auto', "What to export: 'auto' (the progressive record, "
+                             "else the search's), 'search', 'progressive', or 'longrope2:<arm>' "
+                             '(an arm of the longrope2_finetune stage).')
 flags.mark_flags_as_required(['workdir', 'output'])
 
 
@@ -58,17 +66,37 @@ def main(argv):
   checkpoint = gguf_import.resolve_model_path(checkpoint)  # 'gguf:...': its converted folder
   window = hf.parse_sliding_window(SLIDING_WINDOW.value)
   params = config = None
-  if 'progressive' in results:
+  which = RESULT.value
+  if which == 'auto':
+    which = 'progressive' if 'progressive' in results else 'search'
+  if which.startswith('longrope2:'):
+    arm = which.split(':', 1)[1]
+    arms = results.get('longrope2_finetune', {})
+    if arm not in arms:
+      raise ValueError(f"{workdir / 'results.json'} has no longrope2_finetune arm {arm!r} "
+                       f"(arms: {sorted(arms)}); run the longrope2_finetune stage with it.")
+    record = arms[arm]
+    long = dict(factors=record['factors'], n_hat=0, attn_scale=record['attn_scale'],
+                original_length=record['original_length'], target_length=record['length'])
+    short = None  # factors 1.0: LongRoPE2's short RoPE is the original one
+    config = hf.model_config(hf.read_config(checkpoint))
+    params = train_lib.load_params(config, workdir / 'longrope2' / f'finetune_{arm}')
+    dtype = str(params['embed']['embedding'].dtype)
+    config = config.replace(param_dtype=dtype, dtype=dtype)
+  elif which == 'progressive' and 'progressive' in results:
     long, short = results['progressive']['long'], results['progressive']['short']
     config = hf.model_config(hf.read_config(checkpoint))
     params = train_lib.load_params(config, workdir / 'progressive')  # the fine-tuned weights
     dtype = str(params['embed']['embedding'].dtype)
     config = config.replace(param_dtype=dtype, dtype=dtype)
-  elif 'search' in results:
+  elif which == 'search' and 'search' in results:
     long, short = results['search'], None
+  elif which in ('search', 'progressive'):
+    raise ValueError(f"{workdir / 'results.json'} has no {which!r} result: run that stage "
+                     "first.")
   else:
-    raise ValueError(f"{workdir / 'results.json'} has no 'search' or 'progressive' result: run "
-                     "the search stage first.")
+    raise ValueError(f"--result={RESULT.value!r}: expected auto, search, progressive or "
+                     "longrope2:<arm>.")
   out = hf.export_longrope(checkpoint, OUTPUT.value, long, short=short,
                            drop_n_hat=DROP_N_HAT.value, sliding_window=window, params=params,
                            config=config, plain_short=PLAIN_SHORT.value)

@@ -232,7 +232,8 @@ def copy_sample(rng: np.random.Generator, length: int, tokenizer: Tokenizer,
 class NeedleFormat:
   """How a needle document reads: `intro` + `needle` open it, a document follows, `question`
   ends it and `answer` is what is scored; {key} is a random word pair, {value} a random number of
-  `digits` digits. Separators (spaces, newlines) are part of the strings."""
+  `digits` digits. Separators (spaces, newlines) are part of the strings. With one needle the
+  key may be left out of needle and question both (the passkey wording)."""
 
   intro: str
   needle: str
@@ -241,7 +242,8 @@ class NeedleFormat:
   digits: int = 7
 
   def __post_init__(self):
-    for field, names in (('needle', ('key', 'value')), ('question', ('key',)),
+    keyed = ('key',) if '{key}' in self.needle + self.question else ()
+    for field, names in (('needle', keyed + ('value',)), ('question', keyed),
                          ('answer', ('value',))):
       text, wanted = getattr(self, field), ['{' + name + '}' for name in names]
       if any(w not in text for w in wanted):
@@ -265,6 +267,10 @@ NEEDLE_FORMATS = {
     # after '#' (passkey's KEY_MARK), not after ' ', which follows 'is' everywhere in bytes.
     'short': NeedleFormat(intro='', needle='The magic number for {key} is #{value}.\n',
                           question='\nThe magic number for {key} is #', answer='{value}'),
+    # The passkey task's own wording (passkey_line, QUESTION; 107 bytes): for a model that
+    # retrieves in no other (configs/demo.py:retrieval was pretrained on passkey prompts only).
+    'passkey': NeedleFormat(intro='', needle=passkey_line('{value}'), question=QUESTION,
+                            answer='{value}', digits=PASSKEY_DIGITS),
 }
 NEEDLE_WORDS = (
     ('amber', 'bold', 'calm', 'dusty', 'eager', 'fancy', 'gentle', 'hollow', 'icy', 'jolly',
@@ -274,7 +280,7 @@ NEEDLE_WORDS = (
 
 
 def needle_windows(token_docs: list[np.ndarray], tokenizer: Tokenizer, length: int, num: int, *,
-                   seed: int = 0, fmt: NeedleFormat | str = 'ruler'
+                   seed: int = 0, fmt: NeedleFormat | str = 'ruler', field: str = 'num'
                    ) -> tuple[np.ndarray, np.ndarray]:
   """LongRoPE2's needle-driven documents (Shang et al., 2025, sec. 3.2, Appendix C): windows
   i32[num, length] and answer weights f32[num, length - 1].
@@ -291,7 +297,7 @@ def needle_windows(token_docs: list[np.ndarray], tokenizer: Tokenizer, length: i
       raise ValueError(f"unknown needle format {fmt!r}; choose one of {sorted(NEEDLE_FORMATS)} or "
                        "pass a NeedleFormat.")
     fmt = NEEDLE_FORMATS[fmt]
-  docs_NL = eval_windows(token_docs, length, num, seed)  # BOS, then the document
+  docs_NL = eval_windows(token_docs, length, num, seed, field=field)  # BOS, then the document
   rng = np.random.default_rng([seed, 1])
   windows_NL = np.empty((num, length), np.int32)
   weights_NL = np.zeros((num, length - 1), np.float32)
@@ -309,6 +315,28 @@ def needle_windows(token_docs: list[np.ndarray], tokenizer: Tokenizer, length: i
                                     answer])
     weights_NL[n, length - 1 - len(answer):] = 1.0
   return windows_NL, weights_NL
+
+
+def fitness_windows(objective: str, token_docs: list[np.ndarray], tokenizer: Tokenizer,
+                    length: int, num: int, *, seed: int = 0, needle_format: str = 'ruler',
+                    field: str = 'num') -> tuple[np.ndarray, np.ndarray | None]:
+  """The search's fitness data for `objective` (`OBJECTIVES`): windows i32[num, length] and answer
+  weights f32[num, length - 1] ('needle': `needle_windows` in `needle_format`) or None
+  ('perplexity': every token, `eval_windows`). Both pick the same documents."""
+  if objective not in OBJECTIVES:
+    raise ValueError(f"unknown search objective {objective!r}; choose one of {list(OBJECTIVES)} "
+                     "(search.objective).")
+  if objective == 'needle':
+    return needle_windows(token_docs, tokenizer, length, num, seed=seed, fmt=needle_format,
+                          field=field)
+  return eval_windows(token_docs, length, num, seed, field=field), None
+
+
+# search.objective -> what the fitness scores.
+OBJECTIVES = {
+    'perplexity': 'mean NLL of every token of the documents (LongRoPE)',
+    'needle': "NLL of the answer to a needle question (LongRoPE2's needle-driven perplexity)",
+}
 
 
 # ----------------------------------------------------------------------------- training batches

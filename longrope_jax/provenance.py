@@ -117,10 +117,23 @@ RETIRED_FIELDS = ('model.attention', 'search.settings.attention',
                   'progressive.search.attention')
 
 
+# Fields added after workdirs were made, with the value that does what those workdirs did: a
+# record of a stage that reads the field now but lacks it is read as holding this value.
+ADDED_FIELDS = {'search.settings.space': 'longrope', 'search.objective': 'perplexity',
+                'search.needle_format': 'ruler'}
+
+
+def _reads(stage: str, field: str) -> bool:
+  spec = STAGES.get(stage)
+  under = lambda names: any(field == n or field.startswith(n + '.') for n in names)  # noqa: E731
+  return spec is not None and under(spec.reads) and not under(spec.ignore)
+
+
 def _without_retired(records: Mapping[str, StageRecord]) -> dict[str, StageRecord]:
-  """`records` as if written today: retired fields dropped, and the upstream fingerprints that
-  named a record before the drop renamed to its fingerprint after it (so that a workdir made
-  when a stage still read model.attention is not called stale for a field it no longer reads)."""
+  """`records` as if written today: retired fields dropped, added fields at their old value
+  (`ADDED_FIELDS`), and the upstream fingerprints that named a record before renamed to its
+  fingerprint after (so that a workdir made when a stage still read model.attention is not
+  called stale for a field it no longer reads, nor for one added since)."""
   renamed: dict[str, str] = {}
   result: dict[str, StageRecord] = {}
   order = [s for s in STAGES if s in records] + [s for s in records if s not in STAGES]
@@ -128,6 +141,8 @@ def _without_retired(records: Mapping[str, StageRecord]) -> dict[str, StageRecor
     record = records[stage]
     fields = {k: v for k, v in record.fields.items()
               if not any(k == f or k.startswith(f + '.') for f in RETIRED_FIELDS)}
+    fields.update({f: v for f, v in ADDED_FIELDS.items()
+                   if f not in fields and _reads(stage, f) and fields})
     upstream = {u: renamed.get(fp, fp) for u, fp in record.upstream.items()}
     result[stage] = StageRecord(fields, upstream, record.done)
     renamed[record.fingerprint] = result[stage].fingerprint

@@ -33,6 +33,7 @@ from longrope_jax import mesh as mesh_lib
 from longrope_jax import model as model_lib
 from longrope_jax import rope as rope_lib
 from longrope_jax.data import PackedBatches
+from longrope_jax.packing import MixedBatches, Rows
 from longrope_jax.rope import RopeScaling
 
 LN2 = math.log(2.0)
@@ -184,9 +185,14 @@ def place(tree: Any, shardings: Any) -> Any:
 # ----------------------------------------------------------------------------- steps
 def make_train_step(config: model_lib.ModelConfig, optimizer: optax.GradientTransformation,
                     mesh: jax.sharding.Mesh | None = None) -> Callable:
-  """(state, tokens i32[B, T+1], rope) -> (state, metrics); jitted (on a mesh: state donated);
-  `.lower(state, tokens, rope)` lowers it ahead of time; `.jitted(state, tokens, rope, table)`
-  is the step itself, with the table from `.rotary_table(T + 1, rope)`.
+  """(state, tokens i32[B, T+1], rope, segment_ids_BT=None, positions_BT=None) -> (state,
+  metrics); jitted (on a mesh: state donated); `.lower(state, tokens, rope)` lowers it ahead of
+  time; `.jitted(state, batch, rope, table)` is the step itself, with batch {'tokens', and for
+  packed rows 'segment_ids', 'positions'} and the table from `.rotary_table(T + 1, rope)` (or
+  `.positions_table(positions, rope)`).
+
+  Packed rows (segment ids, positions restarting per document, as packing.Rows) average the loss
+  over the targets predicted within their own document (`model.same_segment_targets`).
 
   With `mesh`, the state must be in `state_shardings` (init_sharded_state) and the tokens are
   placed in `batch_sharding`; the same step then runs data / FSDP / sequence parallel. Models
@@ -200,12 +206,19 @@ def make_train_step(config: model_lib.ModelConfig, optimizer: optax.GradientTran
     config = config.replace(scan_unroll=config.num_layers)
   rotary_table = jax.jit(functools.partial(_rotary_table, theta=config.rope_theta),
                          static_argnums=0)
+  positions_table = jax.jit(functools.partial(rope_lib.rope_cos_sin, theta=config.rope_theta))
 
-  def loss_fn(params, tokens_BT, rope, rotary):
-    return model_lib.token_nll(config, params, tokens_BT, rope, rotary=rotary).mean()
+  def loss_fn(params, batch, rope, rotary):
+    segments_BT = batch.get('segment_ids')
+    nll_BT = model_lib.token_nll(config, params, batch['tokens'], rope,
+                                 positions_BT=batch.get('positions'), rotary=rotary,
+                                 segment_ids_BT=segments_BT)
+    if segments_BT is None:
+      return nll_BT.mean()
+    return nll_BT.sum() / jnp.maximum(model_lib.same_segment_targets(segments_BT).sum(), 1)
 
-  def step(state, tokens_BT, rope, rotary):
-    loss, grads = jax.value_and_grad(loss_fn)(state['params'], tokens_BT, rope, rotary)
+  def step(state, batch, rope, rotary):
+    loss, grads = jax.value_and_grad(loss_fn)(state['params'], batch, rope, rotary)
     updates, opt_state = optimizer.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
     metrics = dict(loss=loss, grad_norm=optax.global_norm(grads))
@@ -222,21 +235,31 @@ def make_train_step(config: model_lib.ModelConfig, optimizer: optax.GradientTran
     jitted = jax.jit(step, in_shardings=(shardings, batch_sharding(mesh), replicated, replicated),
                      out_shardings=(shardings, replicated), donate_argnums=0)
 
-  def run_step(state, tokens_BT, rope):
+  def run_step(state, tokens_BT, rope, segment_ids_BT=None, positions_BT=None):
+    if (segment_ids_BT is None) != (positions_BT is None):
+      raise ValueError("packed rows need both segment_ids_BT and positions_BT (positions "
+                       "restart in each document), or neither.")
+    batch = dict(tokens=tokens_BT)
+    if segment_ids_BT is not None:
+      batch.update(segment_ids=jnp.asarray(segment_ids_BT), positions=jnp.asarray(positions_BT))
+      rotary = positions_table(batch['positions'], rope)
+    else:
+      rotary = rotary_table(tokens_BT.shape[1], rope)
     if mesh is None:
-      return jitted(state, tokens_BT, rope, rotary_table(tokens_BT.shape[1], rope))
+      return jitted(state, batch, rope, rotary)
     validate_mesh(config, mesh, tokens_BT.shape[0], tokens_BT.shape[1] - 1)
     with jax.set_mesh(mesh):  # ring attention finds its 'seq' axis here
-      return jitted(state, place(tokens_BT, batch_sharding(mesh)), rope,
-                    rotary_table(tokens_BT.shape[1], rope))
+      return jitted(state, place(batch, {k: batch_sharding(mesh) for k in batch}), rope,
+                    rotary)
 
   def lower(state, tokens_BT, rope):
     """The step lowered for these (possibly abstract) arguments, for AOT compilation."""
     rotary = jax.eval_shape(rotary_table, tokens_BT.shape[1], rope)
-    return jitted.lower(state, tokens_BT, rope, rotary)
+    return jitted.lower(state, dict(tokens=tokens_BT), rope, rotary)
 
   run_step.lower = lower
   run_step.jitted, run_step.rotary_table = jitted, rotary_table  # (length, rope) -> table
+  run_step.positions_table = positions_table  # (positions i32[B, T], rope) -> table
   return run_step
 
 
@@ -265,17 +288,21 @@ def make_eval_nll(config: model_lib.ModelConfig, mesh: jax.sharding.Mesh | None 
   return sharded
 
 
-def train(config: model_lib.ModelConfig, optim: OptimConfig, batches: PackedBatches,
-          rope: RopeScaling, workdir: str | pathlib.Path, *, seed: int = 0,
-          init_params: Any = None, eval_windows: np.ndarray | None = None,
-          eval_every: int = 100, ckpt_every: int = 100, log_every: int = 10,
-          desc: str = 'train', metrics_name: str = 'metrics.jsonl',
-          ckpt_name: str = 'ckpt', tb_workdir: str | pathlib.Path | None = None,
+def train(config: model_lib.ModelConfig, optim: OptimConfig,
+          batches: PackedBatches | MixedBatches, rope: RopeScaling | rope_lib.LongRopeFactors,
+          workdir: str | pathlib.Path, *, seed: int = 0, init_params: Any = None,
+          eval_windows: np.ndarray | None = None, eval_every: int = 100,
+          ckpt_every: int = 100, log_every: int = 10, desc: str = 'train',
+          metrics_name: str = 'metrics.jsonl', ckpt_name: str = 'ckpt',
+          tb_workdir: str | pathlib.Path | None = None,
           mesh: jax.sharding.Mesh | None = None) -> dict:
   """Trains until `optim.steps`, resuming from `workdir/ckpt_name` if a checkpoint is there.
 
   Appends {step, loss, bits_per_token, lr, ...} to workdir/metrics_name, and writes the same
   scalars as TensorBoard events to (tb_workdir or workdir)/tb/desc; returns the state.
+  `batches.batch(step)` gives tokens i32[B, T + 1] or `packing.Rows` (packed documents); with
+  `rope` a LongRopeFactors, each step runs under rope.select(max position + 1) (the short/long
+  switch of inference: LongRoPE2's mixed context window training with `packing.MixedBatches`).
   `init_params` (fine-tuning) is used only when no checkpoint exists yet. With `mesh` the state
   lives sharded (FSDP) and a checkpoint restores straight into this mesh's shardings, whatever
   mesh wrote it.
@@ -310,7 +337,11 @@ def train(config: model_lib.ModelConfig, optim: OptimConfig, batches: PackedBatc
   tokens_per_step = batches.batch_size * batches.length
   t0, window_losses = time.time(), []
   for step in range(start, optim.steps):
-    state, metrics = step_fn(state, jnp.asarray(batches.batch(step)), rope)
+    rows = batches.batch(step)
+    rows = rows if isinstance(rows, Rows) else Rows(rows)
+    step_rope = rope.select(rows.span) if isinstance(rope, rope_lib.LongRopeFactors) else rope
+    state, metrics = step_fn(state, jnp.asarray(rows.tokens), step_rope, rows.segment_ids,
+                             rows.positions)
     window_losses.append(metrics['loss'])
     done = step + 1
     if done % log_every == 0 or done == optim.steps:
@@ -320,7 +351,9 @@ def train(config: model_lib.ModelConfig, optim: OptimConfig, batches: PackedBatc
                     grad_norm=float(metrics['grad_norm']),
                     tokens_per_sec=len(window_losses) * tokens_per_step / dt)
       if eval_nll is not None and (done % eval_every == 0 or done == optim.steps):
-        val = float(eval_nll(state['params'], jnp.asarray(eval_windows), rope))
+        val_rope = (rope.select(eval_windows.shape[1])
+                    if isinstance(rope, rope_lib.LongRopeFactors) else rope)
+        val = float(eval_nll(state['params'], jnp.asarray(eval_windows), val_rope))
         record.update(val_loss=val, val_bits_per_token=val / LN2)
       ckpt_lib.append_jsonl(metrics_path, record)
       writer.write_scalars(done, {k: v for k, v in record.items() if k != 'step'})

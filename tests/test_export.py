@@ -193,3 +193,65 @@ def test_export_entry_point(hf_assets, tmp_path):
   np.testing.assert_array_equal(
       np.asarray(hf.load(tmp_path / 'progressive').params['final_norm']['scale']),
       np.asarray(params['final_norm']['scale']))
+  # A LongRoPE2 arm: its long factors, short factors 1.0, its fine-tuned weights.
+  tuned = dict(params, final_norm={'scale': params['final_norm']['scale'] * 3.0})
+  ckpt_lib.save(ckpt_lib.manager(workdir / 'longrope2' / 'finetune_longrope2' / 'ckpt'), 4,
+                {'params': tuned})
+  arm = dict(factors=LONG['factors'], attn_scale=ATTN, original_length=L0, length=TARGET,
+             finetune='mixed', steps=4)
+  (workdir / 'results.json').write_text(json.dumps({'search': LONG, 'progressive': {
+      'long': LONG, 'short': SHORT}, 'longrope2_finetune': {'longrope2': arm}}))
+  proc = subprocess.run(args[:-1] + [f'--output={tmp_path / "lr2"}', f'--checkpoint={source}',
+                                     '--result=longrope2:longrope2'],
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  block = hf.read_config(tmp_path / 'lr2')['rope_scaling']
+  assert block['short_factor'] == [1.0] * 8 and block['long_factor'] == LONG['factors']
+  np.testing.assert_array_equal(
+      np.asarray(hf.load(tmp_path / 'lr2').params['final_norm']['scale']),
+      np.asarray(tuned['final_norm']['scale']))
+
+
+def _longrope2_record(head_dim: int, theta: float) -> dict:
+  """A LongRoPE2 search result for 4x the tiny checkpoint's L0: a genome of the rcd space (d_rcd
+  one below d_tcd, factors rising over [s, 2s] from it, NTK below), as results.json holds it."""
+  from longrope_jax import search as search_lib
+  from longrope_jax import search_space
+  extension = rope_lib.Extension.by_multiple(L0, TARGET / L0)
+  space = search_space.make_rcd_space(head_dim=head_dim, theta=theta, extension=extension)
+  k = np.linspace(space.min_step, space.num_steps, space.num_freqs).round().astype(np.int32)
+  genome = space.with_rcd(k, space.rcd_max - 1)
+  factors, n_hat = space.decode(genome[None])
+  return search_lib.SearchResult(
+      factors=factors[0], n_hat=int(n_hat[0]), attn_scale=space.attn_scale, nll=0.0,
+      scale=extension.scale, original_length=L0, target_length=TARGET, strategy='paper_ga',
+      generations=0, evaluations=1, space='longrope2',
+      rcd=space.critical_dimension(genome)).to_json()
+
+
+def test_longrope2_factors_export_with_short_factors_one(hf_assets, windows, tmp_path):
+  """LongRoPE2's factors as an HF longrope block with short factors 1.0 (nnscaler's LLaMA3
+  config): transformers reproduces the project's perplexity with them beyond L0; at L <= L0 it
+  computes factors 1 under the long attention factor (longrope2.short_rope='attention_factor'),
+  not the original RoPE."""
+  source = hf_assets.checkpoint('llama')
+  ckpt = hf.load(source)
+  record = _longrope2_record(ckpt.config.head_dim, ckpt.config.rope_theta)
+  assert record['space'] == 'longrope2' and record['n_hat'] == 0
+  factors = np.asarray(record['factors'])
+  assert np.all(np.diff(factors) >= 0) and factors[-1] <= 2 * TARGET / L0 + 1e-6
+  out = hf.export_longrope(source, tmp_path / 'longrope2', record)
+  block = hf.read_config(out)['rope_scaling']
+  assert block['short_factor'] == [1.0] * (ckpt.config.head_dim // 2)
+  assert block['long_factor'] == record['factors']
+  assert block['attention_factor'] == pytest.approx(record['attn_scale'])
+  from longrope_jax.stages import longrope2 as longrope2_stages
+  long = rope_lib.make(factors, 0, record['attn_scale'])
+  ours = {96: longrope2_stages.SHORT_ROPES['attention_factor'](long), 256: long}
+  for L, rope in ours.items():
+    theirs, mine = _hf_perplexity(out, windows[L]), _our_perplexity(ckpt, windows[L], rope)
+    print(f'LongRoPE2 L={L}: transformers {theirs:.6f}, longrope-jax {mine:.6f}')
+    assert abs(theirs - mine) / theirs < 1e-4, (L, theirs, mine)
+  original = longrope2_stages.SHORT_ROPES['original'](long)
+  assert abs(_our_perplexity(ckpt, windows[96], original) - _hf_perplexity(out, windows[96])) \
+      / _hf_perplexity(out, windows[96]) > 1e-3  # the attention factor matters at L <= L0

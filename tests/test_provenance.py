@@ -127,9 +127,12 @@ def test_damaged_record_file_names_its_path(tmp_path):
 
 
 def test_downstream_of_pretrain_is_every_stage():
-  assert prov.downstream('pretrain') == ['search', 'evaluate', 'passkey', 'progressive',
+  assert prov.downstream('pretrain') == ['search', 'evaluate', 'passkey', 'niah', 'progressive',
                                          'progressive_evaluate', 'progressive_passkey',
-                                         'evaluate_sliding', 'seeds', 'finetuned', 'ablations']
+                                         'evaluate_sliding', 'seeds', 'finetuned', 'ablations',
+                                         'longrope2_search', 'longrope2_finetune',
+                                         'longrope2_evaluate']
+  assert prov.downstream('longrope2_search') == ['longrope2_finetune', 'longrope2_evaluate']
   assert prov.downstream('progressive') == ['progressive_evaluate', 'progressive_passkey']
   assert prov.downstream('passkey') == ['progressive_passkey']
 

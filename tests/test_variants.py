@@ -132,3 +132,76 @@ def test_seed_windows_are_disjoint_where_the_split_allows():
   assert not disjoint and len(sets) == 4
   with pytest.raises(ValueError, match='search.num_windows'):
     baselines.seed_windows(docs, 85, 2, 3, seed=0)
+
+
+@pytest.mark.slow
+def test_longrope2_variant(base_run, tmp_path):
+  """:test,longrope2 from the base run: LongRoPE2's searches, one fine-tune per arm (mixed or
+  plain, one budget), every arm evaluated with the short/long switch, the claims table; a rerun
+  reuses every search, fine-tune and cell."""
+  from longrope_jax import rope as rope_lib
+  from longrope_jax.stages import longrope2 as longrope2_stages
+  workdir, results, report = _variant(base_run, tmp_path, 'longrope2')
+  config = demo_config.get_config('test,longrope2')
+  arms = config.longrope2.arms
+  search = results['longrope2_search']
+  assert (search['d_tcd'], search['d10_tcd']) == (3, 1)  # head_dim 16, theta 1e4, L0 = 64
+  assert set(search['searches']) == set(longrope2_stages.searches_needed(arms))
+  rcd = search['searches']['longrope2']['rcd']
+  assert search['searches']['longrope2']['objective'] == 'needle' and 1 <= rcd <= 3
+  tuned = results['longrope2_finetune']
+  assert list(tuned) == list(arms)
+  assert tuned['longrope2']['finetune'] == 'mixed' and tuned['longrope2']['short_steps'] == 2
+  assert tuned['longrope2_plain']['short_steps'] == 0
+  assert tuned['longrope2']['factors'] == tuned['longrope2_plain']['factors'] == \
+      search['searches']['longrope2']['factors']
+  # YaRN-rcd re-based on the d_rcd LongRoPE2 found.
+  want = rope_lib.yarn_rcd(head_dim=16, scale=4.0, theta=10000.0, original_length=64, rcd=rcd)
+  np.testing.assert_allclose(tuned['yarn_rcd']['factors'], np.asarray(want.factors), rtol=1e-5)
+  r = results['longrope2']
+  p = r['perplexity']
+  assert p['lengths'] == [64, 128, 256] and list(p['methods']) == ['base', *arms]
+  assert p['methods']['base']['nll'][1:] == [None, None]
+  assert all(v is not None for arm in arms for v in p['methods'][arm]['nll'])
+  # At L0 every arm runs the original RoPE: the base model's row and LongRoPE2's differ only by
+  # fine-tuning; the mixed and the plain fine-tune differ.
+  assert p['methods']['longrope2']['nll'][0] != p['methods']['longrope2_plain']['nll'][0]
+  assert set(r['retrieval']) | set(r['skipped']) == {'passkey', *config.niah.tasks}
+  assert '## LongRoPE2' in report and '### Claims of the paper at demo scale' in report
+  assert '| (3) mixed-window training retains L0 quality' in report
+  # A rerun trains, searches and measures nothing again: checkpoints untouched, cells kept.
+  ckpts = [p for p in (workdir / 'longrope2').rglob('*') if p.is_file() and 'ckpt' in p.parts]
+  stamps = {path: path.stat().st_mtime for path in ckpts}
+  cells = {path: path.read_text() for path in (workdir / 'eval').glob('longrope2_*.jsonl')}
+  assert len(cells) == 5 and len(stamps) > 10
+  pipeline.run(config, workdir)
+  assert {path: path.stat().st_mtime for path in stamps} == stamps
+  assert {path: path.read_text() for path in cells} == cells
+  assert json.loads((workdir / 'results.json').read_text())['longrope2'] == r
+
+
+def test_needle_objective_search(base_run, tmp_path):
+  """search.objective='needle': the search's fitness is the NLL of the needle answers only
+  (data.needle_windows, model.token_nll weighted), recorded as such."""
+  import jax.numpy as jnp
+  from longrope_jax import data as data_lib
+  from longrope_jax import search as search_lib
+  from longrope_jax.stages.run import Run
+  workdir = tmp_path / 'needle'
+  shutil.copytree(base_run, workdir)
+  config = demo_config.get_config('test')
+  config.search.update(objective='needle', needle_format='short')
+  config.overwrite = True
+  pipeline.run(config, workdir, stages=('search',))
+  record = json.loads((workdir / 'results.json').read_text())['search']
+  assert record['objective'] == 'needle' and 'needle answers' in record['fitness']
+  run = Run(config, workdir)
+  windows, weights = data_lib.needle_windows(run.documents('validation'), run.tokenizer, 256,
+                                             config.search.num_windows, fmt='short')
+  nll = np.asarray(model_lib.token_nll(run.model_config, run.params(), jnp.asarray(windows),
+                                       search_lib.SearchResult.from_json(record).rope()))
+  np.testing.assert_allclose(record['nll'], (nll * weights).sum() / weights.sum(), rtol=1e-4)
+  seeds = demo_config.get_config('test,seeds')
+  seeds.search.objective = 'needle'
+  with pytest.raises(validation.ConfigError, match="'needle' is not supported by the seeds"):
+    validation.validate_config(seeds)

@@ -119,11 +119,9 @@ def ablations(run: Run) -> dict:
   first = run.searched()
   extension = run.extension(c.multiple)
   settings = search_lib.SearchConfig.from_config(c.settings)
-  windows = data_lib.eval_windows(run.documents(c.split), extension.target_length,
-                                  c.num_windows, seed=run.config.seed,
-                                  field='search.num_windows')  # the search's own
+  windows, weights = common.fitness_windows(run, extension.target_length)  # the search's own
   fixed = search_lib.search(mc, run.params(), windows, extension=extension,
-                            mesh=run.search_mesh,
+                            mesh=run.search_mesh, weights_NL=weights,
                             settings=dataclasses.replace(settings, search_n_hat=False, n_hat=0),
                             workdir=run.workdir / 'ablations' / 'search_n_hat_0',
                             seed=run.config.seed)

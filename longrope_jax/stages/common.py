@@ -14,10 +14,32 @@ from longrope_jax import checkpoint as ckpt_lib
 from longrope_jax import data as data_lib
 from longrope_jax import evaluate as eval_lib
 from longrope_jax import metrics as metrics_lib
+from longrope_jax import packing
 from longrope_jax import report as report_lib
 from longrope_jax import rope as rope_lib
 from longrope_jax import train as train_lib
 from longrope_jax.stages.run import PER_LENGTH_KEY, Run, search_for_length
+
+
+def fitness_windows(run: Run, length: int, num: int | None = None
+                    ) -> tuple[np.ndarray, np.ndarray | None]:
+  """The search's fitness data at `length` by search.objective: windows i32[N, length] of
+  search.split documents (search.num_windows unless `num`) and answer weights f32[N, length - 1]
+  for the needle objective, else None (`data.fitness_windows`)."""
+  c = run.config.search
+  return data_lib.fitness_windows(c.objective, run.documents(c.split), run.tokenizer, length,
+                                  c.num_windows if num is None else num, seed=run.config.seed,
+                                  needle_format=c.needle_format, field='search.num_windows')
+
+
+def objective_record(run: Run) -> dict:
+  """What a search's fitness scored, for its results.json record (nothing for the default
+  perplexity objective, whose record says so already)."""
+  c = run.config.search
+  if c.objective == 'perplexity':
+    return {}
+  return dict(objective=c.objective, needle_format=c.needle_format,
+              fitness='validation mean NLL of the needle answers (nats / answer token)')
 
 
 def searched_sources(run: Run) -> dict:
@@ -110,16 +132,20 @@ def _cell_json(cell_depends: Callable[[str, int], Any] | None) -> Callable[[str,
   return lambda method, length: json.loads(json.dumps(cell_depends(method, length)))
 
 
-def finetune(run: Run, rope: rope_lib.RopeScaling, workdir: pathlib.Path) -> Any:
+def finetune(run: Run, rope: rope_lib.RopeScaling | rope_lib.LongRopeFactors,
+             workdir: pathlib.Path, *, tuning: Any = None,
+             batches: data_lib.PackedBatches | packing.MixedBatches | None = None) -> Any:
   """Fine-tunes a copy of the base model at the search length with `rope` and the budget of
-  progressive.finetune (the same batches for every method); resumes from workdir/ckpt and
-  returns the fine-tuned params."""
-  c = run.config.progressive.finetune
-  L1 = run.searched().target_length
-  batches = data_lib.PackedBatches(run.documents('train'), c.batch_size, L1,
-                                   seed=run.config.seed + 1,
-                                   passkey_fraction=c.passkey_fraction,
-                                   copy_fraction=c.copy_fraction, tokenizer=run.tokenizer)
+  `tuning` (default progressive.finetune) on `batches` (default: the packed training stream
+  with tuning's passkey and copy fractions, the same batches for every method); resumes from
+  workdir/ckpt and returns the fine-tuned params."""
+  c = run.config.progressive.finetune if tuning is None else tuning
+  L1 = run.extension(run.config.search.multiple).target_length
+  if batches is None:
+    batches = data_lib.PackedBatches(run.documents('train'), c.batch_size, L1,
+                                     seed=run.config.seed + 1,
+                                     passkey_fraction=c.passkey_fraction,
+                                     copy_fraction=c.copy_fraction, tokenizer=run.tokenizer)
   train_lib.train(run.training_config(run.model_config.attention),
                   train_lib.OptimConfig.from_config(c), batches, rope,
                   workdir, seed=run.config.seed, init_params=run.params(),

@@ -1,30 +1,32 @@
-"""The search stage: LongRoPE's evolutionary search for the factors at search.multiple x L0, and,
-with search.multiples, at each of those lengths on the same base model (LongRoPE Table 1)."""
+"""The search stage: LongRoPE's evolutionary search for the factors at search.multiple x L0 (or
+LongRoPE2's, with search.settings.space and search.objective), and, with search.multiples, at
+each of those lengths on the same base model (LongRoPE Table 1)."""
 
 from __future__ import annotations
 
-from longrope_jax import data as data_lib
 from longrope_jax import metrics as metrics_lib
 from longrope_jax import search as search_lib
+from longrope_jax.stages import common
 from longrope_jax.stages.run import PER_LENGTH_KEY, Run
 from longrope_jax.stages.stage import MODEL_FIELDS, SEARCH_LENGTHS, SEARCH_PERF, Stage
 
 
 def _search_at(run: Run, multiple: float, subdir: str) -> tuple[dict, float]:
-  """One search at multiple x L0 on `search.split` documents, resumable in workdir/subdir (its
-  generations' checkpoints in subdir/ckpt; TensorBoard scalars in tb/subdir): its record and
-  the seconds its generations took (compilation included; as first run, when resumed)."""
+  """One search at multiple x L0 on `search.split` documents by search.objective, resumable in
+  workdir/subdir (its generations' checkpoints in subdir/ckpt; TensorBoard scalars in
+  tb/subdir): its record and the seconds its generations took (compilation included; as first
+  run, when resumed)."""
   c = run.config.search
   extension = run.extension(multiple)
-  windows = data_lib.eval_windows(run.documents(c.split), extension.target_length,
-                                  c.num_windows, seed=run.config.seed, field='search.num_windows')
+  windows, weights = common.fitness_windows(run, extension.target_length)
   with metrics_lib.MetricWriter(run.workdir, subdir.replace('/', '_')) as writer:
     result = search_lib.search(
         run.model_config, run.params(), windows, extension=extension, mesh=run.search_mesh,
         settings=search_lib.SearchConfig.from_config(c.settings), workdir=run.workdir / subdir,
-        seed=run.config.seed,
+        seed=run.config.seed, weights_NL=weights,
         on_generation=lambda record: metrics_lib.write_search_generation(writer, record))
-  return (dict(result.to_json(), split=c.split, num_windows=c.num_windows),
+  return (dict(result.to_json(), split=c.split, num_windows=c.num_windows,
+               **common.objective_record(run)),
           float(sum(h['seconds'] for h in result.history)))
 
 
@@ -60,7 +62,9 @@ def _header(run: Run) -> dict:
                                      zip(multiples, run.lengths(multiples)))
   header.update({
       'strategy': f'{s.strategy}, population {s.population}, {s.generations} generations',
-      'fitness': f'mean NLL on {c.num_windows} {c.split} documents'})
+      'fitness': f'mean NLL on {c.num_windows} {c.split} documents' + (
+          f' (the answers to needles, {c.needle_format} format)'
+          if c.objective == 'needle' else '')})
   return header
 
 
