@@ -103,7 +103,8 @@ class PopulationFitness:
       weights_N = np.concatenate([weights_N, np.zeros((pad, length - 1), np.float32)])
     replicated = mesh_lib.replicated_sharding(self.mesh)
     # Abstract params (ShapeDtypeStructs, as plan.py passes): nothing is placed, `lower` only.
-    self.abstract = all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(params))
+    leaves = jax.tree.leaves(params)
+    self.abstract = bool(leaves) and all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)
     put = _abstract_put if self.abstract else jax.device_put
     self._params = put(params, replicated)
     self._windows_bBL = put(windows_NL.reshape(num_batches, doc_batch, length), replicated)
