@@ -15,7 +15,9 @@ import typing
 import ml_collections
 from ml_collections import config_dict
 
+from longrope_jax import niah
 from longrope_jax import search
+from longrope_jax.stages import longrope2 as longrope2_stages
 
 METHODS = ('none', 'linear', 'ntk', 'dynamic_ntk', 'yarn', 'llama3')
 
@@ -86,13 +88,17 @@ def settings_section(**overrides) -> ml_collections.ConfigDict:
 
 def search_section(multiple: float, *, multiples: tuple[float, ...] | None = None,
                    split: str = 'validation', num_windows: int = 5, num_seeds: int = 3,
+                   objective: str = 'perplexity', needle_format: str = 'ruler',
                    **settings) -> ml_collections.ConfigDict:
   """The search stage: target length multiple x L0, fitness documents, and its settings;
   `multiples` (None: only `multiple`) searches at each of these lengths too, `multiple` among
   them, each length evaluated with its own factors; `num_seeds`: how many times the seeds stage
-  repeats the search at `multiple` (disjoint fitness documents)."""
+  repeats the search at `multiple` (disjoint fitness documents); `objective`: what the fitness
+  scores (data.OBJECTIVES: 'perplexity', LongRoPE's, or 'needle', LongRoPE2's needle-driven
+  perplexity, with needles in `needle_format`, data.NEEDLE_FORMATS)."""
   section = ml_collections.ConfigDict(dict(multiple=multiple, split=split,
                                            num_windows=num_windows, num_seeds=num_seeds,
+                                           objective=objective, needle_format=needle_format,
                                            settings=settings_section(**settings)))
   section.multiples = (config_dict.placeholder(tuple) if multiples is None else
                        tuple(multiples))
@@ -139,6 +145,46 @@ def passkey_section(**overrides) -> ml_collections.ConfigDict:
   defaults = dict(multiples=(1, 2, 4, 8), methods=METHODS, depths=(0.0, 0.25, 0.5, 0.75, 1.0),
                   trials=5, skip_fraction=0.5)
   return _section(defaults, dict(skip_fraction=float), overrides, 'passkey')
+
+
+def export_section(**overrides) -> ml_collections.ConfigDict:
+  """The export stage (stages/export.py): the searched factors as a Hugging Face longrope folder
+  in workdir/hf, run in transformers (`attention`) on `num_windows` of the evaluate stage's
+  documents at `multiples` x L0 (each in evaluate.multiples) and compared with its numbers;
+  `plain_short` as experiments.export's flag."""
+  defaults = dict(multiples=(1, 2), num_windows=1, plain_short=False, attention='sdpa')
+  return _section(defaults, {}, overrides, 'export')
+
+
+def niah_section(**overrides) -> ml_collections.ConfigDict:
+  """The RULER needle-in-a-haystack suite (niah.py, the niah stage): `tasks` at `multiples` x L0
+  for `methods` (LongRoPE joins once searched), `trials` prompts per depth; needles worded in
+  `format` (niah.FORMATS) with `digits`-digit values; multikey hides `num_distractors` other
+  keys, multivalue gives its key `num_values` values, multiquery asks `num_queries` keys. A task
+  is skipped when the base model's teacher-forced NLL of its answer at L0 is above
+  `skip_fraction` of a guess among digits (it does not retrieve in that wording; None: never)."""
+  defaults = dict(multiples=(1, 2, 4, 8), methods=METHODS, tasks=niah.TASKS, format='ruler',
+                  digits=7, num_distractors=2, num_values=2, num_queries=2,
+                  depths=(0.0, 0.5, 1.0), trials=4, skip_fraction=0.5)
+  return _section(defaults, dict(skip_fraction=float), overrides, 'niah')
+
+
+def longrope2_section(*, finetune: dict | None = None, **overrides) -> ml_collections.ConfigDict:
+  """LongRoPE2 against its baselines and ablations (stages/longrope2.py): `arms` (ARMS: the
+  factors and the fine-tuning of each) fine-tuned at search.multiple x L0 with one budget
+  (`finetune`), evaluated at `multiples`; the needle objective's documents in `needle_format`
+  (data.NEEDLE_FORMATS); `short_rope` the RoPE at L <= L0 (SHORT_ROPES). finetune.short_fraction:
+  the share of mixed-window steps that are short rows, short_documents where those come from
+  (packing.SHORT_DOCUMENTS)."""
+  defaults = dict(arms=tuple(longrope2_stages.ARMS), multiples=(1, 2, 4, 8, 16),
+                  needle_format='ruler', short_rope='original')
+  section = _section(defaults, {}, overrides, 'longrope2')
+  # The paper's mix: 3B of its 10B tokens short (<= L0), 1 epoch, lr 2e-5 cosine.
+  tuning = dict(steps=200, batch_size=4, lr=1e-3, warmup=20, final_lr_ratio=0.1, weight_decay=0.1,
+                clip=1.0, ckpt_every=25, passkey_fraction=0.1, copy_fraction=0.0,
+                short_fraction=0.3, short_documents='crops')
+  section.finetune = _section(tuning, {}, finetune or {}, 'longrope2.finetune')
+  return section
 
 
 def progressive_section(multiple: float, *, finetune: dict | None = None,

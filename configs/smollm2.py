@@ -57,12 +57,15 @@ from configs import common
 # The search's budget (see the docstring's arithmetic): evaluations = population + generations x
 # (mutations + crossovers), each one forward per fitness document at 2x.
 SEARCH = dict(population=7, parents=3, mutations=2, crossovers=2, generations=2)
+# Passkey at 2x: the two strongest baselines and no scaling beside LongRoPE (one 16K prefill
+# per method and key).
+PASSKEY_METHODS = ('none', 'yarn', 'llama3')
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """`arg`: empty (the reference manual's prose) or `code` (the standard library's source)."""
   a = common.parse_arg(arg, code=False)
-  c = common.base_config(('search', 'evaluate', 'passkey', 'report'))
+  c = common.base_config(('search', 'evaluate', 'passkey', 'export', 'report'))
   # f32 weights as converted, f32 compute (XLA:CPU has no faster bf16 matmul, and flash_cpu
   # computes in f32 anyway).
   c.model = common.model_section('hf', path='gguf:smollm2', attention='flash_cpu',
@@ -74,7 +77,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                    doc_batch=1, memory_gb=4.0)
   # batch_tokens 8192: one window per forward at 8K and 16K; the passkey check's 2K prompts four
   # at a time.
-  c.evaluate = common.evaluate_section(split='test', multiples=(1, 2), num_windows=2,
+  c.evaluate = common.evaluate_section(split='test', multiples=(1, 2), num_windows=1,
                                        batch_tokens=8192)
-  c.passkey = common.passkey_section(multiples=(1, 2), depths=(0.5,), trials=1)
+  c.passkey = common.passkey_section(multiples=(1, 2), depths=(0.5,), trials=1,
+                                     methods=PASSKEY_METHODS)
+  c.export = common.export_section(multiples=(1, 2), num_windows=1)
   return c

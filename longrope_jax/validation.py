@@ -24,11 +24,14 @@ from longrope_jax.hf import gguf as gguf_import
 from longrope_jax import hf
 from longrope_jax import mesh as mesh_lib
 from longrope_jax import model
+from longrope_jax import niah
+from longrope_jax import packing
 from longrope_jax import rope
 from longrope_jax import search
 from longrope_jax import train
 from longrope_jax.checks import ConfigError, Rule, lookup
 from longrope_jax.stages import STAGES
+from longrope_jax.stages import longrope2 as longrope2_stages
 
 _ABSENT = object()
 # model.variant of configs/hf.py: the checkpoint at model.path decides the model.
@@ -138,6 +141,14 @@ RULES: dict[str, Rule] = {
                                "fitness documents of at least L' tokens, truncated to L'"),
     'search.num_seeds': Rule(checks.positive_int, 'seeds stage: searches repeated with other '
                              'seeds and fitness documents'),
+    'search.objective': Rule(checks.choice(data.OBJECTIVES), 'what the fitness of the search '
+                             "(and of the ablations' search) scores: " +
+                             '; '.join(f'{k}: {v}' for k, v in data.OBJECTIVES.items()) +
+                             ' (the progressive searches use perplexity, as LongRoPE)'),
+    'search.needle_format': Rule(checks.choice(data.NEEDLE_FORMATS),
+                                 "objective 'needle': the needle documents' wording (ruler: "
+                                 "RULER's, as LongRoPE2's search; short: 80 bytes, for byte-level "
+                                 'models with a short window)'),
     **_each('search.settings', search.SEARCH_SETTINGS_RULES),
     'evaluate.split': Rule(splits, 'held-out split of the perplexity table'),
     'evaluate.multiples': Rule(multiples, 'evaluation lengths as multiples of L0'),
@@ -160,6 +171,59 @@ RULES: dict[str, Rule] = {
     'passkey.skip_fraction': Rule(checks.optional(checks.positive_float), 'skip the sweep when '
                                   "the answer's NLL is above this fraction of a guess (None: "
                                   'never)'),
+    'export.multiples': Rule(multiples, 'lengths (multiples of L0, each in evaluate.multiples) '
+                             'at which the export runs in transformers'),
+    'export.num_windows': Rule(checks.positive_int, "the evaluate stage's documents run "
+                               '(at most evaluate.num_windows)'),
+    'export.plain_short': Rule(checks.boolean, 'also write short_mscale = 1 and long_mscale '
+                               "(vLLM then runs the original RoPE up to L0; transformers "
+                               'ignores them)'),
+    'export.attention': Rule(checks.choice(('sdpa', 'eager')), "transformers' attention "
+                             '(eager holds a T x T matrix per head)'),
+    'niah.multiples': Rule(multiples, 'NIAH prompt lengths as multiples of L0'),
+    'niah.methods': Rule(methods, 'methods compared (LongRoPE is added once searched)'),
+    'niah.tasks': Rule(checks.tuple_of(checks.choice(niah.TASKS)),
+                       'RULER NIAH tasks: single (one needle), multikey (distractor needles), '
+                       'multivalue (one key, several values), multiquery (several keys asked)'),
+    'niah.format': Rule(checks.choice(niah.FORMATS), 'wording of needles and questions (ruler: '
+                        "RULER's; short: about 42 bytes a needle, for byte-level models with a "
+                        'short window)'),
+    'niah.digits': Rule(checks.positive_int, 'digits of each value'),
+    'niah.num_distractors': Rule(checks.positive_int, 'multikey: keys beside the asked one'),
+    'niah.num_values': Rule(checks.at_least(2), 'multivalue: values of the asked key'),
+    'niah.num_queries': Rule(checks.at_least(2), 'multiquery: keys asked'),
+    'niah.depths': Rule(checks.tuple_of(checks.fraction),
+                        'relative depths of the (first) asked needle in the haystack'),
+    'niah.trials': Rule(checks.positive_int, 'prompts per task, length and depth'),
+    'niah.skip_fraction': Rule(checks.optional(checks.positive_float), "skip a task when the "
+                               "base model's teacher-forced NLL of its answer at L0 is above this "
+                               'fraction of a guess (None: never)'),
+    'longrope2.arms': Rule(checks.tuple_of(checks.choice(longrope2_stages.ARMS)), 'compared '
+                           'arms, each factors and a fine-tuning (mixed or plain): ' + '; '.join(
+                               f'{k}: {a.label} ({a.finetune})'
+                               for k, a in longrope2_stages.ARMS.items())),
+    'longrope2.multiples': Rule(multiples, 'evaluation lengths of the arms as multiples of L0'),
+    'longrope2.needle_format': Rule(checks.choice(data.NEEDLE_FORMATS), "the LongRoPE2 "
+                                    "searches' needle documents (objective 'needle')"),
+    'longrope2.short_rope': Rule(checks.choice(longrope2_stages.SHORT_ROPES), 'the RoPE at L '
+                                 '<= L0: original (the pretraining one) or attention_factor '
+                                 "(factors 1 under the long factors' attention scale, as "
+                                 "transformers' longrope)"),
+    **_each('longrope2.finetune', train.OPTIM_RULES, 'fine-tuning of each arm: '),
+    'longrope2.finetune.batch_size': Rule(checks.positive_int, 'rows of the search length per '
+                                          'step'),
+    'longrope2.finetune.passkey_fraction': Rule(checks.fraction,
+                                                'as pretrain.passkey_fraction, in fine-tuning'),
+    'longrope2.finetune.copy_fraction': Rule(checks.fraction,
+                                             'as pretrain.copy_fraction, in fine-tuning'),
+    'longrope2.finetune.ckpt_every': Rule(checks.positive_int, 'steps between checkpoints'),
+    'longrope2.finetune.short_fraction': Rule(checks.fraction, 'mixed arms: share of the steps '
+                                              'that are short rows (packed documents <= L0, '
+                                              'original RoPE); the others long rows'),
+    'longrope2.finetune.short_documents': Rule(checks.choice(packing.SHORT_DOCUMENTS),
+                                               'mixed arms: the short documents: ' + '; '.join(
+                                                   f'{k}: {v}' for k, v in
+                                                   packing.SHORT_DOCUMENTS.items())),
     'progressive.multiple': Rule(checks.at_least(1.0),
                                  "the second search's target as a multiple of L0"),
     'progressive.short_lambda_max': Rule(checks.at_least(1.0),
@@ -194,11 +258,13 @@ def _stages(config: Mapping) -> tuple:
 def check_optimizers(config: Mapping) -> None:
   _optim_cross(config, 'pretrain')
   _optim_cross(config, 'progressive.finetune')
-  p, c = lookup(config, 'pretrain.passkey_fraction', 0.0), lookup(config,
-                                                                   'pretrain.copy_fraction', 0.0)
-  if p + c > 1.0:
-    raise ConfigError('pretrain.copy_fraction', f"pretrain.passkey_fraction + "
-                      f"pretrain.copy_fraction = {p} + {c} > 1; lower one of them.")
+  _optim_cross(config, 'longrope2.finetune')
+  for prefix in ('pretrain', 'longrope2.finetune'):
+    p = lookup(config, f'{prefix}.passkey_fraction', 0.0)
+    c = lookup(config, f'{prefix}.copy_fraction', 0.0)
+    if p + c > 1.0:
+      raise ConfigError(f'{prefix}.copy_fraction', f"{prefix}.passkey_fraction + "
+                        f"{prefix}.copy_fraction = {p} + {c} > 1; lower one of them.")
 
 
 def check_searches(config: Mapping) -> None:
@@ -229,6 +295,15 @@ def check_search_lengths(config: Mapping) -> None:
         f"search.multiple = {multiple}: search.multiple is the one search the progressive, "
         "seeds, ablations and finetuned stages and the export read, and one of the searched "
         f"lengths; add {multiple} to search.multiples or set search.multiple to one of them.")
+
+
+def check_objective(config: Mapping) -> None:
+  """The seeds stage repeats the search on disjoint sets of plain documents: it has no needle
+  objective."""
+  if lookup(config, 'search.objective', None) == 'needle' and 'seeds' in _stages(config):
+    raise ConfigError('search.objective', "search.objective='needle' is not supported by the "
+                      "seeds stage (its disjoint fitness sets are plain documents); remove 'seeds' "
+                      "from stages or set search.objective='perplexity'.")
 
 
 def check_data(config: Mapping) -> None:
@@ -300,6 +375,16 @@ def check_passkey(config: Mapping) -> None:
                           f"{int(m * L0)} tokens (L0 = {L0}), shorter than a passkey prompt "
                           f"({data.PASSKEY_MIN_LENGTH} tokens); use multiples >= "
                           f"{math.ceil(data.PASSKEY_MIN_LENGTH / L0)}.")
+  mixed = any(longrope2_stages.ARMS[a].finetune == 'mixed'
+              for a in lookup(config, 'longrope2.arms', ()) or () if a in longrope2_stages.ARMS)
+  if ('longrope2_finetune' in _stages(config) and mixed and
+      lookup(config, 'longrope2.finetune.short_documents', None) == 'crops' and
+      lookup(config, 'longrope2.finetune.passkey_fraction', 0.0) and
+      L0 - 1 < data.PASSKEY_MIN_LENGTH):
+    raise ConfigError('longrope2.finetune.passkey_fraction', f"mixed-window short rows are "
+                      f"L0-token crops, and L0 = {L0} cannot hold a passkey sample "
+                      f"({data.PASSKEY_MIN_LENGTH} tokens); set "
+                      "longrope2.finetune.passkey_fraction = 0.")
   if lookup(config, 'pretrain.passkey_fraction', 0.0) and L0 < data.PASSKEY_MIN_LENGTH:
     raise ConfigError('pretrain.passkey_fraction', f"pretrain.passkey_fraction > 0 needs a "
                       f"training window of at least {data.PASSKEY_MIN_LENGTH} tokens, L0 is {L0}; "
@@ -309,6 +394,26 @@ def check_passkey(config: Mapping) -> None:
 def _attentions(config: Mapping) -> list[tuple[str, Any]]:
   return [(f, lookup(config, f, None)) for f in
           ('model.attention', 'search.settings.attention', 'progressive.search.attention')]
+
+
+def check_export(config: Mapping) -> None:
+  """The export stage needs a Hugging Face checkpoint and runs on evaluate's documents."""
+  if 'export' not in _stages(config):
+    return
+  if not lookup(config, 'model.path', None):
+    raise ConfigError('model.path', "the export stage writes a Hugging Face folder from the "
+                      "checkpoint at model.path, which is unset (a model trained here has no "
+                      "config.json to start from); remove 'export' from stages.")
+  evaluated = tuple(lookup(config, 'evaluate.multiples', ()) or ())
+  for i, m in enumerate(lookup(config, 'export.multiples', ()) or ()):
+    if m not in evaluated:
+      raise ConfigError(f'export.multiples[{i}]', f"export.multiples[{i}] = {m} is not in "
+                        f"evaluate.multiples {evaluated}: the export is compared with the "
+                        "evaluate stage's numbers at each length; add it there or remove it.")
+  num, available = lookup(config, 'export.num_windows', 1), lookup(config, 'evaluate.num_windows', 1)
+  if num > available:
+    raise ConfigError('export.num_windows', f"export.num_windows = {num} is more than the "
+                      f"evaluate stage's {available} documents (evaluate.num_windows); lower it.")
 
 
 def check_mesh(config: Mapping) -> None:
@@ -341,7 +446,8 @@ def check_mesh_shape(config: Mapping) -> None:
 # Append a section's own cross-field rules here.
 CROSS_CHECKS: list[Callable[[Mapping], None]] = [
     check_stages, check_model, check_data, check_optimizers, check_searches, check_search_lengths,
-    check_passkey, check_mesh, check_mesh_shape]
+    check_objective,
+    check_passkey, check_export, check_mesh, check_mesh_shape]
 
 
 def validate_config(config: Mapping) -> None:

@@ -7,6 +7,7 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 
 from longrope_jax import hf
 from longrope_jax import model as model_lib
@@ -34,3 +35,42 @@ def test_search_entry_point_on_a_local_hf_checkpoint(tmp_path):
   assert factors.shape == (config.head_dim // 2,) and np.all(factors >= 1.0)
   assert np.all(np.diff(factors) >= -1e-9)  # monotone by default
   assert (workdir / 'report.md').exists()
+
+
+def test_export_stage_runs_the_folder_in_transformers(tmp_path):
+  """configs/hf.py with the export stage: the searched factors written as a longrope folder and
+  run in transformers on the evaluate stage's documents; beyond L0 its NLL equals our searched
+  row, within L0 it differs from the original model by the attention factor."""
+  pytest.importorskip('torch')
+  pytest.importorskip('transformers')
+  from configs import common
+  from configs import hf as hf_config
+  from longrope_jax import pipeline
+  config = model_lib.get_config('test', tie_embeddings=False)
+  params = model_lib.init_params(config, jax.random.key(0))
+  ckpt = hf.save_params(params, config, tmp_path / 'ckpt')
+  c = hf_config.get_config()
+  c.stages = ('search', 'evaluate', 'export', 'report')
+  c.model.update(path=str(ckpt), dtype='float32', attention='dense')
+  c.data.tokenizer = 'bytes'
+  c.search.update(multiple=2, num_windows=1)
+  c.search.settings.update(population=4, parents=2, mutations=1, crossovers=1, generations=1)
+  c.evaluate.update(multiples=(1, 2), num_windows=2, methods=('none', 'yarn'))
+  c.export = common.export_section(multiples=(1, 2), num_windows=2, attention='eager')
+  workdir = tmp_path / 'run'
+  pipeline.run(c, workdir)
+  results = json.loads((workdir / 'results.json').read_text())
+  record = results['export']
+  assert hf.read_config(record['folder'])['rope_scaling']['long_factor'] == pytest.approx(
+      results['search']['factors'])
+  at_l0, beyond = record['checks']
+  assert (at_l0['length'], beyond['length']) == (config.original_length,
+                                                  2 * config.original_length)
+  assert beyond['reference'] == 'longrope' and at_l0['reference'] == 'none'
+  assert beyond['max_abs_nll_difference'] < 1e-4, beyond
+  # Within L0 transformers applies the attention factor (> 1) to plain RoPE: not the original.
+  assert at_l0['max_abs_nll_difference'] > 1e-4, at_l0
+  assert '## Export to Hugging Face' in (workdir / 'report.md').read_text()
+  # Rerun: the cached transformers cells are reused, the record is the same.
+  pipeline.run(c, workdir)
+  assert json.loads((workdir / 'results.json').read_text())['export'] == record
