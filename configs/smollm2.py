@@ -77,9 +77,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                    doc_batch=1, memory_gb=4.0)
   # batch_tokens 8192: one window per forward at 8K and 16K; the passkey check's 2K prompts four
   # at a time.
-  c.evaluate = common.evaluate_section(split='test', multiples=(1, 2), num_windows=1,
+  c.evaluate = common.evaluate_section(split='test', multiples=(1, 2), num_windows=3,
                                        batch_tokens=8192)
-  c.passkey = common.passkey_section(multiples=(1, 2), depths=(0.5,), trials=1,
+  c.passkey = common.passkey_section(multiples=(1, 2), depths=(0.25, 0.75), trials=1,
                                      methods=PASSKEY_METHODS)
   c.export = common.export_section(multiples=(1, 2), num_windows=1)
   return c
