@@ -46,7 +46,6 @@ import json
 import os
 import pathlib
 import re
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -649,8 +648,15 @@ def main(argv=None) -> int:
   if args.dry_run:
     dry_run(cells, args)
     return 0
-  start = time.perf_counter()
   faulthandler.dump_traceback_later(args.budget_s + 45, exit=True)  # the command's bound
+  try:  # disarmed on every way out (exit=True would end a caller that imported main)
+    return _bench_main(args, cells)
+  finally:
+    faulthandler.cancel_dump_traceback_later()
+
+
+def _bench_main(args, cells) -> int:
+  start = time.perf_counter()
   os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')  # leaves torch's memory free
   os.environ.setdefault('XLA_PYTHON_CLIENT_MEM_FRACTION', '0.92')
   if args.cpu_smoke:
@@ -709,7 +715,6 @@ def main(argv=None) -> int:
   run_cells(jax_cells, jax_maker(args), lambda: None, args, (peak or matmul) * 1e12,
             Budget(start + args.budget_s), on_row)
   write()
-  faulthandler.cancel_dump_traceback_later()
   ordered = sorted(rows, key=lambda r: (PARTS.index(r['part']), r['shape'], r['length']))
   print(f"\n{kind}: tokens/s and MFU vs {peak} TFLOP/s ({source}) per implementation\n"
         + summary_table(ordered) + f"\nJSON: {out}  ({time.perf_counter() - start:.0f} s)")

@@ -201,7 +201,16 @@ def _table(rows) -> str:
 
 def main(argv=None) -> int:
   args = _parse(argv)
+  # The watchdog ends the process (exit=True): disarmed on every way out, so a caller that
+  # imports main (the tests) is not killed minutes later.
   faulthandler.dump_traceback_later(args.timeout or (900 if args.cpu_smoke else 150), exit=True)
+  try:
+    return _checks_main(args)
+  finally:
+    faulthandler.cancel_dump_traceback_later()
+
+
+def _checks_main(args) -> int:
   start = time.perf_counter()
   import jax
   from longrope_jax import attention_select
@@ -213,7 +222,9 @@ def main(argv=None) -> int:
     return 2
   out = pathlib.Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)
-  result = dict(device=str(jax.devices()[0].device_kind), backend=backend,
+  result = dict(command=[sys.executable, *sys.argv],
+                date=time.strftime('%Y-%m-%dT%H:%M:%S%z'),
+                device=str(jax.devices()[0].device_kind), backend=backend,
                 jax=jax.__version__, python=platform.python_version(), cpu_smoke=args.cpu_smoke,
                 auto={d: attention_select.resolve_attention('auto', backend=backend, dtype=d,
                                                             length=4096)
@@ -237,7 +248,6 @@ def main(argv=None) -> int:
         + ', '.join(f'{d} -> {impl}' for d, (impl, _) in result['auto'].items()))
   print(_table(result['rows']))
   print(f"\n{len(result['rows']) - len(failed)} passed, {len(failed)} failed; JSON: {out}")
-  faulthandler.cancel_dump_traceback_later()
   return 1 if failed else 0
 
 

@@ -432,3 +432,20 @@ def test_gpu_check_starts_and_passes_its_cpu_smoke(tmp_path):
   assert {r['impl'] for r in result['rows']} == {'pallas_gpu', 'cudnn', 'ring_pallas'}
   assert all(r['err_dv'] <= r['tol_dv'] for r in result['rows'])
   assert gpu_check.main(['--out', str(out)]) == 2  # without --cpu-smoke it wants a GPU
+
+
+def test_gpu_check_disarms_its_watchdog_on_every_return(tmp_path):
+  """gpu_check.main arms faulthandler's watchdog with exit=True; a return (here the early one:
+  no GPU) must disarm it, or the process that imported main (a test worker) is ended later."""
+  import pathlib
+  import subprocess
+  import sys
+  bench = pathlib.Path(__file__).resolve().parents[1] / 'bench'
+  # Its imports done first, so the 3 s watchdog can only fire after main has returned.
+  script = (f"import sys, time; sys.path.insert(0, {str(bench)!r}); import gpu_check; "
+            "import jax; from longrope_jax import attention_select; "
+            f"rc = gpu_check.main(['--out', {str(tmp_path / 'x.json')!r}, '--timeout', '3']); "
+            "time.sleep(5); print('alive', rc)")
+  proc = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 0 and 'alive 2' in proc.stdout, proc.stdout + proc.stderr[-2000:]
