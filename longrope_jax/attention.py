@@ -26,7 +26,7 @@ Blockwise: I query blocks of Q queries, J key blocks of C keys (T = I * Q, S = J
 from __future__ import annotations
 
 import functools
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp

@@ -309,7 +309,7 @@ def _accelerator_tables(d: Mapping) -> list[str]:
                            + ('flash backend forced' if torch.get('flash_forced') else
                               "PyTorch's default backend choice")
                            if 'torch' in torch else torch.get('skipped', NOT_RECORDED)) + '. ')
-         + f"bf16, one sequence per step; shapes: "
+         + "bf16, one sequence per step; shapes: "
          + '; '.join(f"`{n}` {c['params'] / 1e6:,.1f}M parameters" for n, c in
                      d.get('shapes', {}).items()) + '.', '']
   rows = d['rows']
@@ -328,8 +328,23 @@ def _accelerator_tables(d: Mapping) -> list[str]:
 
 
 # script name -> the tables of its JSON
+def _gpu_check_tables(d: Mapping) -> list[str]:
+  """bench/gpu_check.py: each implementation against dense f32 (output and dq, dk, dv)."""
+  rows = [[r['impl'], r['dtype'], r['layout'], 'error' if 'error' in r else
+           ' / '.join(f"{r['err_' + n]:.1e}" for n in ('out', 'dq', 'dk', 'dv')),
+           'pass' if r['passed'] else 'FAIL'] for r in d['rows']]
+  mode = ('interpret mode and XLA stand-ins on the CPU (--cpu-smoke)' if d.get('cpu_smoke')
+          else f"{d['device']} ({d['backend']})")
+  return [f"{mode}, jax {d['jax']}, {d['seconds']} s; f32 within 1e-5, bf16 within 1% of the "
+          "reference's scale; auto picks " + ', '.join(f'{k} -> {v[0]}' for k, v in
+                                                        d['auto'].items()) + '.', '',
+          table(['implementation', 'dtype', 'layout', 'max error out / dq / dk / dv', ''],
+                rows), '']
+
+
 BENCH_TABLES: dict[str, Callable[[Mapping], list[str]]] = {
     'accelerator.py': _accelerator_tables,
+    'gpu_check.py': _gpu_check_tables,
     'forward.py': _forward_tables,
     'search.py': _population_tables,
     'train_step.py': _train_step_tables,

@@ -79,7 +79,6 @@ def markdown_table(results: Mapping, metric: str = 'perplexity', digits: int = 3
   best value of each column (`best` = min or max) in bold where it is resolved: with
   per-document NLLs, where its 95% paired bootstrap interval against the runner-up excludes 0."""
   lengths, L0 = results['lengths'], results['original_length']
-  methods = results['methods']
   header = '| method | ' + ' | '.join(f'{L} ({L / L0:g}x)' for L in lengths) + ' |'
   rows = [header, '|' + '---|' * (len(lengths) + 1)]
   top = [_resolved_best(results, metric, j, best, digits) for j in range(len(lengths))]

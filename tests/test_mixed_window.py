@@ -9,7 +9,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from longrope_jax import data as data_lib
 from longrope_jax import model as model_lib
 from longrope_jax import packing
 from longrope_jax import rope as rope_lib

@@ -1,7 +1,6 @@
 """The 2048K plan (pod_plan.py): exact argument bytes, the linear memory model and its fit, the
 mesh recommendation, and on a tiny model the model's prediction against real compiles."""
 
-import dataclasses
 
 import jax
 import numpy as np

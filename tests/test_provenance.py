@@ -131,7 +131,8 @@ def test_downstream_of_pretrain_is_every_stage():
                                          'progressive_evaluate', 'progressive_passkey',
                                          'evaluate_sliding', 'seeds', 'finetuned', 'ablations',
                                          'longrope2_search', 'longrope2_finetune',
-                                         'longrope2_evaluate']
+                                         'longrope2_evaluate', 'export']
+  assert prov.downstream('evaluate') == ['export']
   assert prov.downstream('longrope2_search') == ['longrope2_finetune', 'longrope2_evaluate']
   assert prov.downstream('progressive') == ['progressive_evaluate', 'progressive_passkey']
   assert prov.downstream('passkey') == ['progressive_passkey']
