@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import faulthandler
 import json
+import os
 import pathlib
 import platform
 import sys
@@ -185,6 +186,18 @@ def _run_check(fn, impl, dtype_name, layout, shape, seed):
   return row
 
 
+def _machine(jax) -> dict:
+  """The host as docs/benchmarks.md reads it: CPU model, usable cores, platform, versions."""
+  cpu = platform.processor()
+  try:
+    cpu = next(line.split(':', 1)[1].strip() for line in open('/proc/cpuinfo')
+               if line.startswith('model name'))
+  except (OSError, StopIteration):
+    pass
+  return dict(cpu=cpu, usable_cores=len(os.sched_getaffinity(0)), platform=platform.platform(),
+              versions=dict(jax=jax.__version__))
+
+
 def _table(rows) -> str:
   lines = [f"{'impl':14s} {'dtype':9s} {'layout':9s} {'out':>9s} {'dq':>9s} {'dk':>9s} "
            f"{'dv':>9s} {'s':>6s}  result"]
@@ -223,7 +236,8 @@ def _checks_main(args) -> int:
   out = pathlib.Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)
   result = dict(command=[sys.executable, *sys.argv],
-                date=time.strftime('%Y-%m-%dT%H:%M:%S%z'),
+                date=time.strftime('%Y-%m-%dT%H:%M:%S%z'), machine=_machine(jax),
+                load_average_start=os.getloadavg(),
                 device=str(jax.devices()[0].device_kind), backend=backend,
                 jax=jax.__version__, python=platform.python_version(), cpu_smoke=args.cpu_smoke,
                 auto={d: attention_select.resolve_attention('auto', backend=backend, dtype=d,
@@ -243,6 +257,7 @@ def _checks_main(args) -> int:
     out.write_text(json.dumps(result, indent=1, default=str))
   failed = [r for r in result['rows'] if not r['passed']]
   result['passed'] = not failed
+  result['load_average_end'] = os.getloadavg()
   out.write_text(json.dumps(result, indent=1, default=str))
   print(f"\n{result['device']} ({backend}), jax {jax.__version__}, {result['seconds']} s; auto: "
         + ', '.join(f'{d} -> {impl}' for d, (impl, _) in result['auto'].items()))

@@ -24,26 +24,23 @@ file name; 14 test files and 6 validation files hold 16K tokens), the held-out s
 Both were likely in SmolLM2's pretraining data; neither was ever seen at 16K tokens.
 
 Time on this CPU (2 cores). One forward of this model costs 2 x 134.5M x T FLOPs of matmuls
-plus 2 x 30 x 576 x T^2 of causal attention: 0.70 / 4.5 / 13.7 TFLOP at 2K / 8K / 16K tokens.
-flash_cpu attention with f32 compute runs about 120 GFLOP/s here (bench/forward.py: 58-72% of
-jax's 174-182 GFLOP/s matmul peak), so about F2 = 6 s, F8 = 38 s, F16 = 115 s per window; the
-issue measured 37-100 s per 8K-16K forward on a quieter machine (bf16, blockwise). On the
-shared machine this config's forward measured 60-92 s at 8K and 292-434 s at 16K (load 4-15,
-the 16K / 8K ratio 3.2 as the FLOPs' 3.0); the times below are the quiet estimates.
+plus 2 x 30 x 576 x T^2 of causal attention: 4.5 / 13.7 TFLOP at 8K / 16K tokens. Measured
+(docs/smollm2/, flash_cpu, f32; the machine also ran the test suite at low priority): about 60 s
+per 16K forward, and
   search    paper GA, population 7 (the PI, NTK and YaRN seeds and 4 mutants), 3 parents,
-            2 + 2 children, 2 generations: 7 + 2 x 4 = 15 candidates x 1 fitness document at
-            16K = 15 x F16 = 29 min.
-  evaluate  every method at 1x and 2x on 2 test documents: at 1x every method is plain RoPE
-            (s = 1), computed once: 2 x F8 = 1.3 min; at 2x 7 sources (6 methods + LongRoPE)
-            x 2 documents x F16 = 27 min.
-  passkey   skip check 16 x 2K (evaluate.PASSKEY_CHECK_LENGTH) = 1.6 min; 1 key at depth 0.5
-            per cell: 1x once (38 s), 2x 7 x F16 = 13.4 min.
-  In all about 73 min plus the conversion (first run), loading and compiles (2-3 min): past the
-  60-minute target by the passkey sweep at 2x. The knobs: passkey.methods (each method at 2x is
-  one F16 per key), evaluate.num_windows (7 x F16 per document; the pydoc test split has 4).
-  The paper's search (population 64, 40 generations of 16 + 16 children, 5 documents) is
-  64 + 40 x 32 = 1344 candidates x 5 documents = 6720 forwards at 16K: about 215 hours (9 days)
-  at F16 = 115 s, 430x this budget.
+            2 + 2 children, 2 generations: 7 + 2 x 4 = 15 candidates x 1 validation document at
+            16K: 15.8 min.
+  evaluate  every method at 1x and 2x on 3 test documents (at 1x every method is plain RoPE,
+            computed once; at 2x 6 methods + LongRoPE): 22.6 min.
+  passkey   the skip check at 2K tokens, then 2 keys (depths 0.25 and 0.75) per method at
+            1x (computed once) and 2x for none, yarn, llama3 and LongRoPE: 11.9 min.
+  export    the folder written, then transformers (sdpa) at 8K and 16K on one document: 1.4 min.
+  In all 52 min (plus 19 s converting the GGUF on the first run); peak RSS 11 GB. The knobs:
+  evaluate.num_windows (7 x 16K forwards per document), passkey.methods and depths (one 16K
+  prefill per method and key), the search's population and generations (one 16K forward per
+  candidate). The paper's search (population 64, 40 generations of 16 + 16 children, 5
+  documents) is 64 + 40 x 32 = 1344 candidates x 5 documents = 6720 forwards at 16K: about 4.7
+  days here, 450x this budget.
 
 Lengths: L0 = 8192 from config.json (max_position_embeddings); 1x = 8192, 2x = 16384 tokens.
 n_hat is fixed at 0 (Hugging Face's longrope has no field for it), so the searched factors

@@ -385,6 +385,9 @@ def search(model_config: model_lib.ModelConfig, params: Any, windows_NL: np.ndar
     population = initial_population(space, seeds, settings.population, numpy_rng(k_init),
                                     mutation_prob=settings.mutation_prob)
     t0 = time.time()
+    if progress:  # the generations' bar starts after this call, which can take minutes
+      print(f'search: scoring the initial population ({len(population)} candidates at '
+            f'{extension.target_length} tokens) ...', flush=True)
     fit, new = archive.evaluate(population, evaluate)
     state = dict(generation=0, key=key,
                  strategy=strategy.init(k_strategy, population, fit))

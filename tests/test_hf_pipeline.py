@@ -61,7 +61,7 @@ def test_export_stage_runs_the_folder_in_transformers(tmp_path):
   pipeline.run(c, workdir)
   results = json.loads((workdir / 'results.json').read_text())
   record = results['export']
-  assert hf.read_config(record['folder'])['rope_scaling']['long_factor'] == pytest.approx(
+  assert hf.read_config(workdir / record['folder'])['rope_scaling']['long_factor'] == pytest.approx(
       results['search']['factors'])
   at_l0, beyond = record['checks']
   assert (at_l0['length'], beyond['length']) == (config.original_length,

@@ -80,7 +80,7 @@ def export(run: Run) -> dict:
         transformers_nll=theirs.tolist(), reference_nll=ours.tolist(),
         max_abs_nll_difference=float(np.max(np.abs(theirs - ours))),
         relative_perplexity=math.exp(theirs.mean() - ours.mean()) - 1))
-  record = dict(folder=str(folder), plain_short=bool(c.plain_short), attention=c.attention,
+  record = dict(folder=FOLDER, plain_short=bool(c.plain_short), attention=c.attention,
                 target_length=results['search']['target_length'], checks=checks)
   run.save_result('export', record)
   return record
@@ -89,7 +89,7 @@ def export(run: Run) -> dict:
 def summary(record: dict, original_length: int) -> list[str]:
   """The report's lines for an export record."""
   lines = ['## Export to Hugging Face', '',
-           f"`{record['folder']}` (long factors for {record['target_length']} tokens"
+           f"`workdir/{record['folder']}` (long factors for {record['target_length']} tokens"
            f"{', plain_short' if record['plain_short'] else ''}) run in transformers "
            f"({record['attention']} attention) on the evaluate stage's documents:", '',
            '| length | compared with | transformers NLL | ours | max abs difference | '
