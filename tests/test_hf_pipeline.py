@@ -74,3 +74,14 @@ def test_export_stage_runs_the_folder_in_transformers(tmp_path):
   # Rerun: the cached transformers cells are reused, the record is the same.
   pipeline.run(c, workdir)
   assert json.loads((workdir / 'results.json').read_text())['export'] == record
+
+
+def test_export_stage_without_search_results_names_the_stages(tmp_path):
+  from configs import common
+  from configs import hf as hf_config
+  from longrope_jax.stages import export as export_stage
+  from longrope_jax.stages.run import Run
+  c = hf_config.get_config()
+  c.export = common.export_section()
+  with pytest.raises(ValueError, match="search and perplexity result.*before 'export'"):
+    export_stage.export(Run(c, tmp_path))

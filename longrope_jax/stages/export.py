@@ -54,6 +54,11 @@ def export(run: Run) -> dict:
   the CLI's flag), then at each export.multiples length runs export.num_windows of the evaluate
   stage's documents through transformers (cached per length in eval/export.jsonl)."""
   c, results = run.config.export, run.results()
+  missing = [k for k in ('search', 'perplexity') if k not in results]
+  if missing:
+    raise ValueError(f"the export stage needs the {' and '.join(missing)} result(s) in "
+                     f"{run.results_path}: put 'search' and 'evaluate' before 'export' in "
+                     "stages.")
   if PER_LENGTH_KEY in results:
     print('export: the factors searched at search.multiple are exported (a longrope folder '
           'holds one long_factor); the per-length searches are not.', flush=True)
