@@ -103,6 +103,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   #   :retrieval's own search, evaluate and passkey (about 8 min). The whole variant then ran in
   #   53 min at load 5-9 (search 3.3, evaluate 1.9, passkey 13.4, niah 0.2, longrope2_search
   #   10.1, longrope2_finetune 18.8, longrope2_evaluate 5.3 min; the last 3.4 min when quiet).
+  #   Quiet, with pretraining from scratch (docs/longrope2/): 27.2 min, 11.6 of them after the
+  #   15.6 min of pretraining (longrope2_search 1.8, longrope2_finetune 6.2, evaluate 1.5 min).
   c.longrope2 = common.longrope2_section(needle_format='short', finetune=dict(
       steps=64, batch_size=4, lr=1e-3, warmup=6, ckpt_every=16, passkey_fraction=0.1))
   c.niah.trials = 6
